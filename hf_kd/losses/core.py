@@ -1,0 +1,319 @@
+"""The loss engine: what every distillation loss shares.
+
+Every objective in hf_kd is a per-token (or per adjacent token pair) function of a student row and a
+teacher row of logits. The engine owns everything else:
+
+* token selection: only positions whose label is not -100 are computed (prompt and padding rows are
+  never projected through a vocabulary head);
+* temperature and numerics: logits are cast to (at least) float32 inside, divided by each term's
+  temperature, and log-probabilities are clamped so that -inf logits never produce NaN;
+* chunking: rows are processed ``chunk_size`` at a time, so no more than one chunk of [rows, V]
+  temporaries exists at once. When gradients are needed, each chunk's gradient is computed right away
+  (as in Liger-Kernel's fused linear losses) and the chunk's activations are freed;
+* fused heads: a side may be given as hidden states plus its head (``LogitSource(hidden, head)``), in
+  which case logits are only ever built one chunk at a time;
+* reduction: each term is summed and divided by its count (tokens, or ``num_items_in_batch`` under
+  gradient accumulation, as TRL does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+IGNORE_INDEX = -100
+DEFAULT_CHUNK_ELEMENTS = 1 << 25  # 32M float32 elements = 128 MiB per [rows, V] temporary
+
+
+@dataclass
+class LogitSource:
+    """One side of the distillation: rows of logits, or rows of hidden states and the head that maps them.
+
+    ``rows`` has shape [..., d] (hidden states, with ``head``) or [..., V] (logits, ``head=None``); the
+    leading dimensions must match the labels.
+    """
+
+    rows: torch.Tensor
+    head: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def head_parameters(self) -> list[torch.nn.Parameter]:
+        if isinstance(self.head, nn.Module):
+            return [p for p in self.head.parameters() if p.requires_grad]
+        return []
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    """Rows per chunk so that one [rows, V] float32 temporary stays near 128 MiB."""
+    return max(1, DEFAULT_CHUNK_ELEMENTS // max(vocab_size, 1))
+
+
+def _safe_log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    # Clamp -inf to the most negative finite number: p * (log p - log q) stays finite where p == 0.
+    return torch.log_softmax(logits, dim=-1).clamp(min=torch.finfo(logits.dtype).min)
+
+
+class TokenRows:
+    """The rows of one chunk, with cached temperature-scaled views that terms ask for.
+
+    Student accessors carry gradients; teacher accessors are detached (the teacher is never trained).
+    Pairwise terms (the span loss) read ``*_next`` rows: row k+1 for each row k of the chunk, with
+    ``pair_mask`` telling where (k, k+1) are adjacent positions of one sequence inside one span.
+    """
+
+    def __init__(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        labels: torch.Tensor,
+        extras: dict[str, torch.Tensor],
+        num_rows: int,
+        pair_mask: torch.Tensor | None = None,
+    ):
+        self._student = student_logits  # [n (+1), V], compute dtype
+        self._teacher = teacher_logits
+        self.labels = labels
+        self.extras = extras
+        self.n = num_rows
+        self.pair_mask = pair_mask
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    def _get(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    def _scaled(self, side: str, temperature: float) -> torch.Tensor:
+        raw = self._student if side == "s" else self._teacher.detach()
+        return raw if temperature == 1.0 else raw / temperature
+
+    def _logprobs_all(self, side: str, temperature: float) -> torch.Tensor:
+        return self._get(("lp", side, temperature), lambda: _safe_log_softmax(self._scaled(side, temperature)))
+
+    def _probs_all(self, side: str, temperature: float) -> torch.Tensor:
+        return self._get(("p", side, temperature), lambda: self._logprobs_all(side, temperature).exp())
+
+    def student_logits(self, temperature: float = 1.0) -> torch.Tensor:
+        return self._scaled("s", temperature)[: self.n]
+
+    def teacher_logits(self, temperature: float = 1.0) -> torch.Tensor:
+        return self._scaled("t", temperature)[: self.n]
+
+    def student_logprobs(self, temperature: float = 1.0) -> torch.Tensor:
+        return self._logprobs_all("s", temperature)[: self.n]
+
+    def teacher_logprobs(self, temperature: float = 1.0) -> torch.Tensor:
+        return self._logprobs_all("t", temperature)[: self.n]
+
+    def student_probs(self, temperature: float = 1.0) -> torch.Tensor:
+        return self._probs_all("s", temperature)[: self.n]
+
+    def teacher_probs(self, temperature: float = 1.0) -> torch.Tensor:
+        return self._probs_all("t", temperature)[: self.n]
+
+    def student_probs_next(self, temperature: float = 1.0) -> torch.Tensor:
+        return self._probs_all("s", temperature)[1 : self.n + 1]
+
+    def teacher_probs_next(self, temperature: float = 1.0) -> torch.Tensor:
+        return self._probs_all("t", temperature)[1 : self.n + 1]
+
+    def teacher_logits_with_grad(self) -> torch.Tensor:
+        """Teacher-side logits without detaching, for bridges whose teacher side is trainable (DSKD)."""
+        return self._teacher[: self.n]
+
+
+class TokenLoss(nn.Module):
+    """Base class of every loss term: subclasses write only their formula in ``per_token``.
+
+    ``per_token(rows)`` returns one value per row ([n]); for ``pairwise`` terms one value per row k
+    for the pair (k, k+1), zero where ``rows.pair_mask`` is False, and the term is averaged over pairs.
+    """
+
+    name: str = ""
+    pairwise: bool = False
+    requires: tuple[str, ...] = ()  # names of per-token extras the term needs (e.g. "span_ids")
+
+    def per_token(self, rows: TokenRows) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must define per_token()")
+
+
+@dataclass
+class _Plan:
+    index: torch.Tensor  # flat positions of selected tokens, [N]
+    labels: torch.Tensor  # [N]
+    extras: dict[str, torch.Tensor]
+    pair_mask: torch.Tensor | None  # [N], row k pairs with row k+1
+    counts: list[float]
+    chunk_size: int
+    lookahead: bool
+    term_values: list[torch.Tensor] = field(default_factory=list)
+
+
+def _flatten(x: torch.Tensor, lead: int) -> torch.Tensor:
+    return x.reshape(lead, *x.shape[-1:]) if x.dim() > 1 else x
+
+
+def _pair_mask(index: torch.Tensor, extras: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Row k pairs with row k+1 when both are consecutive positions of one sequence in one span."""
+    span = extras.get("span_ids")
+    n = index.numel()
+    mask = torch.zeros(n, dtype=torch.bool, device=index.device)
+    if n < 2 or span is None:
+        return mask
+    adjacent = index[1:] == index[:-1] + 1
+    same_span = (span[1:] == span[:-1]) & (span[:-1] >= 0)
+    mask[:-1] = adjacent & same_span
+    return mask
+
+
+class LossEngine:
+    """Runs weighted loss terms over selected, chunked token rows (see the module docstring)."""
+
+    def __init__(self, terms: Sequence[TokenLoss], weights: Sequence[float], chunk_size: int | None = None):
+        self.terms = list(terms)
+        self.weights = [float(w) for w in weights]
+        self.chunk_size = chunk_size
+        self.last_values: dict[str, torch.Tensor] = {}
+
+    def __call__(
+        self,
+        student: LogitSource,
+        teacher: LogitSource,
+        labels: torch.Tensor,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        extras: dict[str, torch.Tensor] | None = None,
+        trainable: Sequence[torch.nn.Parameter] = (),
+    ) -> torch.Tensor:
+        plan = self._plan(student, teacher, labels, num_items_in_batch, extras or {})
+        flat_s = _flatten(student.rows, labels.numel())
+        flat_t = _flatten(teacher.rows, labels.numel())
+        params = list(dict.fromkeys([*student.head_parameters(), *teacher.head_parameters(), *trainable]))
+        needs_grad = torch.is_grad_enabled() and (
+            flat_s.requires_grad or flat_t.requires_grad or any(p.requires_grad for p in params)
+        )
+        if needs_grad:
+            total = _ChunkedLoss.apply(self, plan, student, teacher, len(params) > 0, flat_s, flat_t, *params)
+        else:
+            with torch.no_grad():
+                total = self._run(plan, student, teacher, flat_s, flat_t, [])[0]
+        self.last_values = {t.name: v for t, v in zip(self.terms, plan.term_values)}
+        return total
+
+    def _plan(self, student, teacher, labels, num_items_in_batch, extras) -> _Plan:
+        if student.rows.shape[:-1] != labels.shape or teacher.rows.shape[:-1] != labels.shape:
+            raise ValueError(
+                f"Student rows {tuple(student.rows.shape)}, teacher rows {tuple(teacher.rows.shape)} and labels "
+                f"{tuple(labels.shape)} must share their leading dimensions: pass logits (or hidden states) "
+                "already aligned with the labels (position t predicts labels[..., t])."
+            )
+        flat_labels = labels.reshape(-1)
+        index = (flat_labels != IGNORE_INDEX).nonzero().squeeze(-1)
+        sel_extras = {}
+        for term in self.terms:
+            for key in term.requires:
+                if key not in extras:
+                    raise ValueError(f"Loss term '{term.name}' needs the per-token input '{key}'; pass {key}=...")
+        for key, value in extras.items():
+            sel_extras[key] = value.reshape(-1)[index]
+        lookahead = any(t.pairwise for t in self.terms)
+        pair_mask = _pair_mask(index, sel_extras) if lookahead else None
+        n_tokens = float(num_items_in_batch) if num_items_in_batch is not None else float(index.numel())
+        counts = []
+        for term in self.terms:
+            counts.append(float(pair_mask.sum()) if term.pairwise else n_tokens)
+        chunk = self.chunk_size or default_chunk_size(max(_vocab_size(student), _vocab_size(teacher)))
+        return _Plan(index, flat_labels[index], sel_extras, pair_mask, counts, chunk, lookahead)
+
+    def _run(self, plan: _Plan, student, teacher, flat_s, flat_t, grad_targets):
+        """One pass over the chunks. Returns (total, grads of ``grad_targets`` or None)."""
+        n_rows = plan.index.numel()
+        device = flat_s.device
+        sums = [torch.zeros((), device=device, dtype=torch.float64) for _ in self.terms]
+        grads = [None] * len(grad_targets)
+        for start in range(0, n_rows, plan.chunk_size):
+            end = min(start + plan.chunk_size, n_rows)
+            stop = min(end + 1, n_rows) if plan.lookahead else end
+            idx = plan.index[start:stop]
+            s_in = flat_s[idx]
+            t_in = flat_t[idx]
+            if grad_targets:
+                s_in = s_in.detach().requires_grad_(flat_s.requires_grad)
+                t_in = t_in.detach().requires_grad_(flat_t.requires_grad)
+            with torch.enable_grad() if grad_targets else torch.no_grad():
+                s_logits = _compute_logits(student, s_in)
+                t_logits = _compute_logits(teacher, t_in)
+                rows = TokenRows(
+                    s_logits,
+                    t_logits,
+                    plan.labels[start:end],
+                    {k: v[start:end] for k, v in plan.extras.items()},
+                    end - start,
+                    plan.pair_mask[start:end] if plan.pair_mask is not None else None,
+                )
+                chunk_total = None
+                for i, (term, weight, count) in enumerate(zip(self.terms, self.weights, plan.counts)):
+                    value = term.per_token(rows).sum()
+                    sums[i] += value.detach().double()
+                    contrib = value * (weight / count) if count > 0 else value * 0.0
+                    chunk_total = contrib if chunk_total is None else chunk_total + contrib
+            if grad_targets and chunk_total is not None and chunk_total.requires_grad:
+                inputs = [s_in, t_in, *grad_targets[2:]]
+                wanted = [x for x in inputs if x.requires_grad]
+                got = iter(torch.autograd.grad(chunk_total, wanted, allow_unused=True))
+                for j, x in enumerate(inputs):
+                    g = next(got) if x.requires_grad else None
+                    if g is None:
+                        continue
+                    if j < 2:
+                        full = grads[j]
+                        if full is None:
+                            full = grads[j] = torch.zeros_like(grad_targets[j])
+                        full.index_add_(0, idx, g.to(full.dtype))
+                    else:
+                        grads[j] = g if grads[j] is None else grads[j] + g
+        for j, target in enumerate(grad_targets):
+            if grads[j] is None and target.requires_grad:  # e.g. no selected rows: a zero gradient, not None
+                grads[j] = torch.zeros_like(target)
+        out_dtype = torch.promote_types(flat_s.dtype, torch.float32)
+        values = []
+        total = torch.zeros((), device=device, dtype=out_dtype)
+        for s, weight, count in zip(sums, self.weights, plan.counts):
+            value = (s / count if count > 0 else s * 0).to(out_dtype)
+            values.append(value)
+            total = total + weight * value
+        plan.term_values = values
+        return total, grads
+
+
+def _vocab_size(source: LogitSource) -> int:
+    """Width of the logits a source produces (a head's output features, or the rows themselves)."""
+    if source.head is None:
+        return source.rows.shape[-1]
+    weight = getattr(source.head, "weight", None)
+    return weight.shape[0] if weight is not None else source.rows.shape[-1]
+
+
+def _compute_logits(source: LogitSource, rows: torch.Tensor) -> torch.Tensor:
+    logits = rows if source.head is None else source.head(rows)
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    """Loss value in forward, with each chunk's gradient computed on the spot; backward only scales."""
+
+    @staticmethod
+    def forward(ctx, engine, plan, student, teacher, _has_params, flat_s, flat_t, *params):
+        targets = [flat_s, flat_t, *params]
+        total, grads = engine._run(plan, student, teacher, flat_s, flat_t, targets)
+        ctx.grads = grads
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grads = [None if g is None else g * grad_output.to(g.dtype) for g in ctx.grads]
+        return (None, None, None, None, None, *grads)
+
+
+__all__ = ["IGNORE_INDEX", "LogitSource", "LossEngine", "TokenLoss", "TokenRows", "default_chunk_size"]

@@ -1,0 +1,246 @@
+"""The loss library against direct reference computations, invariants, gradients and chunking."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hf_kd.losses import LOSS_REGISTRY, build_loss, parse_recipe
+
+V = 13
+BASE_NAMES = ["fkl", "rkl", "jsd", "sfkl", "srkl", "akl", "bild", "ce"]
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(2, 6, V, generator=g, dtype=torch.float64) * 2
+    t = torch.randn(2, 6, V, generator=g, dtype=torch.float64) * 2
+    labels = torch.randint(0, V, (2, 6), generator=g)
+    labels[0, :2] = -100
+    labels[1, -1] = -100
+    return s, t, labels
+
+
+def _kl(p_logits, q_logits):
+    p = F.softmax(p_logits, -1)
+    return (p * (F.log_softmax(p_logits, -1) - F.log_softmax(q_logits, -1))).sum(-1)
+
+
+def _masked_mean(per_token, labels):
+    mask = labels != -100
+    return per_token[mask].sum() / mask.sum()
+
+
+def _reference(name, s, t, labels, **kw):
+    temp = kw.get("temperature", 1.0)
+    s_t, t_t = s / temp, t / temp
+    if name == "fkl":
+        per = _kl(t_t, s_t)
+    elif name == "rkl":
+        per = _kl(s_t, t_t)
+    elif name in ("sfkl", "srkl"):
+        a = kw.get("alpha", 0.1)
+        p, q = F.softmax(t_t, -1), F.softmax(s_t, -1)
+        if name == "sfkl":
+            per = (p * (p.log() - (a * p + (1 - a) * q).log())).sum(-1)
+        else:
+            per = (q * (q.log() - (a * q + (1 - a) * p).log())).sum(-1)
+    elif name == "ce":
+        per = -F.log_softmax(s, -1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    elif name == "akl":
+        mu = kw.get("mu", 0.5)
+        p, q = F.softmax(t_t, -1), F.softmax(s_t, -1).detach()
+        p_sorted, idx = p.sort(-1, descending=True)
+        err = (p_sorted - q.gather(-1, idx)).abs()
+        tail = p_sorted.cumsum(-1) > mu
+        tail[..., 0] = False
+        g_head, g_tail = (err * ~tail).sum(-1), (err * tail).sum(-1)
+        per = g_head / (g_head + g_tail) * _kl(t_t, s_t) + g_tail / (g_head + g_tail) * _kl(s_t, t_t)
+    elif name == "bild":
+        k, temp = kw.get("top_k", 8), kw.get("temperature", 3.0)
+        per = 0
+        for leader in ("t", "s"):
+            idx = (t if leader == "t" else s).topk(k, -1).indices
+            zs, zt = s.gather(-1, idx) / temp, t.gather(-1, idx) / temp
+            pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
+            ds = torch.stack([zs[..., i] - zs[..., j] for i, j in pairs], -1)
+            dt = torch.stack([zt[..., i] - zt[..., j] for i, j in pairs], -1)
+            per = per + _kl(dt, ds)
+    else:
+        raise KeyError(name)
+    return _masked_mean(per, labels)
+
+
+@pytest.mark.parametrize(
+    "name,kw",
+    [
+        ("fkl", {}),
+        ("fkl", {"temperature": 2.0}),
+        ("rkl", {"temperature": 0.7}),
+        ("sfkl", {}),
+        ("srkl", {"alpha": 0.3, "temperature": 1.5}),
+        ("akl", {}),
+        ("akl", {"mu": 0.8, "temperature": 2.0}),
+        ("bild", {}),
+        ("bild", {"top_k": 4, "temperature": 1.0}),
+        ("ce", {}),
+    ],
+)
+def test_exact_values(batch, name, kw):
+    s, t, labels = batch
+    got = build_loss(name, **kw)(s, t, labels)
+    torch.testing.assert_close(got, _reference(name, s, t, labels, **kw), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
+def test_jsd_matches_trl(batch, beta, temperature):
+    from trl.experimental.gkd import GKDTrainer
+
+    s, t, labels = batch
+    ours = build_loss("jsd", beta=beta, temperature=temperature)(s, t, labels)
+    trl = GKDTrainer.generalized_jsd_loss(s, t, labels, beta=beta, temperature=temperature)
+    torch.testing.assert_close(ours, trl, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", [n for n in BASE_NAMES if n != "ce"])
+def test_zero_for_identical_positive_otherwise(batch, name):
+    s, t, labels = batch
+    loss = build_loss(name)
+    assert loss(t, t, labels).abs() < 1e-12
+    assert loss(s, t, labels) > 1e-4
+
+
+def test_akl_weights_sum_to_one_and_interpolate(batch):
+    from hf_kd.losses.akl import akl_head_weight
+
+    s, t, labels = batch
+    p, q = F.softmax(t, -1).reshape(-1, V), F.softmax(s, -1).reshape(-1, V)
+    w = akl_head_weight(p, q, 0.5)
+    assert ((w >= 0) & (w <= 1)).all()
+    akl, fkl, rkl = (build_loss(n)(s, t, labels) for n in ("akl", "fkl", "rkl"))
+    assert min(fkl, rkl) - 1e-12 <= akl <= max(fkl, rkl) + 1e-12
+
+
+def test_akl_topk_search_equals_full_sort():
+    from hf_kd.losses.akl import akl_head_weight
+
+    g = torch.Generator().manual_seed(1)
+    flat = torch.zeros(3, 500, dtype=torch.float64)  # near-uniform: the head spans far more than 64 entries
+    flat[1] = torch.randn(500, generator=g, dtype=torch.float64) * 0.05
+    flat[2] = torch.randn(500, generator=g, dtype=torch.float64) * 5
+    p = F.softmax(flat + 1e-9 * torch.arange(500), -1)
+    q = F.softmax(torch.randn(3, 500, generator=g, dtype=torch.float64), -1)
+    p_sorted, idx = p.sort(-1, descending=True)
+    err = (p_sorted - q.gather(-1, idx)).abs()
+    head = p_sorted.cumsum(-1) <= 0.5
+    head[:, 0] = True
+    expected = (err * head).sum(-1) / err.sum(-1)
+    torch.testing.assert_close(akl_head_weight(p, q, 0.5), expected)
+
+
+@pytest.mark.parametrize("recipe", ["bild", "jsd", "fkl", "rkl", "sfkl", "srkl", "ce", "0.3*ce+0.7*srkl"])
+def test_gradcheck(batch, recipe):
+    s, t, labels = batch
+    s = s[:, :4, :7].clone().requires_grad_(True)
+    t, labels = t[:, :4, :7], labels[:, :4] % 7
+    labels[0, 0] = -100
+    fn = build_loss(recipe, chunk_size=3, **({"bild_top_k": 4} if "bild" in recipe else {}))
+    assert torch.autograd.gradcheck(lambda x: fn(x, t, labels), (s,))
+
+
+def test_akl_gradient_treats_weights_as_constants(batch):
+    """AKL's weights are detached (official code): its gradient is w * dFKL + (1 - w) * dRKL."""
+    from hf_kd.losses.akl import akl_head_weight
+
+    s, t, labels = batch
+    s = s.clone().requires_grad_(True)
+    build_loss("akl", chunk_size=4)(s, t, labels).backward()
+    w = akl_head_weight(F.softmax(t, -1).reshape(-1, V), F.softmax(s, -1).detach().reshape(-1, V), 0.5).view(2, 6)
+    s2 = s.detach().clone().requires_grad_(True)
+    ref = _masked_mean(w * _kl(t, s2) + (1 - w) * _kl(s2, t), labels)
+    ref.backward()
+    torch.testing.assert_close(s.grad, s2.grad)
+
+
+@pytest.mark.parametrize("recipe", ["jsd", "akl", "bild", "0.5*ce+0.5*fkl", "sfkl"])
+def test_chunked_equals_unchunked(batch, recipe):
+    s, t, labels = batch[0].float(), batch[1].float(), batch[2]
+    values, grads = [], []
+    for chunk in (1, 3, 1000):
+        x = s.clone().requires_grad_(True)
+        values.append(build_loss(recipe, chunk_size=chunk)(x, t, labels))
+        values[-1].backward()
+        grads.append(x.grad)
+    for v, g in zip(values[1:], grads[1:]):
+        torch.testing.assert_close(v, values[0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(g, grads[0], rtol=1e-6, atol=1e-6)
+
+
+def test_masking_and_num_items_in_batch(batch):
+    s, t, labels = batch
+    loss = build_loss("fkl")
+    changed = s.clone()
+    changed[labels == -100] += 100.0  # masked rows must not matter
+    torch.testing.assert_close(loss(changed, t, labels), loss(s, t, labels))
+    n = int((labels != -100).sum())
+    torch.testing.assert_close(loss(s, t, labels, num_items_in_batch=4 * n), loss(s, t, labels) / 4)
+
+
+def test_fully_masked_and_infinite_logits_are_finite(batch):
+    s, t, labels = batch
+    s = s.float().clone().requires_grad_(True)
+    for name in BASE_NAMES:
+        value = build_loss(name)(s, t.float(), torch.full_like(labels, -100))
+        value.backward()
+        assert value == 0 and torch.isfinite(s.grad).all()
+    t_inf = t.float().clone()
+    t_inf[..., :3] = float("-inf")  # e.g. padded vocabulary entries
+    s_inf = s.detach().clone()
+    s_inf[..., 3:5] = float("-inf")
+    for name in BASE_NAMES:
+        x = s_inf.clone().requires_grad_(True)
+        value = build_loss(name)(x, t_inf, labels)
+        value.backward()
+        assert torch.isfinite(x.grad).all(), name
+        assert not torch.isnan(value), name
+
+
+def test_bf16_inputs_computed_in_fp32(batch):
+    s, t, labels = batch
+    ref = build_loss("jsd")(s.bfloat16().double(), t.bfloat16().double(), labels)
+    got = build_loss("jsd")(s.bfloat16(), t.bfloat16(), labels)
+    assert got.dtype == torch.float32
+    assert math.isclose(got.item(), ref.item(), rel_tol=1e-5)
+
+
+def test_gradients_reach_student_only(batch):
+    s, t, labels = batch
+    s = s.clone().requires_grad_(True)
+    t = t.clone().requires_grad_(True)
+    build_loss("0.5*ce+0.5*akl")(s, t, labels).backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+    assert t.grad is None or not t.grad.any()
+
+
+def test_recipe_parsing_terms_and_errors(batch):
+    assert parse_recipe("0.5*ce+0.5*akl") == [(0.5, "ce"), (0.5, "akl")]
+    assert parse_recipe("ce + 2e-1*bild") == [(1.0, "ce"), (0.2, "bild")]
+    s, t, labels = batch
+    loss = build_loss("0.5*ce+0.25*akl")
+    total = loss(s, t, labels)
+    parts = loss.last_values
+    assert set(parts) == {"ce", "akl"}
+    torch.testing.assert_close(total, 0.5 * parts["ce"].to(total) + 0.25 * parts["akl"].to(total))
+    with pytest.raises(ValueError, match="Known losses: .*akl.*bild"):
+        build_loss("kld")
+    with pytest.raises(ValueError, match="Cannot parse"):
+        build_loss("0.5**ce")
+    with pytest.raises(ValueError, match="no term that takes"):
+        build_loss("fkl", mu=0.3)
+    with pytest.raises(ValueError, match="twice"):
+        build_loss("ce+ce")
+    assert build_loss("akl+bild", temperature=2.0, bild_temperature=3.0).terms[1].temperature == 3.0
+    assert set(BASE_NAMES) <= set(LOSS_REGISTRY)
