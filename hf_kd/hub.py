@@ -274,6 +274,7 @@ class ModelCardData:
     budget: TrainingBudget = field(default_factory=TrainingBudget)
     eval_results: dict[str, dict[str, Any]] | None = None
     is_adapter: bool = False
+    merged_adapter: bool = False
     license: str | None = None
     language: str | list[str] | None = None
     model_name: str | None = None
@@ -406,6 +407,7 @@ def render_model_card(data: ModelCardData, template: str | Path | None = None) -
         teacher=data.teacher_model,
         teacher_link=link(data.teacher_model),
         is_adapter=data.is_adapter,
+        merged_adapter=data.merged_adapter,
         methods=data.methods,
         recipe=data.recipe,
         terms=data.terms,
@@ -560,6 +562,7 @@ class DistillationHubMixin:
             budget=budget,
             eval_results=getattr(self, "eval_results", None),
             is_adapter=_is_peft_model(student) and not merged,
+            merged_adapter=_is_peft_model(student) and merged,
             license=license or origin_license(origin),
             language=language,
             model_name=model_name,

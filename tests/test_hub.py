@@ -1,0 +1,487 @@
+"""Model cards and Hub pushes of distilled students, against a recording stand-in for the Hub API (no network)."""
+
+from __future__ import annotations
+
+import importlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import transformers
+import yaml
+from datasets import Dataset
+from huggingface_hub import CommitOperationAdd, constants, errors
+from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.utils import filter_repo_objects
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Trainer, TrainingArguments
+
+from hf_kd import hub
+from hf_kd.hub import (
+    DistillationHubMixin,
+    HubPushError,
+    ModelCardData,
+    TrainingBudget,
+    find_template,
+    methods_used,
+    parse_recipe,
+    render_model_card,
+)
+
+STUDENT_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+TEACHER_ID = "HuggingFaceTB/SmolLM2-360M-Instruct"
+REPO_ID = "someone/tiny-student"
+WORDS = [f"w{i}" for i in range(44)]
+Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
+
+
+# ---------------------------------------------------------------- tiny models and a Trainer with the mixin
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {token: i for i, token in enumerate(["<pad>", "<unk>", "<s>", "</s>", *WORDS])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+def make_model(origin: str, hidden: int, layers: int) -> LlamaForCausalLM:
+    torch.manual_seed(hidden + layers)
+    config = LlamaConfig(
+        vocab_size=48,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
+    model = LlamaForCausalLM(config)
+    model.config._name_or_path = origin
+    model.name_or_path = origin
+    return model
+
+
+def lora_student(origin: str = STUDENT_ID) -> PeftModel:
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    return get_peft_model(make_model(origin, 16, 1), config)
+
+
+@dataclass
+class KDArgs(TrainingArguments):
+    kd_loss: str = "0.5*ce+0.5*akl"
+    bridge: str | None = None
+    scrg_corrections: int = 0
+    lmbda: float = 0.5
+    beta: float = 0.5
+    kd_temperature: float = 2.0
+    temperature: float = 0.9
+
+
+class HubTrainer(DistillationHubMixin, Trainer):
+    pass
+
+
+def make_trainer(tmp_path: Path, student=None, **arg_overrides) -> HubTrainer:
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        hub_model_id=REPO_ID,
+        use_cpu=True,
+        report_to="none",
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        logging_strategy="no",
+        save_strategy="no",
+    )
+    args = KDArgs(**{**defaults, **arg_overrides})
+    model = student if student is not None else make_model(STUDENT_ID, 16, 1)
+    trainer = HubTrainer(model=model, args=args, processing_class=make_tokenizer())
+    trainer.teacher_model = make_model(TEACHER_ID, 32, 2)
+    return trainer
+
+
+def write_helpers(output_dir: Path) -> dict[str, bytes]:
+    """Stand in for what the trainer saves of its trainable distillation modules."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    save_file({"proj.weight": torch.ones(2, 2)}, str(output_dir / "distillation_modules.safetensors"))
+    buffer = io.BytesIO()
+    torch.save({"clip.weight": torch.zeros(3)}, buffer)
+    (output_dir / "hf_kd_modules.pt").write_bytes(buffer.getvalue())
+    return {
+        name: (output_dir / name).read_bytes() for name in ("distillation_modules.safetensors", "hf_kd_modules.pt")
+    }
+
+
+# ---------------------------------------------------------------- recording stand-in for the Hub API
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """No test may reach the Hub, not even peft's existence checks when saving an adapter."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
+class RecordingHubApi:
+    """Records Hub calls; keeps the bytes each upload would send, keyed by path in the repo."""
+
+    def __init__(self, fail_on: str | None = None, error: Exception | None = None):
+        self.calls: list[tuple[str, dict]] = []
+        self.repo: dict[str, bytes] = {}
+        self.fail_on, self.error = fail_on, error
+
+    def _record(self, name: str, kwargs: dict) -> None:
+        self.calls.append((name, kwargs))
+        if name == self.fail_on:
+            raise self.error
+
+    def create_repo(self, repo_id, **kwargs):
+        self._record("create_repo", {"repo_id": repo_id, **kwargs})
+        return SimpleNamespace(repo_id=repo_id)
+
+    def upload_folder(
+        self, *, repo_id, folder_path, path_in_repo=None, allow_patterns=None, ignore_patterns=None, **kw
+    ):
+        self._record(
+            "upload_folder", {"repo_id": repo_id, "folder_path": folder_path, "ignore_patterns": ignore_patterns}
+        )
+        root = Path(folder_path)
+        relative = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+        prefix = f"{path_in_repo.strip('/')}/" if path_in_repo else ""
+        for rel in filter_repo_objects(relative, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns):
+            self.repo[prefix + rel] = (root / rel).read_bytes()
+        return SimpleNamespace(commit_url=f"https://hub.invalid/{repo_id}/commit/1")
+
+    def create_commit(self, *, repo_id, operations, **kwargs):
+        self._record("create_commit", {"repo_id": repo_id, "operations": operations, **kwargs})
+        for op in operations:
+            assert isinstance(op, CommitOperationAdd)
+            source = op.path_or_fileobj
+            self.repo[op.path_in_repo] = source if isinstance(source, bytes) else Path(source).read_bytes()
+        return SimpleNamespace(commit_url=f"https://hub.invalid/{repo_id}/commit/2")
+
+    def call_names(self) -> list[str]:
+        return [name for name, _ in self.calls]
+
+
+@pytest.fixture
+def fake_hub(monkeypatch) -> RecordingHubApi:
+    api = RecordingHubApi()
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: api)
+    return api
+
+
+def front_matter(card: str) -> dict:
+    assert card.startswith("---\n")
+    return yaml.safe_load(card.split("---\n")[1])
+
+
+def local_files(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+
+
+# ---------------------------------------------------------------- uploads
+
+
+def test_full_model_push_uploads_weights_config_tokenizer_and_card(tmp_path, fake_hub):
+    trainer = make_trainer(tmp_path)
+    output_dir = Path(trainer.args.output_dir)
+    write_helpers(output_dir)
+
+    trainer.push_to_hub()
+
+    assert fake_hub.call_names() == ["create_repo", "upload_folder"]
+    assert fake_hub.calls[0][1]["repo_id"] == REPO_ID
+    uploaded = set(fake_hub.repo)
+    expected = local_files(output_dir) - {"distillation_modules.safetensors", "hf_kd_modules.pt"}
+    assert uploaded == expected
+    assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "README.md"} <= uploaded
+    assert not any(name.startswith("adapter_") for name in uploaded)
+    meta = front_matter(fake_hub.repo["README.md"].decode())
+    assert meta["library_name"] == "transformers"
+    assert meta["base_model"] == STUDENT_ID
+    assert {"knowledge-distillation", "hf_kd", "akl", "gkd"} <= set(meta["tags"])
+    weights = load_file(str(output_dir / "model.safetensors"))
+    torch.testing.assert_close(weights[Q_PROJ], trainer.model.model.layers[0].self_attn.q_proj.weight)
+
+
+def test_adapter_push_uploads_only_the_lora_adapter(tmp_path, fake_hub):
+    trainer = make_trainer(tmp_path, student=lora_student())
+
+    trainer.push_to_hub()
+
+    uploaded = set(fake_hub.repo)
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "tokenizer.json"} <= uploaded
+    assert "model.safetensors" not in uploaded
+    card = fake_hub.repo["README.md"].decode()
+    meta = front_matter(card)
+    assert meta["library_name"] == "peft"
+    assert meta["base_model"] == STUDENT_ID
+    assert "lora" in meta["tags"]
+    assert f'AutoPeftModelForCausalLM.from_pretrained("{REPO_ID}")' in card
+    adapter = load_file(str(Path(trainer.args.output_dir) / "adapter_model.safetensors"))
+    assert all("lora_" in key for key in adapter)
+
+
+def test_merged_push_uploads_full_weights_with_lora_folded_in(tmp_path, fake_hub):
+    student = lora_student()
+    trainer = make_trainer(tmp_path, student=student)
+    q_proj = student.base_model.model.model.layers[0].self_attn.q_proj
+    base = q_proj.base_layer.weight.detach().clone()
+    delta = q_proj.scaling["default"] * q_proj.lora_B["default"].weight @ q_proj.lora_A["default"].weight
+
+    trainer.push_to_hub(merge_adapter=True)
+
+    merged_dir = Path(trainer.args.output_dir) / "merged"
+    upload = fake_hub.calls[-1][1]
+    assert Path(upload["folder_path"]) == merged_dir
+    uploaded = set(fake_hub.repo)
+    assert {"model.safetensors", "config.json", "tokenizer.json", "README.md"} <= uploaded
+    assert not any(name.startswith("adapter_") for name in uploaded)
+    merged = load_file(str(merged_dir / "model.safetensors"))
+    assert not torch.allclose(merged[Q_PROJ], base)
+    torch.testing.assert_close(merged[Q_PROJ], base + delta.detach())
+    card = fake_hub.repo["README.md"].decode()
+    meta = front_matter(card)
+    assert meta["library_name"] == "transformers"
+    assert meta["base_model"] == STUDENT_ID
+    assert "LoRA adapter merged into the base weights" in card
+    assert "AutoModelForCausalLM.from_pretrained" in card
+    # The trained adapter is left as it was: still a PeftModel whose base weight is unchanged.
+    assert isinstance(trainer.model, PeftModel)
+    torch.testing.assert_close(q_proj.base_layer.weight, base)
+    assert (Path(trainer.args.output_dir) / "adapter_model.safetensors").is_file()
+
+
+def test_merge_request_for_a_full_model_fails_before_any_hub_call(tmp_path, fake_hub):
+    trainer = make_trainer(tmp_path)
+    with pytest.raises(ValueError, match="merge_adapter=True needs a LoRA"):
+        trainer.push_to_hub(merge_adapter=True)
+    assert fake_hub.calls == []
+
+
+def test_helpers_stay_local_by_default_and_go_to_a_subfolder_on_request(tmp_path, fake_hub):
+    trainer = make_trainer(tmp_path, bridge="dskd")
+    helpers = write_helpers(Path(trainer.args.output_dir))
+
+    trainer.push_to_hub()
+    assert not any("distillation_modules" in name or "hf_kd_modules" in name for name in fake_hub.repo)
+    assert {"hf_kd_modules*", "distillation_modules*"} <= set(fake_hub.calls[-1][1]["ignore_patterns"])
+
+    fake_hub.repo.clear()
+    trainer.push_to_hub(include_helpers=True)
+    assert fake_hub.call_names()[-2:] == ["upload_folder", "create_commit"]
+    in_subfolder = {name for name in fake_hub.repo if name.startswith("distillation_modules/")}
+    assert in_subfolder == {
+        "distillation_modules/distillation_modules.safetensors",
+        "distillation_modules/hf_kd_modules.pt",
+        "distillation_modules/README.md",
+    }
+    for name, content in helpers.items():
+        assert fake_hub.repo[f"distillation_modules/{name}"] == content
+        assert name not in fake_hub.repo
+    assert "load_state_dict" in fake_hub.repo["distillation_modules/README.md"].decode()
+    assert "distillation_modules/" in fake_hub.repo["README.md"].decode()
+
+
+# ---------------------------------------------------------------- failures leave the local output intact
+
+
+def hub_error(status: int, message: str) -> HfHubHTTPError:
+    http = importlib.import_module(errors.Response.__module__.split(".")[0])  # the HTTP library the Hub client uses
+    response = http.Response(status, request=http.Request("POST", "https://hub.invalid/api/repos"))
+    return HfHubHTTPError(message, response=response)
+
+
+@pytest.mark.parametrize(
+    ("fail_on", "error", "step"),
+    [
+        ("upload_folder", hub_error(403, "403 Forbidden: repo refused"), "upload the model folder"),
+        ("upload_folder", ConnectionError("network unreachable"), "upload the model folder"),
+        ("create_repo", hub_error(401, "401 Unauthorized: invalid token"), "create the repository"),
+    ],
+)
+def test_failed_push_raises_a_clear_error_and_deletes_nothing(tmp_path, monkeypatch, fail_on, error, step):
+    api = RecordingHubApi(fail_on=fail_on, error=error)
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: api)
+    trainer = make_trainer(tmp_path, student=lora_student())
+    output_dir = Path(trainer.args.output_dir)
+    trainer.save_model()
+    write_helpers(output_dir)
+    before = {name: (output_dir / name).read_bytes() for name in local_files(output_dir)}
+
+    with pytest.raises(HubPushError) as caught:
+        trainer.push_to_hub(merge_adapter=True)
+
+    message = str(caught.value)
+    assert step in message and REPO_ID in message
+    assert "trainer.push_to_hub()" in message and f"hf upload {REPO_ID}" in message
+    assert "Nothing was deleted" in message
+    assert caught.value.__cause__ is error
+    after = local_files(output_dir)
+    assert set(before) <= after
+    for name in ("adapter_model.safetensors", "adapter_config.json", "README.md", "hf_kd_modules.pt"):
+        assert name in after
+    assert (output_dir / "hf_kd_modules.pt").read_bytes() == before["hf_kd_modules.pt"]
+
+
+def test_failed_helper_upload_names_its_step(tmp_path, monkeypatch):
+    api = RecordingHubApi(fail_on="create_commit", error=hub_error(500, "500 Internal Server Error"))
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: api)
+    trainer = make_trainer(tmp_path)
+    write_helpers(Path(trainer.args.output_dir))
+    with pytest.raises(HubPushError, match="upload the distillation modules"):
+        trainer.push_to_hub(include_helpers=True)
+    assert (Path(trainer.args.output_dir) / "distillation_modules.safetensors").is_file()
+
+
+# ---------------------------------------------------------------- card contents
+
+
+def test_card_front_matter_takes_the_license_from_the_cached_origin_card(tmp_path, monkeypatch, fake_hub):
+    cache = tmp_path / "hub-cache"
+    snapshot = cache / "models--HuggingFaceTB--SmolLM2-135M-Instruct" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "README.md").write_text("---\nlicense: apache-2.0\nlibrary_name: transformers\n---\n# SmolLM2\n")
+    refs = snapshot.parent.parent / "refs"
+    refs.mkdir()
+    (refs / "main").write_text("abc123")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    trainer = make_trainer(tmp_path, kd_loss="dac_kl+span", scrg_corrections=1, lmbda=0.0)
+
+    trainer.create_model_card(model_name="tiny-student", dataset_name="someone/chat-data")
+
+    card = (Path(trainer.args.output_dir) / "README.md").read_text()
+    meta = front_matter(card)
+    assert meta["license"] == "apache-2.0"
+    assert meta["base_model"] == STUDENT_ID
+    assert meta["datasets"] == ["someone/chat-data"]
+    assert {"knowledge-distillation", "hf_kd", "mgsr"} <= set(meta["tags"])
+    assert "gkd" not in meta["tags"]
+    assert f"[{TEACHER_ID}](https://huggingface.co/{TEACHER_ID})" in card
+    assert "| SCRG corrections per sequence | 1 |" in card
+    assert "arXiv:2407.10068" in card and "2404.02657" not in card
+
+
+def test_card_for_a_student_from_a_local_folder(tmp_path, fake_hub):
+    origin = tmp_path / "student-origin"
+    origin.mkdir()
+    (origin / "README.md").write_text("---\nlicense: mit\n---\n")
+    trainer = make_trainer(tmp_path, student=make_model(str(origin), 16, 1))
+
+    trainer.create_model_card()
+
+    meta = front_matter((Path(trainer.args.output_dir) / "README.md").read_text())
+    assert meta["license"] == "mit"
+    assert "base_model" not in meta  # a local path is not a Hub id
+
+
+def test_results_table_only_when_evaluation_results_exist(tmp_path, fake_hub):
+    trainer = make_trainer(tmp_path)
+    card_path = Path(trainer.args.output_dir) / "README.md"
+
+    trainer.create_model_card()
+    assert "## Results" not in card_path.read_text()
+
+    trainer.eval_results = {
+        "teacher": {"rouge_l": 27.19},
+        "student_before": {"eval_rougeL": 16.8, "kl": 1.2345},
+        "student_after": {"rouge_l": 21.44, "heldout_kl": 0.4321},
+    }
+    trainer.create_model_card()
+    card = card_path.read_text()
+    assert "## Results" in card
+    assert "| teacher | 27.19 | — |" in card
+    assert "| student before distillation | 16.8 | 1.234 |" in card
+    assert "| student after distillation | 21.44 | 0.4321 |" in card
+
+
+def test_recipe_budget_and_versions_are_on_the_card(tmp_path, fake_hub):
+    trainer = make_trainer(tmp_path, kd_loss="0.3*ce + 0.7*bild", bridge="dskd", gradient_accumulation_steps=2)
+    trainer.create_model_card()
+    card = (Path(trainer.args.output_dir) / "README.md").read_text()
+    for row in (
+        "| objective | `0.3*ce + 0.7*bild` |",
+        "| term `ce` | weight 0.3 |",
+        "| term `bild` | weight 0.7 |",
+        "| bridge | dskd |",
+        "| distillation temperature | 2 |",
+        "| generalized JSD beta | 0.5 |",
+        "| optimizer steps | 0 of 2 |",
+        "| batch size | 4 (2 per device × 2 accumulation × 1 devices) |",
+        "| learning rate | 0.001 |",
+    ):
+        assert row in card
+    assert f"- transformers: {transformers.__version__}" in card
+    assert "- hf_kd: " in card and "- trl: " in card and "- peft: " in card and "- torch: " in card
+    assert "AutoModelForCausalLM.from_pretrained" in card
+    for arxiv_id in ("2406.13555", "2406.17328", "2306.13649"):
+        assert arxiv_id in card
+
+
+def test_card_is_written_on_every_save_including_checkpoints(tmp_path):
+    trainer = make_trainer(tmp_path, save_strategy="steps", save_steps=2, include_num_input_tokens_seen="all")
+    data = {"input_ids": [[2, 5, 6, 7, 3]] * 4, "labels": [[2, 5, 6, 7, 3]] * 4}
+    trainer.train_dataset = Dataset.from_dict(data)
+
+    trainer.train()
+
+    output_dir = Path(trainer.args.output_dir)
+    checkpoint_card = (output_dir / "checkpoint-2" / "README.md").read_text()
+    assert "| optimizer steps | 2 of 2 |" in checkpoint_card
+    trainer.save_model()
+    card = (output_dir / "README.md").read_text()
+    assert front_matter(card)["library_name"] == "transformers"
+    assert "| training examples | 4 |" in card
+    assert "| tokens seen | 20 |" in card
+
+
+def test_unsupported_card_argument_is_refused(tmp_path, fake_hub):
+    trainer = make_trainer(tmp_path)
+    with pytest.raises(TypeError, match="Unsupported model card arguments \\['colour'\\]"):
+        trainer.push_to_hub(colour="blue")
+    assert fake_hub.calls == []
+
+
+# ---------------------------------------------------------------- pure functions
+
+
+def test_recipe_parsing_and_method_names():
+    assert parse_recipe("0.5*ce+0.5*akl") == [hub.LossTerm("ce", 0.5), hub.LossTerm("akl", 0.5)]
+    assert parse_recipe("dac_kl + span") == [hub.LossTerm("dac_kl", 1.0), hub.LossTerm("span", 1.0)]
+    assert methods_used(parse_recipe("akl")) == ["AKL"]
+    assert methods_used(parse_recipe("fkl"), bridge="dskd") == ["DSKD"]
+    assert methods_used(parse_recipe("jsd")) == ["GKD"]
+    assert methods_used(parse_recipe("ce"), scrg_corrections=1) == ["MGSR"]
+    assert methods_used(parse_recipe("fkl"), lmbda=0.5) == ["GKD"]
+    with pytest.raises(ValueError, match="e.g. '0.5\\*ce\\+0.5\\*akl'"):
+        parse_recipe("0.5*")
+
+
+def test_render_without_any_method_or_results():
+    card = render_model_card(ModelCardData(recipe="fkl", budget=TrainingBudget(steps=3)))
+    meta = front_matter(card)
+    assert meta["tags"] == ["knowledge-distillation", "hf_kd"]
+    assert "base_model" not in meta and "license" not in meta
+    assert "## Citations" not in card and "## Results" not in card
+
+
+def test_template_is_found_in_the_checkout_and_missing_template_names_the_places(tmp_path, monkeypatch):
+    assert find_template() == Path(hub.__file__).resolve().parent.parent / "model_cards" / "student.md.j2"
+    packaged, checkout = tmp_path / "templates", tmp_path / "model_cards"
+    monkeypatch.setattr(hub, "template_dirs", lambda: [packaged, checkout])
+    with pytest.raises(FileNotFoundError, match="templates.*model_cards"):
+        find_template()
+    packaged.mkdir()
+    (packaged / "student.md.j2").write_text("---\n{{ front_matter }}---\n{{ title }}\n")
+    assert find_template() == packaged / "student.md.j2"
+    assert render_model_card(ModelCardData(model_name="x")).endswith("---\nx\n")
