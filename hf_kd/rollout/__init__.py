@@ -1,0 +1,5 @@
+"""Where training sequences come from: on-policy/teacher generation and the callbacks that revise it."""
+
+from .callbacks import GeneratedBatch, GenerationCallback, GenerationContext
+
+__all__ = ["GeneratedBatch", "GenerationCallback", "GenerationContext"]
