@@ -27,6 +27,8 @@ from transformers import trainer as trainer_module
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
+from .losses import parse_recipe
+
 logger = logging.get_logger(__name__)
 
 TEMPLATE_NAME = "student.md.j2"
@@ -42,32 +44,6 @@ _T = TypeVar("_T")
 
 
 # ---------------------------------------------------------------- recipe and methods
-
-
-@dataclass(frozen=True)
-class LossTerm:
-    """One weighted term of a loss recipe."""
-
-    name: str
-    weight: float
-
-
-_TERM = re.compile(r"^\s*(?:(?P<weight>\d*\.?\d+(?:[eE]-?\d+)?)\s*\*\s*)?(?P<name>[A-Za-z_]\w*)\s*$")
-
-
-def parse_recipe(recipe: str) -> list[LossTerm]:
-    """Read a recipe such as ``"0.5*ce+0.5*akl"`` or ``"dac_kl+span"`` (a term without a weight weighs 1)."""
-    terms = []
-    for part in recipe.split("+"):
-        match = _TERM.match(part)
-        if match is None:
-            raise ValueError(
-                f"Cannot read the loss recipe {recipe!r} (bad term {part.strip()!r}): write it as a sum of named "
-                "terms, each optionally weighted, e.g. '0.5*ce+0.5*akl' or 'dac_kl+span'."
-            )
-        weight = match.group("weight")
-        terms.append(LossTerm(match.group("name").lower(), float(weight) if weight else 1.0))
-    return terms
 
 
 @dataclass(frozen=True)
@@ -144,10 +120,10 @@ _METHOD_OF_TERM = {"akl": "AKL", "bild": "BiLD", "dac_kl": "MGSR", "span": "MGSR
 
 
 def methods_used(
-    terms: Iterable[LossTerm], bridge: str | None = None, scrg_corrections: int = 0, lmbda: float | None = None
+    term_names: Iterable[str], bridge: str | None = None, scrg_corrections: int = 0, lmbda: float | None = None
 ) -> list[str]:
     """Published methods a run used: from its loss terms, a DSKD bridge, SCRG (MGSR) and on-policy data (GKD)."""
-    used = {_METHOD_OF_TERM[t.name] for t in terms if t.name in _METHOD_OF_TERM}
+    used = {_METHOD_OF_TERM[name] for name in term_names if name in _METHOD_OF_TERM}
     if bridge and bridge.lower().startswith("dskd"):
         used.add("DSKD")
     if scrg_corrections > 0:
@@ -283,14 +259,14 @@ class ModelCardData:
     helpers_included: bool = False
 
     @property
-    def terms(self) -> list[LossTerm]:
-        """The recipe's weighted terms."""
+    def terms(self) -> list[tuple[float, str]]:
+        """The recipe's (weight, name) terms, read by the loss library's parser."""
         return parse_recipe(self.recipe)
 
     @property
     def methods(self) -> list[str]:
         """Published methods used, in a fixed order (GKD, AKL, BiLD, MGSR, DSKD)."""
-        return methods_used(self.terms, self.bridge, self.scrg_corrections, self.lmbda)
+        return methods_used([name for _, name in self.terms], self.bridge, self.scrg_corrections, self.lmbda)
 
     @property
     def library_name(self) -> str:

@@ -29,7 +29,6 @@ from hf_kd.hub import (
     TrainingBudget,
     find_template,
     methods_used,
-    parse_recipe,
     render_model_card,
 )
 
@@ -356,7 +355,7 @@ def test_card_front_matter_takes_the_license_from_the_cached_origin_card(tmp_pat
     refs.mkdir()
     (refs / "main").write_text("abc123")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    trainer = make_trainer(tmp_path, kd_loss="dac_kl+span", scrg_corrections=1, lmbda=0.0)
+    trainer = make_trainer(tmp_path, kd_loss="0.5*ce+0.5*fkl", scrg_corrections=1, lmbda=0.0)
 
     trainer.create_model_card(model_name="tiny-student", dataset_name="someone/chat-data")
 
@@ -455,16 +454,22 @@ def test_unsupported_card_argument_is_refused(tmp_path, fake_hub):
 # ---------------------------------------------------------------- pure functions
 
 
-def test_recipe_parsing_and_method_names():
-    assert parse_recipe("0.5*ce+0.5*akl") == [hub.LossTerm("ce", 0.5), hub.LossTerm("akl", 0.5)]
-    assert parse_recipe("dac_kl + span") == [hub.LossTerm("dac_kl", 1.0), hub.LossTerm("span", 1.0)]
-    assert methods_used(parse_recipe("akl")) == ["AKL"]
-    assert methods_used(parse_recipe("fkl"), bridge="dskd") == ["DSKD"]
-    assert methods_used(parse_recipe("jsd")) == ["GKD"]
-    assert methods_used(parse_recipe("ce"), scrg_corrections=1) == ["MGSR"]
-    assert methods_used(parse_recipe("fkl"), lmbda=0.5) == ["GKD"]
-    with pytest.raises(ValueError, match="e.g. '0.5\\*ce\\+0.5\\*akl'"):
-        parse_recipe("0.5*")
+def test_method_names_follow_terms_bridge_scrg_and_on_policy_data():
+    assert methods_used(["ce", "akl"]) == ["AKL"]
+    assert methods_used(["dac_kl", "span"]) == ["MGSR"]
+    assert methods_used(["bild"]) == ["BiLD"]
+    assert methods_used(["fkl"], bridge="dskd") == ["DSKD"]
+    assert methods_used(["jsd"]) == ["GKD"]
+    assert methods_used(["ce"], scrg_corrections=1) == ["MGSR"]
+    assert methods_used(["fkl"], lmbda=0.5) == ["GKD"]
+    assert methods_used(["fkl", "rkl"]) == []
+
+
+def test_card_refuses_a_recipe_the_loss_library_cannot_read():
+    data = ModelCardData(recipe="0.5*")
+    with pytest.raises(ValueError, match="0.5\\*ce\\+0.5\\*akl"):
+        render_model_card(data)
+    assert ModelCardData(recipe="0.3*ce + 0.7*bild").terms == [(0.3, "ce"), (0.7, "bild")]
 
 
 def test_render_without_any_method_or_results():
