@@ -644,7 +644,8 @@ class DistillationHubMixin:
         is saved to ``output_dir/merged`` and uploaded). Distillation helpers (``HELPER_PATTERNS``) stay local unless
         ``include_helpers=True``, which uploads them under ``distillation_modules/``. Hub calls go through the same
         ``hf_api()`` as ``Trainer.push_to_hub``, whose steps this follows (Trainer offers no way to add ignore
-        patterns). A failed Hub call raises ``HubPushError`` and leaves every local file in place.
+        patterns). A failed Hub call raises ``HubPushError`` and leaves every local file in place; with
+        ``blocking=False`` the model upload runs in the background and its errors surface from the returned future.
         """
         self.callback_handler.on_push_begin(self.args, self.state, self.control)
         private = kwargs.pop("private", None)

@@ -451,6 +451,50 @@ def test_unsupported_card_argument_is_refused(tmp_path, fake_hub):
     assert fake_hub.calls == []
 
 
+def test_mixin_takes_over_cards_and_pushes_of_trl_gkd_trainer(tmp_path, fake_hub):
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    class GKDHubTrainer(DistillationHubMixin, GKDTrainer):
+        pass
+
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    chat = [{"role": "user", "content": "w1 w2"}, {"role": "assistant", "content": "w3 w4"}]
+    args = GKDConfig(
+        output_dir=str(tmp_path / "out"),
+        hub_model_id=REPO_ID,
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        max_steps=1,
+        per_device_train_batch_size=2,
+        lmbda=0.0,
+        save_strategy="no",
+        logging_strategy="no",
+    )
+    trainer = GKDHubTrainer(
+        model=make_model(STUDENT_ID, 16, 1),
+        teacher_model=make_model(TEACHER_ID, 32, 2),
+        args=args,
+        train_dataset=Dataset.from_list([{"messages": chat}] * 4),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    write_helpers(Path(args.output_dir))
+
+    trainer.push_to_hub(dataset_name="someone/chat-data")
+
+    assert fake_hub.call_names() == ["create_repo", "upload_folder"]
+    assert {"model.safetensors", "config.json", "README.md"} <= set(fake_hub.repo)
+    assert not any("modules" in name for name in fake_hub.repo)
+    card = fake_hub.repo["README.md"].decode()
+    meta = front_matter(card)
+    assert meta["base_model"] == STUDENT_ID and meta["datasets"] == ["someone/chat-data"]
+    assert {"knowledge-distillation", "hf_kd", "gkd"} <= set(meta["tags"])
+    assert "| objective | `jsd` |" in card and "| optimizer steps | 1 of 1 |" in card
+    assert f"[{TEACHER_ID}](https://huggingface.co/{TEACHER_ID})" in card
+
+
 # ---------------------------------------------------------------- pure functions
 
 
