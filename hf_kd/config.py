@@ -1,0 +1,119 @@
+"""DistillationConfig: every knob of hf_kd, as a dataclass with help text (Python, YAML and CLI alike)."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+from trl.experimental.gkd import GKDConfig  # noqa: E402
+
+
+@dataclass
+class DistillationConfig(GKDConfig):
+    """Configuration of [`DistillationTrainer`]; extends TRL's `GKDConfig` (lmbda, beta, seq_kd, max_new_tokens,
+    temperature keep their GKD meaning). With the defaults a run is GKD: generalized JSD with beta = 0.5.
+
+    On a machine without CUDA, `bf16` and `gradient_checkpointing` default to False (TRL defaults them to True,
+    which fails or slows down CPU runs); pass them explicitly to override.
+    """
+
+    kd_loss: str = field(
+        default="jsd",
+        metadata={
+            "help": "Loss recipe: one term name or a weighted sum, e.g. 'akl', 'bild', '0.5*ce+0.5*akl', "
+            "'ce+dac_kl+span'. Terms: fkl, rkl, jsd, sfkl, srkl, akl, bild, ce, dac_kl, span."
+        },
+    )
+    kd_temperature: float | None = field(
+        default=None,
+        metadata={
+            "help": "Softmax temperature of the distillation terms. None keeps each method's paper default "
+            "(1.0 for fkl/rkl/jsd/skew/akl, 3.0 for bild, 2.0 under the DSKD bridge). The GKD `temperature` "
+            "field is the sampling temperature only."
+        },
+    )
+    akl_mu: float = field(default=0.5, metadata={"help": "AKL head/tail boundary: cumulative teacher probability."})
+    bild_top_k: int = field(default=8, metadata={"help": "BiLD: number of top logits whose differences are used."})
+    skew_alpha: float = field(default=0.1, metadata={"help": "Skew KL (sfkl/srkl) mixing weight alpha."})
+    loss_kwargs: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "Extra keyword arguments of the loss terms, e.g. {'dac_kl_top_m': 64}."},
+    )
+    fused_loss: bool = field(
+        default=True,
+        metadata={
+            "help": "Compute logits from the last hidden states chunk by chunk inside the loss, so full "
+            "[batch, tokens, vocab] logits never exist. False asks the models for full logits (slower, more memory)."
+        },
+    )
+    loss_chunk_size: int | None = field(
+        default=None,
+        metadata={"help": "Token rows per loss chunk. None picks about 128 MiB of float32 logits per chunk."},
+    )
+    bridge: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hidden-state bridge between teacher and student: None, or 'dskd' (Dual-Space KD, arXiv "
+            "2406.17328), required when the vocabularies differ (with `teacher_processing_class`)."
+        },
+    )
+    kd_rate: float = field(
+        default=0.5, metadata={"help": "DSKD: L = (1 - kd_rate) * CE + kd_rate * (L_stu + L_t2s_ce + L_tea)."}
+    )
+    projector_lr: float = field(default=1e-3, metadata={"help": "Learning rate of the DSKD projectors."})
+    dac_kl_lr: float = field(default=1e-3, metadata={"help": "Learning rate of the DAC-KL sub-network (MGSR)."})
+    scrg_corrections: int = field(
+        default=0,
+        metadata={
+            "help": "MGSR SCRG: corrections per generated sequence (0 = off, 1 = the paper's default). Each "
+            "replaces the student's worst token with the teacher's and lets the student re-generate the rest."
+        },
+    )
+    span_segmenter: str = field(
+        default="pysbd", metadata={"help": "Span loss: sentence segmenter, 'pysbd' or 'punct'."}
+    )
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bf16 mixed precision; None = on when CUDA supports it, off on CPU."}
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Gradient checkpointing; None = on with CUDA, off on CPU."}
+    )
+
+    def __post_init__(self):
+        cuda = torch.cuda.is_available() and not self.use_cpu
+        if self.bf16 is None:
+            self.bf16 = bool(cuda and torch.cuda.is_bf16_supported()) and not self.fp16
+        if self.gradient_checkpointing is None:
+            self.gradient_checkpointing = cuda
+        if self.bridge not in (None, "dskd"):
+            raise ValueError(f"Unknown bridge '{self.bridge}': use None or 'dskd'.")
+        if self.scrg_corrections < 0:
+            raise ValueError(f"scrg_corrections must be >= 0, got {self.scrg_corrections}.")
+        super().__post_init__()
+
+    def loss_build_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `build_loss(self.kd_loss, ...)`; each goes only to the terms that take it."""
+        from .losses import parse_recipe
+        from .losses.registry import loss_class
+
+        names = {name for _, name in parse_recipe(self.kd_loss)}
+        kwargs: dict[str, Any] = {}
+        if "jsd" in names:
+            kwargs["jsd_beta"] = self.beta
+        if "akl" in names:
+            kwargs["akl_mu"] = self.akl_mu
+        if "bild" in names:
+            kwargs["bild_top_k"] = self.bild_top_k
+        for skew in {"sfkl", "srkl"} & names:
+            kwargs[f"{skew}_alpha"] = self.skew_alpha
+        if self.kd_temperature is not None:
+            for name in names:
+                if "temperature" in inspect.signature(loss_class(name).__init__).parameters:
+                    kwargs[f"{name}_temperature"] = self.kd_temperature
+        kwargs.update(self.loss_kwargs or {})
+        return kwargs

@@ -1,0 +1,367 @@
+"""DistillationTrainer: TRL's GKD trainer with hf_kd's losses, fused heads, bridges and generation callbacks.
+
+The batch travels: collate -> rollout (dataset, student with probability lmbda, or teacher under seq_kd;
+then the generation callbacks, e.g. SCRG) -> both forwards (teacher frozen, under no_grad) -> loss from
+the last hidden states through the heads, chunk by chunk (or through the DSKD bridge) -> log each term.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.logging import get_logger
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationConfig, Trainer
+from trl.experimental.gkd import GKDTrainer
+from trl.experimental.utils import DataCollatorForChatML
+from trl.models import prepare_deepspeed
+from trl.models.utils import unwrap_model_for_generation
+from trl.trainer.sft_trainer import SFTTrainer
+from trl.trainer.utils import disable_dropout_in_model
+
+from .config import DistillationConfig
+from .hub import DistillationHubMixin
+from .losses import build_loss
+from .rollout import GeneratedBatch, GenerationCallback, GenerationContext
+from .validation import check_dataset, check_lora_targets, check_tokenizer, check_vocabularies
+
+logger = get_logger(__name__)
+
+MODULES_FILE = "hf_kd_modules.safetensors"
+
+
+class SoftcappedHead(nn.Module):
+    """An LM head followed by Gemma-style logit soft-capping: cap * tanh(logits / cap)."""
+
+    def __init__(self, head: nn.Module, cap: float):
+        super().__init__()
+        self.head, self.cap = head, cap
+        self.weight = head.weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.cap * torch.tanh(self.head(hidden) / self.cap)
+
+
+def output_head(model: nn.Module) -> nn.Module:
+    """The module mapping final hidden states to logits (through PEFT/DDP wrappers), with soft-capping if any."""
+    while hasattr(model, "module") and not hasattr(model, "get_output_embeddings"):
+        model = model.module
+    head = model.get_output_embeddings()
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    return SoftcappedHead(head, cap) if cap else head
+
+
+def load_teacher(teacher_model: nn.Module | str | None, args: DistillationConfig) -> nn.Module:
+    """The teacher as a model: loaded from a path/id with `teacher_model_init_kwargs` when given as a string."""
+    if teacher_model is None:
+        raise ValueError("DistillationTrainer needs a `teacher_model` (a model or a path/Hub id).")
+    if not isinstance(teacher_model, str):
+        if args.teacher_model_init_kwargs:
+            raise ValueError("`teacher_model_init_kwargs` is only used when `teacher_model` is a path or id string.")
+        return teacher_model
+    kwargs = dict(args.teacher_model_init_kwargs or {})
+    dtype = kwargs.get("dtype", "auto")
+    if isinstance(dtype, str) and dtype != "auto":
+        kwargs["dtype"] = getattr(torch, dtype)
+    kwargs.setdefault("dtype", "auto")
+    return AutoModelForCausalLM.from_pretrained(teacher_model, **kwargs)
+
+
+class DistillationTrainer(DistillationHubMixin, GKDTrainer):
+    """Knowledge distillation on TRL's `GKDTrainer`, with AKL, BiLD, MGSR (DAC-KL, span, SCRG) and DSKD.
+
+    Args beyond GKDTrainer's:
+        teacher_processing_class: the teacher's tokenizer when it differs from the student's (requires
+            `bridge="dskd"`); each model then tokenizes the same conversation with its own chat template.
+        generation_callbacks: [`GenerationCallback`]s called after every on-policy/seq-kd generation.
+    """
+
+    _tag_names = ["trl", "gkd", "hf_kd", "knowledge-distillation"]
+    _name = "hf_kd"
+
+    def __init__(
+        self,
+        model: nn.Module | str | None = None,
+        teacher_model: nn.Module | str | None = None,
+        args: DistillationConfig | None = None,
+        data_collator: Any = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        compute_metrics: Any = None,
+        callbacks: list | None = None,
+        optimizers: tuple = (None, None),
+        preprocess_logits_for_metrics: Any = None,
+        peft_config: Any = None,
+        formatting_func: Any = None,
+        teacher_processing_class: Any = None,
+        generation_callbacks: list[GenerationCallback] | None = None,
+    ):
+        if args is None:
+            raise ValueError("Pass `args=DistillationConfig(output_dir=...)`.")
+        if not isinstance(args, DistillationConfig):
+            raise TypeError(f"`args` must be a DistillationConfig, got {type(args).__name__}.")
+        check_tokenizer(processing_class, "processing_class (the student's tokenizer)")
+        check_dataset(train_dataset, "train_dataset")
+        check_dataset(eval_dataset, "eval_dataset")
+        teacher_model = load_teacher(teacher_model, args)
+        self.cross_tokenizer = check_vocabularies(
+            model, teacher_model, processing_class, teacher_processing_class, args.bridge
+        )
+        if teacher_processing_class is not None:
+            check_tokenizer(teacher_processing_class, "teacher_processing_class", need_template=False)
+        if self.cross_tokenizer and args.seq_kd:
+            raise ValueError(
+                "seq_kd with different tokenizers is not supported: generate the teacher's responses once "
+                "(sequence-level KD data) and train on them off-policy instead."
+            )
+        if peft_config is not None and not isinstance(model, str):
+            check_lora_targets(model, peft_config)
+
+        args.remove_unused_columns = False
+        args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+        if data_collator is None:
+            if self.cross_tokenizer:
+                from .bridge.tokenization import DualTokenizationCollator
+
+                data_collator = DualTokenizationCollator(processing_class, teacher_processing_class, args.max_length)
+            else:
+                data_collator = DataCollatorForChatML(tokenizer=processing_class, max_length=args.max_length)
+        # GKDTrainer.__init__ refuses differing vocabularies outright; its remaining set-up is done below.
+        SFTTrainer.__init__(
+            self,
+            model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            peft_config=peft_config,
+            formatting_func=formatting_func,
+        )
+        if peft_config is not None and isinstance(model, str):
+            check_lora_targets(self.model, peft_config)
+        self.teacher_processing_class = teacher_processing_class
+        self._setup_teacher(teacher_model)
+        self._setup_generation()
+        self.loss_fn = build_loss(args.kd_loss, chunk_size=args.loss_chunk_size, **args.loss_build_kwargs())
+        self.loss_fn.to(self.args.device)
+        self.bridge = None
+        if args.bridge == "dskd":
+            from .bridge.dskd import DSKDBridge
+
+            teacher_tok = teacher_processing_class if self.cross_tokenizer else None
+            self.bridge = DSKDBridge(self.model, self.teacher_model, args, teacher_tok).to(self.args.device)
+        self.generation_callbacks = list(generation_callbacks or [])
+        if args.scrg_corrections > 0:
+            from .rollout.scrg import SCRGCallback
+
+            self.generation_callbacks.insert(0, SCRGCallback(corrections=args.scrg_corrections))
+        # compute_loss always normalises by num_items_in_batch when given: the Trainer must not rescale.
+        self.model_accepts_loss_kwargs = True
+        self._normalised_locally = False
+
+    # ------------------------------------------------------------------ set-up
+    def _setup_teacher(self, teacher: nn.Module) -> None:
+        teacher.requires_grad_(False)
+        teacher.eval()
+        if self.args.disable_dropout:
+            disable_dropout_in_model(self.model)
+            disable_dropout_in_model(teacher)
+        if self.is_deepspeed_enabled:
+            self.teacher_model = prepare_deepspeed(teacher, self.accelerator)
+        else:
+            self.teacher_model = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+
+    def _setup_generation(self) -> None:
+        args = self.args
+        self.lmbda, self.beta, self.temperature, self.seq_kd = args.lmbda, args.beta, args.temperature, args.seq_kd
+        self.generation_kwargs = {
+            "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature,
+            "do_sample": True,
+            "top_k": 0,
+            "top_p": 1.0,
+            "use_cache": not args.gradient_checkpointing,
+            "pad_token_id": self.processing_class.pad_token_id,
+        }
+        self.generation_config = GenerationConfig(**self.generation_kwargs)
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        self.generation_config.eos_token_id = eos if eos is not None else self.processing_class.eos_token_id
+
+    def distillation_modules(self) -> dict[str, nn.Module]:
+        """Trainable helper modules beside the student (DAC-KL sub-network, DSKD projectors)."""
+        modules = {"loss": self.loss_fn, "bridge": self.bridge}
+        return {k: m for k, m in modules.items() if m is not None and any(True for _ in m.parameters())}
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """Trainer's optimizer plus one parameter group per helper module, at its own learning rate."""
+        optimizer = super().create_optimizer(model)
+        lrs = {"loss": self.args.dac_kl_lr, "bridge": self.args.projector_lr}
+        for name, module in self.distillation_modules().items():
+            params = [p for p in module.parameters() if p.requires_grad]
+            if params and not any(p is q for g in optimizer.param_groups for q in g["params"] for p in params):
+                optimizer.add_param_group({"params": params, "lr": lrs[name], "weight_decay": 0.0})
+        return optimizer
+
+    # ------------------------------------------------------------------ rollout
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        """GKD's rollout (student with probability lmbda, else teacher under seq_kd), then the callbacks.
+
+        Fixes TRL's normalisation on generated steps: the loss is divided by the generated tokens of the
+        micro-batch (times the accumulation steps), not by the count of the collated labels it replaced.
+        """
+        source = "student" if random.random() < self.lmbda else ("teacher" if self.seq_kd else None)
+        if source is not None:
+            inputs = self._rollout(model, inputs, source)
+            count = (inputs["labels"][:, 1:] != -100).sum()
+            num_items_in_batch = count.clamp_min(1) * self.current_gradient_accumulation_steps
+            self._normalised_locally = True
+        try:
+            loss = Trainer.training_step(self, model, inputs, num_items_in_batch)
+        finally:
+            self._normalised_locally = False
+        self._sync_helper_gradients()
+        return loss
+
+    def _rollout(self, model: nn.Module, inputs: dict[str, Any], source: str) -> dict[str, Any]:
+        generator = model if source == "student" else self.teacher_model
+        with unwrap_model_for_generation(
+            generator,
+            self.accelerator,
+            generation_kwargs=self.generation_kwargs,
+            gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs if source == "student" else None,
+        ) as unwrapped:
+            ids, mask, labels = self.generate_on_policy_outputs(unwrapped, inputs, self.generation_config)
+            batch = GeneratedBatch(ids, mask, labels, inputs["prompts"].shape[1], source)
+            if self.generation_callbacks:
+                ctx = GenerationContext(
+                    student=unwrapped if source == "student" else self.accelerator.unwrap_model(model),
+                    teacher=unwrapped if source == "teacher" else self.accelerator.unwrap_model(self.teacher_model),
+                    tokenizer=self.processing_class,
+                    teacher_tokenizer=self.teacher_processing_class,
+                    generation_config=self.generation_config,
+                    args=self.args,
+                )
+                for callback in self.generation_callbacks:
+                    batch = callback.on_generation(batch, ctx)
+        for key, value in batch.stats.items():
+            self._metrics["train"][key].append(float(value))
+        new_inputs = {**inputs, "input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+        new_inputs["labels"] = batch.labels
+        if self.cross_tokenizer:
+            new_inputs.update(
+                self.bridge.teacher_inputs_for_generated(batch, self.processing_class, self.teacher_processing_class)
+            )
+        return new_inputs
+
+    def _sync_helper_gradients(self) -> None:
+        """Average helper-module gradients across processes (they live outside the DDP-wrapped student)."""
+        if self.accelerator.num_processes <= 1:
+            return
+        for module in self.distillation_modules().values():
+            for p in module.parameters():
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
+
+    # ------------------------------------------------------------------ loss
+    def compute_loss(
+        self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ):
+        if self.bridge is not None:
+            loss, terms = self.bridge.compute_loss(model, self.teacher_model, inputs, num_items_in_batch)
+            outputs = None
+        else:
+            loss, terms, outputs = self._logit_space_loss(model, inputs, num_items_in_batch)
+        if (
+            num_items_in_batch is not None
+            and not self._normalised_locally
+            and self.args.average_tokens_across_devices
+            and self.accelerator.num_processes > 1
+        ):
+            loss = loss * self.accelerator.num_processes  # num_items_in_batch was summed over processes
+        mode = "train" if model.training else "eval"
+        for name, value in terms.items():
+            self._metrics[mode][f"loss/{name}"].append(float(value))
+        return (loss, outputs) if return_outputs else loss
+
+    def _logit_space_loss(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any):
+        fused = self.args.fused_loss
+        forward_kwargs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+        if fused:
+            forward_kwargs |= {"output_hidden_states": True, "logits_to_keep": 1}
+        student_out = model(**forward_kwargs)
+        self.teacher_model.eval()
+        with torch.no_grad():
+            teacher_out = self.teacher_model(**forward_kwargs)
+        labels = inputs["labels"][:, 1:]
+        extras = self._loss_extras(inputs)
+        if fused:
+            loss = self.loss_fn.forward_fused(
+                student_out.hidden_states[-1][:, :-1],
+                output_head(self.accelerator.unwrap_model(model)),
+                teacher_out.hidden_states[-1][:, :-1],
+                output_head(self.accelerator.unwrap_model(self.teacher_model)),
+                labels,
+                num_items_in_batch,
+                **extras,
+            )
+        else:
+            loss = self.loss_fn(
+                student_out.logits[:, :-1], teacher_out.logits[:, :-1], labels, num_items_in_batch, **extras
+            )
+        return loss, self.loss_fn.last_values, student_out
+
+    def _loss_extras(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
+        needed = {key for term in self.loss_fn.terms for key in term.requires}
+        extras = {}
+        if "span_ids" in needed:
+            from .spans import span_ids_for_batch
+
+            span_ids = span_ids_for_batch(
+                inputs["input_ids"], inputs["labels"], self.processing_class, segmenter=self.args.span_segmenter
+            )
+            extras["span_ids"] = span_ids[:, 1:]
+        return extras
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        modules = self.distillation_modules()
+        if modules:
+            target = Path(output_dir or self.args.output_dir)
+            tensors = {
+                f"{name}.{key}": value.detach().contiguous().cpu()
+                for name, module in modules.items()
+                for key, value in module.state_dict().items()
+            }
+            save_file(tensors, str(target / MODULES_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self.load_distillation_modules(resume_from_checkpoint)
+
+    def load_distillation_modules(self, folder: str | os.PathLike) -> None:
+        """Restore the helper modules saved beside a student (an error if they are expected but missing)."""
+        modules = self.distillation_modules()
+        if not modules:
+            return
+        path = Path(folder) / MODULES_FILE
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} is missing: this run has trainable distillation modules ({', '.join(modules)}) but the "
+                "checkpoint has no saved state for them, so it cannot be resumed exactly."
+            )
+        tensors = load_file(str(path))
+        for name, module in modules.items():
+            prefix = f"{name}."
+            module.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})

@@ -1,0 +1,82 @@
+"""Checks run before training starts, so that bad input fails with a message naming the fix."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+from transformers import AutoConfig
+
+
+def check_tokenizer(tokenizer: Any, what: str, need_template: bool = True) -> None:
+    """A tokenizer must exist, have a pad token, and (for chat data) a chat template."""
+    if tokenizer is None:
+        raise ValueError(f"{what} is required: pass the tokenizer, e.g. AutoTokenizer.from_pretrained(...).")
+    if getattr(tokenizer, "pad_token_id", None) is None:
+        raise ValueError(
+            f"{what} has no pad token. Set one before training, e.g. `tokenizer.pad_token = tokenizer.eos_token`."
+        )
+    if need_template and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"{what} has no chat template, which the `messages` data needs. Set `tokenizer.chat_template` "
+            "(a Jinja template) or use an instruct model's tokenizer."
+        )
+
+
+def check_dataset(dataset: Any, what: str) -> None:
+    """Datasets must be non-empty and carry `messages` (or pre-tokenized `input_ids`)."""
+    if dataset is None:
+        return
+    if isinstance(dataset, dict):
+        for name, part in dataset.items():
+            check_dataset(part, f"{what}['{name}']")
+        return
+    if len(dataset) == 0:
+        raise ValueError(f"{what} is empty: give it at least one conversation.")
+    columns = set(getattr(dataset, "column_names", None) or dataset[0].keys())
+    if not {"messages", "input_ids"} & columns:
+        raise ValueError(
+            f"{what} has no `messages` column (found: {sorted(columns)}). Convert it to chat format, e.g. with "
+            "`hf_kd.data.map_to_messages(dataset)` for Dolly/Alpaca/prompt-completion columns."
+        )
+
+
+def _vocab_size(model: nn.Module | str) -> int:
+    config = AutoConfig.from_pretrained(model) if isinstance(model, str) else model.config
+    return config.get_text_config().vocab_size
+
+
+def check_vocabularies(
+    student: nn.Module | str, teacher: nn.Module, tokenizer: Any, teacher_tokenizer: Any, bridge: str | None
+) -> bool:
+    """True when the teacher has its own tokenizer (cross-vocabulary KD); errors where that needs a bridge."""
+    cross = teacher_tokenizer is not None and teacher_tokenizer.get_vocab() != tokenizer.get_vocab()
+    s_vocab, t_vocab = _vocab_size(student), _vocab_size(teacher)
+    if (s_vocab != t_vocab or cross) and bridge != "dskd":
+        raise ValueError(
+            f"The student (vocab_size {s_vocab}) and the teacher (vocab_size {t_vocab}) do not share a vocabulary, "
+            "so their next-token distributions cannot be compared directly. Use the DSKD bridge: "
+            "DistillationConfig(bridge='dskd') and DistillationTrainer(..., teacher_processing_class="
+            "<the teacher's tokenizer>)."
+        )
+    if s_vocab != t_vocab and teacher_tokenizer is None:
+        raise ValueError(
+            f"The teacher's vocabulary ({t_vocab}) differs from the student's ({s_vocab}): pass the teacher's "
+            "tokenizer as DistillationTrainer(..., teacher_processing_class=teacher_tokenizer)."
+        )
+    return cross
+
+
+def check_lora_targets(model: nn.Module, peft_config: Any) -> None:
+    """LoRA `target_modules` given as names must match at least one module of the student."""
+    targets = getattr(peft_config, "target_modules", None)
+    if targets is None or isinstance(targets, str):  # None, "all-linear" or a regex: PEFT resolves them
+        return
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if len(missing) == len(list(targets)):
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(
+            f"LoRA target_modules {sorted(targets)} match no module of the student. Its linear layers are named "
+            f"{linear}; pass some of those (or 'all-linear')."
+        )
