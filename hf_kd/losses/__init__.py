@@ -3,7 +3,7 @@
 Importing a method's module registers it; ``LOSS_REGISTRY`` lists every name a recipe may use.
 """
 
-from . import akl, bild, divergences  # noqa: F401  (register the terms)
+from . import akl, bild, dac_kl, divergences, span  # noqa: F401  (register the terms)
 from .core import IGNORE_INDEX, LogitSource, LossEngine, TokenLoss, TokenRows, default_chunk_size
 from .recipe import DistillationLoss, build_loss, parse_recipe
 from .registry import LOSS_REGISTRY, register_loss
