@@ -143,13 +143,15 @@ def evaluate_student(
 ) -> dict[str, Any]:
     """Score a model on held-out conversations (rows with ``messages`` ending in the reference answer).
 
+    ``dataset`` is a ``datasets.Dataset`` or a list of such rows; ``max_samples`` keeps the first rows only.
+
     Returns ``rouge_l`` (mean Rouge-L F1 x 100 of greedy answers vs references), ``exact_match`` (percentage of
     answers whose first sentence equals the reference's), ``num_samples``, and with a teacher sharing the
     tokenizer, ``kl`` (mean per-token KL(teacher || student) on the references). ``predictions`` is added when
     ``return_predictions`` is set. The model's train/eval mode is restored afterwards.
     """
-    rows = dataset if max_samples is None else dataset.select(range(min(max_samples, len(dataset))))
-    conversations = [list(row["messages"]) for row in rows]
+    count = len(dataset) if max_samples is None else min(max_samples, len(dataset))
+    conversations = [list(dataset[i]["messages"]) for i in range(count)]
     if not conversations:
         raise ValueError("The evaluation dataset is empty.")
     if tokenizer.pad_token_id is None:

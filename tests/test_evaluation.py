@@ -63,6 +63,9 @@ def test_scores_are_perfect_against_own_greedy_answers_and_lower_otherwise(token
     assert result["exact_match"] == pytest.approx(100.0)
     assert result["num_samples"] == 3 and result["predictions"] == own
     assert "kl" not in result
+    as_list = [{"messages": c} for c in conversations(own)]
+    first_two = evaluate_student(model, tokenizer, as_list, max_new_tokens=6, max_samples=2)
+    assert first_two["num_samples"] == 2 and first_two["rouge_l"] == pytest.approx(100.0)
 
     other = evaluate_student(
         model, tokenizer, Dataset.from_list([{"messages": c} for c in conversations()]), max_new_tokens=6, batch_size=2
