@@ -102,3 +102,101 @@ def test_chunk_boundaries_splitting_pairs(batch, chunk):
     span_only = s.clone().requires_grad_()
     build_loss("span", chunk_size=chunk)(span_only, t, labels, span_ids=span_ids).backward()
     torch.testing.assert_close(span_only.grad, x.grad)
+
+
+# ---- sentence spans over response tokens (hf_kd.spans) ----
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
+from transformers import PreTrainedTokenizerFast  # noqa: E402
+
+from hf_kd.spans import sentence_starts, span_ids_for_batch, token_char_ends  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    """A byte-level BPE tokenizer trained here on a few sentences (multi-byte characters stay split)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(["Hi there. How are you? Fine. Dr. Smith is here. Ask me."] * 3, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+
+
+@pytest.fixture(scope="module")
+def wordlevel():
+    """A word-level tokenizer whose decoding inserts spaces between words (no byte-level round trip)."""
+    words = "Hi there . How are you ? Fine".split()
+    vocab = {"<pad>": 0, "<eos>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+
+
+def _spans_text(ids, spans, tok):
+    """Decoded text of each span, in order of first appearance."""
+    order = list(dict.fromkeys(s for s in spans.tolist() if s >= 0))
+    return [tok.decode(ids[spans == s].tolist()) for s in order]
+
+
+def test_token_char_ends_byte_level_multibyte(bpe):
+    ids = bpe("Café ☕ ok.")["input_ids"]
+    text, ends = token_char_ends(ids, bpe)
+    assert text == "Café ☕ ok."
+    assert ends[-1] == len(text) and ends == sorted(ends)
+    # the two bytes of "é" and the three of "☕": the character goes to the token completing it
+    pieces = [text[a:b] for a, b in zip([0, *ends[:-1]], ends)]
+    assert "".join(pieces) == text
+    assert "é" in pieces[pieces.index("f") + 2] and pieces[pieces.index("f") + 1] == ""
+
+
+def test_span_ids_exact_boundaries(bpe):
+    prompt = bpe("Ask me.")["input_ids"]
+    response = bpe("Hi there. How are you? Fine.")["input_ids"] + [bpe.eos_token_id]
+    second = bpe("Dr. Smith is here. Café ☕ ok.")["input_ids"]
+    n = len(prompt) + len(response)
+    input_ids = torch.full((2, max(n, len(second)) + 2), bpe.pad_token_id)
+    labels = torch.full_like(input_ids, -100)
+    input_ids[0, : len(prompt)] = torch.tensor(prompt)
+    input_ids[0, len(prompt) : n] = torch.tensor(response)
+    labels[0, len(prompt) : n] = input_ids[0, len(prompt) : n]
+    input_ids[1, : len(second)] = torch.tensor(second)
+    labels[1, : len(second)] = input_ids[1, : len(second)]
+
+    spans = span_ids_for_batch(input_ids, labels, bpe)
+    assert (spans[labels == -100] == -1).all() and (spans[labels != -100] >= 0).all()
+    # sentence boundaries on known text; the EOS (special, zero width) joins the last sentence
+    assert _spans_text(input_ids[0], spans[0], bpe) == ["Hi there.", " How are you?", " Fine.<eos>"]
+    # pysbd keeps "Dr. Smith" in one sentence; multi-byte characters stay inside their sentence; here " "
+    # is a token of its own (whitespace only), so it joins the sentence before it
+    assert _spans_text(input_ids[1], spans[1], bpe) == ["Dr. Smith is here. ", "Café ☕ ok."]
+    ids0, ids1 = set(spans[0].tolist()) - {-1}, set(spans[1].tolist()) - {-1}
+    assert not ids0 & ids1  # unique per (sequence, span)
+    # spans are contiguous runs of tokens
+    for row in spans:
+        seen = [s for s in row.tolist() if s >= 0]
+        assert seen == sorted(seen)
+
+
+def test_punct_rule_and_several_response_runs(bpe):
+    a = bpe("Dr. Smith is here.")["input_ids"]
+    b = bpe("Hi there. Fine.")["input_ids"]
+    ids = torch.tensor([a + [bpe.pad_token_id] + b])
+    labels = ids.clone()
+    labels[0, len(a)] = -100  # two runs of response tokens, segmented separately
+    spans = span_ids_for_batch(ids, labels, bpe, segmenter="punct")
+    assert _spans_text(ids[0], spans[0], bpe) == ["Dr.", " Smith is here.", "Hi there.", " Fine."]
+    assert spans[0, len(a)] == -1
+    assert sentence_starts("One. Two!\nThree", "punct") == [0, 5, 10]
+    assert sentence_starts("a b c", lambda text: [2]) == [0, 2]
+    with pytest.raises(ValueError, match="segmenter"):
+        sentence_starts("x", "nltk")
+
+
+def test_word_level_tokenizer(wordlevel):
+    ids = torch.tensor([wordlevel("Hi there . How are you ? Fine")["input_ids"]])
+    spans = span_ids_for_batch(ids, ids.clone(), wordlevel)
+    # decoded "Hi there . How are you ? Fine": pysbd sentences "Hi there . ", "How are you ? ", "Fine"
+    assert spans.tolist() == [[0, 0, 0, 1, 1, 1, 1, 2]]
