@@ -1,0 +1,309 @@
+"""DSKD: Dual-Space Knowledge Distillation (Zhang et al., arXiv 2406.17328), with and without a shared vocabulary.
+
+Two linear projectors map last-layer hidden states across models: P_t2s (d_t -> d_s) and P_s2t (d_s -> d_t).
+
+* Student space: logits_t2s = W_s P_t2s(h_t) with the student head W_s detached.
+  L_t2s_ce = CE(logits_t2s, y) trains P_t2s; L_stu = D(student || logits_t2s detached) trains the student, D being
+  the configured divergence recipe (``args.kd_loss``) at the KD temperature.
+* Teacher space: logits_s2t = W_t P_s2t(h_s) with the (frozen) teacher head; L_tea = KL(teacher || s2t) at the KD
+  temperature trains P_s2t and, through h_s, the student.
+* L = (1 - kd_rate) CE + kd_rate (L_stu + L_t2s_ce + L_tea), every term summed over the student's response
+  tokens and divided by their number (or ``num_items_in_batch``), as the official code does for all three terms.
+
+With different tokenizers (``teacher_tokenizer`` given) the projected states are aligned by cross-model attention
+(:mod:`hf_kd.bridge.cma`) and L_stu is kept only at positions where argmax(logits_t2s) is the target token.
+
+Everything runs through the chunked loss engine with heads applied chunk by chunk, so no [B, T, V] logits exist.
+Differences from the official code: the teacher-space KL is divided by the student's token count in both modes
+(as the official code, which divides every term by the student's count), the ``teacher_temperature`` knob of the
+official CMA criterion (default 1.0) is not exposed, and a ``final_logit_softcapping`` of a model is applied to
+all logits that model's head produces (the official code multiplies by the raw head weight).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..losses import IGNORE_INDEX, LogitSource, LossEngine, TokenLoss, TokenRows, build_loss, parse_recipe
+from ..losses.registry import loss_class
+from .cma import CrossModelAttention, index_embeddings
+from .tokenization import generated_teacher_inputs
+
+DSKD_DEFAULT_TEMPERATURE = 2.0
+"""The KD temperature of the official DSKD scripts, used when ``args.kd_temperature`` is None."""
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside DDP/accelerate wrappers (``.module``); PEFT models are kept, they forward attributes."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+class OutputHead:
+    """A model's output head as a callable for the loss engine: ``softcap(h W^T + b)``.
+
+    ``frozen=True`` uses detached weights (the student head in the student-space t2s logits, and the teacher head).
+    Not an ``nn.Module`` on purpose: the engine then only trains what the bridge passes as ``trainable``.
+    """
+
+    def __init__(self, model: nn.Module, frozen: bool):
+        model = unwrap_model(model)
+        head = model.get_output_embeddings()
+        if head is None or getattr(head, "weight", None) is None:
+            raise ValueError(
+                f"{type(model).__name__} has no output embeddings with a weight: DSKD needs a causal LM whose "
+                "get_output_embeddings() returns its vocabulary head."
+            )
+        self.module = head
+        self.frozen = frozen
+        self.softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.weight
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Parameters that gradients should reach (none when frozen)."""
+        return [] if self.frozen else [p for p in self.module.parameters() if p.requires_grad]
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.frozen:
+            bias = getattr(self.module, "bias", None)
+            logits = F.linear(
+                hidden.to(self.weight.dtype), self.weight.detach(), None if bias is None else bias.detach()
+            )
+        else:
+            logits = self.module(hidden.to(self.weight.dtype))
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+class TermSum(TokenLoss):
+    """Weighted sum of divergence terms under one name, optionally kept only where the t2s logits are right.
+
+    ``keep_if_teacher_correct``: multiply by 1[argmax(teacher-side logits) == label] (DSKD-CMA's L_stu).
+    """
+
+    def __init__(
+        self, name: str, terms: Sequence[TokenLoss], weights: Sequence[float], keep_if_teacher_correct: bool = False
+    ):
+        super().__init__()
+        for term in terms:
+            if term.pairwise or term.requires:
+                raise ValueError(
+                    f"Loss term '{term.name}' needs adjacent positions or extra inputs and cannot be used inside "
+                    "DSKD; use a per-token divergence such as fkl, rkl, jsd, sfkl, srkl or akl."
+                )
+        self.name = name
+        self.terms = nn.ModuleList(terms)
+        self.weights = [float(w) for w in weights]
+        self.keep_if_teacher_correct = keep_if_teacher_correct
+
+    def per_token(self, rows: TokenRows) -> torch.Tensor:
+        total = sum(w * term.per_token(rows) for w, term in zip(self.weights, self.terms))
+        if self.keep_if_teacher_correct:
+            total = total * (rows.teacher_logits().argmax(-1) == rows.labels)
+        return total
+
+
+class ProjectedCE(TokenLoss):
+    """CE of the teacher-side (projected) logits on the labels, with gradient: DSKD's L_t2s_ce. No temperature."""
+
+    name = "t2s_ce"
+
+    def per_token(self, rows: TokenRows) -> torch.Tensor:
+        logprobs = torch.log_softmax(rows.teacher_logits_with_grad(), dim=-1)
+        return -logprobs.gather(-1, rows.labels.unsqueeze(-1)).squeeze(-1)
+
+
+class ProjectedAccuracy(TokenLoss):
+    """1 where argmax of the teacher-side logits is the label: logged (weight 0) as ``t2s_acc``."""
+
+    name = "t2s_acc"
+
+    def per_token(self, rows: TokenRows) -> torch.Tensor:
+        return (rows.teacher_logits().argmax(-1) == rows.labels).to(rows.teacher_logits().dtype)
+
+
+def _hidden_size(model: nn.Module) -> int:
+    return OutputHead(model, frozen=True).weight.shape[-1]
+
+
+def _divergence_terms(args: Any, temperature: float) -> tuple[list[TokenLoss], list[float]]:
+    """The terms of ``args.kd_loss`` built as the trainer builds them (``args.loss_build_kwargs()``), every term
+    that takes a temperature at the bridge's KD temperature unless ``loss_kwargs`` names another."""
+    recipe = getattr(args, "kd_loss", "fkl")
+    kwargs = dict(args.loss_build_kwargs()) if hasattr(args, "loss_build_kwargs") else {}
+    names = {name: loss_class(name) for _, name in parse_recipe(recipe)}
+    if "ce" in names:
+        raise ValueError(
+            f"kd_loss '{recipe}' contains 'ce': under the DSKD bridge the CE term is mixed in by kd_rate "
+            "(L = (1 - kd_rate) CE + kd_rate KD); give only the divergence, e.g. kd_loss='fkl'."
+        )
+    for name, cls in names.items():
+        if "temperature" in inspect.signature(cls.__init__).parameters:
+            kwargs.setdefault(f"{name}_temperature", temperature)
+    loss = build_loss(recipe, **kwargs)
+    return list(loss.terms), list(loss.weights)
+
+
+class DSKDBridge(nn.Module):
+    """Projectors of DSKD (and the CMA query projector when vocabularies differ) and the loss that trains them.
+
+    ``args`` needs ``kd_loss``, ``kd_temperature``, ``kd_rate`` and ``loss_chunk_size`` (a ``DistillationConfig``);
+    ``teacher_tokenizer`` is None when both models share one tokenizer, which selects the same-vocabulary DSKD,
+    and is the teacher's tokenizer otherwise, which selects DSKD-CMA. The projectors are created in float32 on the
+    student's device.
+    """
+
+    def __init__(
+        self,
+        student_model: nn.Module,
+        teacher_model: nn.Module,
+        args: Any,
+        teacher_tokenizer: Any | None = None,
+    ):
+        super().__init__()
+        d_s, d_t = _hidden_size(student_model), _hidden_size(teacher_model)
+        self.cross_vocab = teacher_tokenizer is not None
+        self.t2s = nn.Linear(d_t, d_s)
+        self.s2t = nn.Linear(d_s, d_t)
+        self.cma = CrossModelAttention(d_s, d_t) if self.cross_vocab else None
+        kd_temperature = getattr(args, "kd_temperature", None)
+        self.temperature = DSKD_DEFAULT_TEMPERATURE if kd_temperature is None else float(kd_temperature)
+        self.kd_rate = float(getattr(args, "kd_rate", 0.5))
+        if not 0.0 <= self.kd_rate <= 1.0:
+            raise ValueError(f"kd_rate must be in [0, 1], got {self.kd_rate}.")
+        terms, weights = _divergence_terms(args, self.temperature)
+        chunk_size = getattr(args, "loss_chunk_size", None)
+        self.student_kd = TermSum("kd_student", terms, weights, keep_if_teacher_correct=self.cross_vocab)
+        self.teacher_kd = TermSum("kd_teacher", [loss_class("fkl")(temperature=self.temperature)], [1])
+        r = self.kd_rate
+        self.student_engine = LossEngine(
+            [loss_class("ce")(), self.student_kd, ProjectedCE(), ProjectedAccuracy()],
+            [1.0 - r, r, r, 0.0],
+            chunk_size,
+        )
+        self.teacher_engine = LossEngine([self.teacher_kd], [r], chunk_size)
+        device = next(unwrap_model(student_model).parameters()).device
+        self.to(device=device, dtype=torch.float32)
+
+    def _teacher_batch(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not self.cross_vocab:
+            ids = inputs.get("teacher_input_ids", inputs["input_ids"])
+            if ids.shape != inputs["input_ids"].shape:
+                raise ValueError(
+                    "Same-vocabulary DSKD compares teacher and student position by position, but the batch holds "
+                    "teacher_input_ids of another shape; pass teacher_tokenizer to the bridge (DSKD-CMA) when the "
+                    "tokenizers differ."
+                )
+            return inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
+        missing = [k for k in ("teacher_input_ids", "teacher_attention_mask", "teacher_labels") if k not in inputs]
+        if missing:
+            raise ValueError(
+                f"DSKD with different tokenizers needs {missing} in the batch: collate with "
+                "hf_kd.bridge.DualTokenizationCollator, and after generation merge "
+                "DSKDBridge.teacher_inputs_for_generated(...) into the inputs."
+            )
+        return inputs["teacher_input_ids"], inputs["teacher_attention_mask"], inputs["teacher_labels"]
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        teacher_model: nn.Module,
+        inputs: dict[str, Any],
+        num_items_in_batch: int | torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Run both models and return (loss, {term name: detached value}).
+
+        ``inputs`` holds the student's input_ids, attention_mask and labels (position t's label is the token at t,
+        shifted inside), plus teacher_input_ids, teacher_attention_mask and teacher_labels when vocabularies differ.
+        Logged terms: ce, kd_student, t2s_ce, kd_teacher (each a mean over the student's response tokens) and
+        t2s_acc (fraction of tokens where the projected teacher predicts the label; not part of the loss).
+        """
+        t_ids, t_mask, t_labels_full = self._teacher_batch(inputs)
+        s_out = model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            output_hidden_states=True,
+            logits_to_keep=1,
+            use_cache=False,
+        )
+        teacher_model.eval()
+        with torch.no_grad():
+            t_out = teacher_model(
+                input_ids=t_ids, attention_mask=t_mask, output_hidden_states=True, logits_to_keep=1, use_cache=False
+            )
+        h_s = s_out.hidden_states[-1][:, :-1]
+        h_t = t_out.hidden_states[-1][:, :-1].detach()
+        labels = inputs["labels"][:, 1:]
+        t_labels = t_labels_full[:, 1:]
+        if num_items_in_batch is None:
+            num_items_in_batch = (labels != IGNORE_INDEX).sum()
+
+        if self.cross_vocab:
+            student, teacher = unwrap_model(model), unwrap_model(teacher_model)
+            aligned = self.cma(
+                index_embeddings(student.get_input_embeddings(), inputs["input_ids"][:, :-1], labels),
+                index_embeddings(teacher.get_input_embeddings(), t_ids[:, :-1], t_labels),
+                h_s,
+                h_t,
+                labels != IGNORE_INDEX,
+                t_labels != IGNORE_INDEX,
+                self.t2s,
+                self.s2t,
+            )
+            t2s_hidden, s2t_hidden = aligned.t2s_hidden, aligned.s2t_hidden
+        else:
+            t2s_hidden = self.t2s(h_t.to(self.t2s.weight.dtype))
+            s2t_hidden = self.s2t(h_s.to(self.s2t.weight.dtype))
+
+        student_head = OutputHead(model, frozen=False)
+        student_space = self.student_engine(
+            LogitSource(h_s, student_head),
+            LogitSource(t2s_hidden, OutputHead(model, frozen=True)),
+            labels,
+            num_items_in_batch,
+            trainable=[*student_head.parameters(), *self.student_kd.parameters()],
+        )
+        teacher_head = OutputHead(teacher_model, frozen=True)
+        teacher_space = self.teacher_engine(
+            LogitSource(s2t_hidden, teacher_head), LogitSource(h_t, teacher_head), t_labels, num_items_in_batch
+        )
+        values = {**self.student_engine.last_values, **self.teacher_engine.last_values}
+        return student_space + teacher_space, {k: v.detach() for k, v in values.items()}
+
+    def teacher_inputs_for_generated(
+        self,
+        generated_batch: Any,
+        student_tokenizer: Any,
+        teacher_tokenizer: Any,
+        prompt_messages: list[list[dict[str, str]]] | None = None,
+        max_length: int | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The teacher's tokenization of a generated batch (empty dict when the tokenizers are shared).
+
+        ``prompt_messages`` are the conversations' prompt turns, as the collator returns them under
+        ``"prompt_messages"``; see :func:`hf_kd.bridge.tokenization.generated_teacher_inputs`.
+        """
+        if not self.cross_vocab:
+            return {}
+        if prompt_messages is None:
+            raise ValueError(
+                "Re-tokenizing generations for the teacher needs the prompt turns: pass "
+                "prompt_messages=inputs['prompt_messages'] (DualTokenizationCollator puts them in every batch)."
+            )
+        return generated_teacher_inputs(
+            generated_batch, student_tokenizer, teacher_tokenizer, prompt_messages, max_length
+        )
+
+
+__all__ = ["DSKD_DEFAULT_TEMPERATURE", "DSKDBridge", "OutputHead", "ProjectedAccuracy", "ProjectedCE", "TermSum"]
