@@ -11,6 +11,15 @@ from trl.experimental.utils import DataCollatorForChatML
 from hf_kd.bridge import DSKD_DEFAULT_TEMPERATURE, DSKDBridge
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one thread avoids oversubscription on shared cores (restored afterwards)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _args(**kw):
     base = {"kd_loss": "fkl", "kd_temperature": None, "kd_rate": 0.5, "loss_chunk_size": 5}
     base.update(kw)
