@@ -132,6 +132,25 @@ def test_one_correction_picks_largest_kl_and_student_regenerates(student, teache
     assert torch.equal(after.labels, expected_labels)
 
 
+def test_row_chunking_and_padded_teacher_head(student, tokenizer, monkeypatch):
+    """KL and choices computed one row at a time give the same result; extra teacher head rows are ignored."""
+    wide = table({4: {9: 20.0}, 14: {9: 20.0}})
+    teacher = bigram_llama(wide)
+    _, whole, _ = run(student, teacher, tokenizer, corrections=1)
+    monkeypatch.setattr("hf_kd.rollout.scrg.default_chunk_size", lambda vocab: 1)
+    _, chunked, _ = run(student, teacher, tokenizer, corrections=1)
+    assert torch.equal(whole.input_ids, chunked.input_ids) and whole.stats == chunked.stats
+    padded = bigram_llama(wide)
+    head = torch.nn.Linear(V, V + 3, bias=False)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.weight[:V] = padded.lm_head.weight
+        head.weight[V:] = 100.0  # padded rows (no token) with huge logits: must never be chosen
+    padded.lm_head = head
+    _, out, _ = run(student, padded, tokenizer, corrections=1)
+    assert torch.equal(out.input_ids, whole.input_ids)
+
+
 def test_more_corrections_search_after_the_previous_one(student, teacher, tokenizer):
     _, after, calls = run(student, teacher, tokenizer, max_new_tokens=6, corrections=3)
     # round 2: after 10 the teacher says 7 (not EOS); the student ends 7 with EOS; round 3: nothing left

@@ -34,6 +34,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from ..losses.core import default_chunk_size
+from ..losses.divergences import kl_rows
 from .callbacks import GeneratedBatch, GenerationCallback, GenerationContext
 
 IGNORE_INDEX = -100
@@ -59,7 +61,7 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def completion_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int) -> torch.Tensor:
-    """Logits predicting the last ``n`` tokens of each row ([B, n, V], float32, on the model's device)."""
+    """Logits predicting the last ``n`` tokens of each row ([B, n, V], the model's dtype and device)."""
     device = _device(model)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -68,7 +70,7 @@ def completion_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask:
     if _accepts(model, "logits_to_keep"):
         kwargs["logits_to_keep"] = n + 1
     logits = model(**kwargs).logits
-    return logits[:, -(n + 1) : -1].float()
+    return logits[:, -(n + 1) : -1]
 
 
 def length_to_eos(tokens: torch.Tensor, eos_ids: torch.Tensor) -> torch.Tensor:
@@ -140,15 +142,7 @@ class SCRGCallback(GenerationCallback):
         device = batch.input_ids.device
         s_logits = completion_logits(ctx.student, batch.input_ids, batch.attention_mask, n).to(device)
         t_logits = completion_logits(ctx.teacher, batch.input_ids, batch.attention_mask, n).to(device)
-        vocab = min(s_logits.shape[-1], t_logits.shape[-1])
-        log_p = torch.log_softmax(t_logits[..., :vocab], -1)
-        log_q = torch.log_softmax(s_logits[..., :vocab], -1)
-        kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # [B, n]
-        if self.teacher_choice == "argmax":
-            teacher_tokens = log_p.argmax(-1)
-        else:
-            probs = torch.softmax(t_logits[..., :vocab] / self.teacher_temperature, -1)
-            teacher_tokens = torch.multinomial(probs.reshape(-1, vocab), 1).reshape(kl.shape)
+        kl, teacher_tokens = self._divergence_and_choice(s_logits, t_logits)
         completion = batch.input_ids[:, prompt_len:]
         columns = torch.arange(prompt_len, prompt_len + n, device=device)
         candidate = (
@@ -163,6 +157,27 @@ class SCRGCallback(GenerationCallback):
         fix_rows = has.nonzero().squeeze(-1)
         offsets = best[fix_rows]
         return fix_rows, offsets + prompt_len, teacher_tokens[fix_rows, offsets]
+
+    def _divergence_and_choice(self, s_logits: torch.Tensor, t_logits: torch.Tensor):
+        """KL(p_teacher || p_student) and the teacher's token per position ([B, n] each), over the shared
+        vocabulary rows, computed ``default_chunk_size`` rows at a time in float32."""
+        vocab = min(s_logits.shape[-1], t_logits.shape[-1])
+        flat_s, flat_t = s_logits.reshape(-1, s_logits.shape[-1]), t_logits.reshape(-1, t_logits.shape[-1])
+        kl = torch.empty(flat_s.shape[0], device=flat_s.device)
+        tokens = torch.empty(flat_s.shape[0], dtype=torch.long, device=flat_s.device)
+        step = default_chunk_size(vocab)
+        for start in range(0, flat_s.shape[0], step):
+            t_chunk = flat_t[start : start + step, :vocab].float()
+            floor = torch.finfo(torch.float32).min  # -inf logits (masked entries) must not give NaN
+            log_p = torch.log_softmax(t_chunk, -1).clamp_min(floor)
+            log_q = torch.log_softmax(flat_s[start : start + step, :vocab].float(), -1).clamp_min(floor)
+            kl[start : start + step] = kl_rows(log_p, log_q)
+            if self.teacher_choice == "argmax":
+                tokens[start : start + step] = log_p.argmax(-1)
+            else:
+                probs = torch.softmax(t_chunk / self.teacher_temperature, -1)
+                tokens[start : start + step] = torch.multinomial(probs, 1).squeeze(-1)
+        return kl.reshape(s_logits.shape[:-1]), tokens.reshape(s_logits.shape[:-1])
 
     def _regenerate(self, batch, ctx, fix_rows, fix_cols, fix_tokens, max_new: int) -> GeneratedBatch:
         """Put the teacher's tokens in, let the student continue each corrected prefix, rebuild the batch."""
