@@ -159,3 +159,45 @@ def test_same_vocab_rejects_mismatched_teacher_ids(pair):
     bad = dict(batch, teacher_input_ids=batch["input_ids"][:, :-1])
     with pytest.raises(ValueError, match="teacher_tokenizer"):
         bridge.compute_loss(student, teacher, bad)
+
+
+def test_trainer_same_vocabulary_off_policy(tmp_path):
+    from datasets import Dataset
+
+    from hf_kd import DistillationConfig, DistillationTrainer
+
+    tok = make_tokenizer()
+    student = make_model(len(tok), hidden=32, layers=1, seed=1)
+    teacher = make_model(len(tok), hidden=48, layers=2, seed=2)
+    args = DistillationConfig(
+        output_dir=str(tmp_path / "out"),
+        bridge="dskd",
+        kd_loss="akl",
+        lmbda=0.0,
+        per_device_train_batch_size=4,
+        learning_rate=3e-3,
+        max_steps=12,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+    )
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=Dataset.from_list(make_conversations(8)),
+        processing_class=tok,
+    )
+    assert trainer.bridge is not None and trainer.bridge.cma is None
+    assert any(
+        g["lr"] == args.projector_lr and g["params"][0] is trainer.bridge.t2s.weight
+        for g in trainer.create_optimizer().param_groups
+    )
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3])
+    assert {"loss/ce", "loss/kd_student", "loss/t2s_ce", "loss/kd_teacher"} <= {
+        k for e in trainer.state.log_history for k in e
+    }

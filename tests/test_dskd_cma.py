@@ -313,3 +313,53 @@ def test_cma_needs_teacher_tokenization(cross_setup):
     plain = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
     with pytest.raises(ValueError, match="DualTokenizationCollator"):
         bridge.compute_loss(student, teacher, plain)
+
+
+# --- through the trainer -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lmbda", [0.0, 1.0])
+def test_trainer_with_different_tokenizers(tmp_path, tokenizers_pair, lmbda):
+    from datasets import Dataset
+
+    from hf_kd import DistillationConfig, DistillationTrainer
+
+    student_tok, teacher_tok = tokenizers_pair
+    student = make_model(len(student_tok), hidden=32, layers=1, seed=1)
+    teacher = make_model(len(teacher_tok), hidden=48, layers=2, seed=2)
+    args = DistillationConfig(
+        output_dir=str(tmp_path / "out"),
+        bridge="dskd",
+        kd_loss="fkl",
+        lmbda=lmbda,
+        max_new_tokens=6,
+        per_device_train_batch_size=4,
+        learning_rate=3e-3,
+        projector_lr=1e-2,
+        max_steps=12,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+    )
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=Dataset.from_list(make_conversations(8, seed=5)),
+        processing_class=student_tok,
+        teacher_processing_class=teacher_tok,
+    )
+    assert isinstance(trainer.data_collator, DualTokenizationCollator)
+    projector = trainer.bridge.cma.query.weight.detach().clone()
+    trainer.train()
+    history = trainer.state.log_history
+    losses = [e["loss"] for e in history if "loss" in e]
+    assert len(losses) == 12 and all(math.isfinite(x) for x in losses)
+    for name in ("ce", "kd_student", "t2s_ce", "kd_teacher", "t2s_acc"):
+        assert any(f"loss/{name}" in e for e in history)
+    assert not torch.equal(projector, trainer.bridge.cma.query.weight.detach())
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in teacher.parameters())
+    if lmbda == 0.0:  # a fixed data set: the loss must go down
+        assert sum(losses[-3:]) < sum(losses[:3])
