@@ -2,9 +2,10 @@
 
 Cross-vocabulary DSKD (DSKD-CMA, arXiv 2406.17328) feeds each model the same text in its own tokens. The student
 side is exactly what TRL's ``DataCollatorForChatML`` returns; the teacher side is the same conversation rendered
-with the teacher's chat template (or, for a base model without one, :data:`PLAIN_CHAT_TEMPLATE`) and laid out the
-same way: left padding, labels -100 on prompt and padding, prompts left-padded. Student generations are moved
-to the teacher's tokenization by decoding the generated text and re-rendering the conversation.
+with the teacher's chat template (a base model without one gets ``hf_kd.assets.PLAIN_CHAT_TEMPLATE``,
+``<bos>User: ...\\nAssistant: ...<eos>\\n``) and laid out the same way: left padding, labels -100 on prompt and
+padding, prompts left-padded. Student generations are moved to the teacher's tokenization by decoding the
+generated text and re-rendering the conversation.
 """
 
 from __future__ import annotations
@@ -18,21 +19,8 @@ from transformers import PreTrainedTokenizerBase  # noqa: E402
 from trl.experimental.utils import DataCollatorForChatML  # noqa: E402
 from trl.trainer.utils import pad  # noqa: E402
 
+from ..assets import PLAIN_CHAT_TEMPLATE  # noqa: E402  (for teachers without a chat template)
 from ..losses import IGNORE_INDEX  # noqa: E402
-
-PLAIN_CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
-    "{% elif message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\n' }}"
-    "{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] + eos_token + '\n' }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
-)
-"""Chat format for a teacher without a chat template (e.g. a base model):
-``<bos>User: ...\\nAssistant: ...<eos>\\n``. The generation prompt ``Assistant:`` has no trailing space, so it is an
-exact prefix of the full conversation and the space before the answer belongs to the answer's first token."""
 
 Messages = list[dict[str, str]]
 
