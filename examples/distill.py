@@ -187,7 +187,9 @@ class Models:
 def load_models(script_args: ScriptArguments, args: DistillationConfig) -> Models:
     """Teacher, student and tokenizers from the script arguments; the config's init kwargs choose dtypes."""
     if script_args.teacher is None:
-        raise ValueError("No teacher given: set `teacher:` in the recipe or pass --teacher <folder|hub id|hf_kd:name>.")
+        raise ValueError(
+            "No teacher given: set `teacher:` in the recipe or pass --teacher <folder|hub id|hf_kd:name>."
+        )
     if (script_args.student is None) == (script_args.student_layers is None):
         raise ValueError(
             "Give exactly one of `student` (a model to load) and `student_layers` (a student cut from the teacher)."
@@ -273,11 +275,10 @@ def parameter_digest(model: torch.nn.Module) -> str:
 def write_shard_record(trainer: DistillationTrainer, recorder: ShardRecorder, train_loss: float) -> Path:
     """This process's record: who it was, what it saw, and a digest of the student it ended with."""
     state = trainer.accelerator.state
-    backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else None
     record = {
         "rank": state.process_index,
         "world_size": state.num_processes,
-        "backend": backend,
+        "backend": state.backend,
         "device": str(trainer.args.device),
         "global_step": trainer.state.global_step,
         "train_loss": train_loss,

@@ -1,0 +1,123 @@
+"""Every recipe under examples/recipes/ runs in its smoke form through examples/distill.py (in process)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import yaml
+
+EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
+RECIPES = sorted((EXAMPLES_DIR / "recipes").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def distill() -> ModuleType:
+    """examples/distill.py as a module (examples/ on sys.path, as when the script runs)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(EXAMPLES_DIR))
+        module = importlib.import_module("distill")
+        importlib.import_module("smoke")
+        yield module
+    sys.modules.pop("distill", None)
+    sys.modules.pop("smoke", None)
+
+
+def read_recipe(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def test_recipes_found():
+    names = {path.stem for path in RECIPES}
+    assert {"akl", "bild", "lora_student", "smoke"} <= names
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[path.stem for path in RECIPES])
+def test_recipe_smoke_run(distill, recipe, tmp_path):
+    out = tmp_path / "out"
+    result = distill.main(["--config", str(recipe), "--smoke", "--max_steps", "2", "--output_dir", str(out)])
+
+    assert math.isfinite(result["train_loss"])
+    assert result["global_step"] == 2  # the command line wins over the smoke defaults (3 steps)
+    if read_recipe(recipe).get("use_peft"):
+        assert (out / "adapter_model.safetensors").is_file()
+        assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"
+        assert not (out / "model.safetensors").exists()
+    else:
+        assert (out / "model.safetensors").is_file()
+    assert (out / "README.md").is_file()  # model card
+
+
+def test_recipe_values_reach_the_config(distill, tmp_path):
+    argv = ["--config", str(EXAMPLES_DIR / "recipes" / "akl.yaml"), "--output_dir", str(tmp_path)]
+    script_args, args = distill.parse_args(argv)
+    assert (args.kd_loss, args.akl_mu, args.lmbda) == ("akl", 0.5, 0.0)
+    assert script_args.teacher == "hf_kd:smollm2-135m-instruct" and script_args.student_layers == 10
+    assert not script_args.smoke and args.per_device_train_batch_size == 8
+
+    script_args, args = distill.parse_args(
+        [*argv, "--smoke", "--kd_loss", "bild", "--per_device_train_batch_size", "3"]
+    )
+    assert script_args.smoke and args.use_cpu and args.report_to in ([], ["none"], "none")
+    assert args.max_steps == distill.SMOKE_OVERRIDES["max_steps"] and not args.bf16
+    assert (args.kd_loss, args.per_device_train_batch_size) == ("bild", 3)  # the command line wins
+    assert args.akl_mu == 0.5  # recipe values the smoke form does not touch are kept
+
+
+def test_smoke_switch_inside_a_recipe(distill, tmp_path):
+    script_args, args = distill.parse_args(["--config", str(EXAMPLES_DIR / "recipes" / "smoke.yaml")])
+    assert script_args.smoke and args.use_cpu and args.max_steps == distill.SMOKE_OVERRIDES["max_steps"]
+
+
+def test_dataset_file_in_dolly_layout_becomes_messages(distill, tmp_path):
+    path = tmp_path / "data.jsonl"
+    rows = [{"instruction": f"Say {i}.", "context": "", "response": f"{i}"} for i in range(5)]
+    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    script_args = distill.ScriptArguments(dataset=str(path), max_train_samples=3)
+
+    dataset = distill.load_train_dataset(script_args)
+
+    assert len(dataset) == 3
+    assert dataset[1]["messages"] == [{"role": "user", "content": "Say 1."}, {"role": "assistant", "content": "1"}]
+
+
+def test_missing_dataset_file_is_named(distill, tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        distill.load_train_dataset(distill.ScriptArguments(dataset=str(tmp_path / "missing.jsonl")))
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"student": "s"}, "No teacher given"),
+        ({"teacher": "t"}, "exactly one of `student`"),
+        ({"teacher": "t", "student": "s", "student_layers": 2}, "exactly one of `student`"),
+    ],
+)
+def test_model_arguments_are_checked(distill, tmp_path, fields, message):
+    _, args = distill.parse_args(["--output_dir", str(tmp_path), "--use_cpu", "true"])
+    with pytest.raises(ValueError, match=message):
+        distill.load_models(distill.ScriptArguments(**fields), args)
+
+
+def test_student_cut_from_teacher_layers(distill, tmp_path):
+    """`student_layers` builds the student from a (local) teacher folder's layers and shares its tokenizer."""
+    from smoke import make_chat_tokenizer, make_tiny_model
+
+    tokenizer = make_chat_tokenizer()
+    teacher_dir = tmp_path / "teacher"
+    make_tiny_model(tokenizer, hidden=32, layers=4, seed=0).save_pretrained(teacher_dir)
+    tokenizer.save_pretrained(teacher_dir)
+    _, args = distill.parse_args(["--output_dir", str(tmp_path / "out"), "--use_cpu", "true"])
+
+    models = distill.load_models(distill.ScriptArguments(teacher=str(teacher_dir), student_layers=2), args)
+
+    assert models.teacher.config.num_hidden_layers == 4 and models.student.config.num_hidden_layers == 2
+    assert models.tokenizer.get_vocab() == tokenizer.get_vocab() and models.teacher_tokenizer is None
+    last_teacher = models.teacher.model.layers[3].mlp.down_proj.weight
+    assert (models.student.model.layers[1].mlp.down_proj.weight == last_teacher).all()
