@@ -23,7 +23,7 @@ import torch
 MARKER_FILE = "hf_kd_converted.json"
 """Written last into a converted folder; its presence means the conversion finished."""
 
-GEMMA_PLAIN_CHAT_TEMPLATE = (
+PLAIN_CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
@@ -33,7 +33,7 @@ GEMMA_PLAIN_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
-"""Plain chat format for the Gemma-3-270m *base* model, which ships without a chat template.
+"""Plain chat format for base models without a chat template; set on the converted Gemma-3-270m tokenizer.
 
 A conversation reads ``<bos>User: ...\\nAssistant: ...<eos>\\n``. The generation prompt is ``Assistant:`` with no
 trailing space, so the prompt text is an exact prefix of the full conversation and the space before the answer is
@@ -85,7 +85,7 @@ REAL_MODELS: dict[str, RealModelSpec] = {
     # the end of a response (e.g. by code that masks labels equal to the pad id).
     "smollm2-135m-instruct": RealModelSpec(locate_gguf=_smollm2_gguf, pad_token="<|endoftext|>"),
     # Gemma-3-270m is a base model: it gets the plain template above; its own <pad> token is kept.
-    "gemma-3-270m": RealModelSpec(locate_gguf=_gemma3_gguf, chat_template=GEMMA_PLAIN_CHAT_TEMPLATE),
+    "gemma-3-270m": RealModelSpec(locate_gguf=_gemma3_gguf, chat_template=PLAIN_CHAT_TEMPLATE),
 }
 
 
