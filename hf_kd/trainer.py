@@ -16,7 +16,7 @@ import torch
 from accelerate.logging import get_logger
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, GenerationConfig, Trainer
+from transformers import AutoModelForCausalLM, GenerationConfig, Trainer, TrainerCallback
 from trl.experimental.gkd import GKDTrainer
 from trl.experimental.utils import DataCollatorForChatML
 from trl.models import prepare_deepspeed
@@ -70,6 +70,17 @@ def load_teacher(teacher_model: nn.Module | str | None, args: DistillationConfig
         kwargs["dtype"] = getattr(torch, dtype)
     kwargs.setdefault("dtype", "auto")
     return AutoModelForCausalLM.from_pretrained(teacher_model, **kwargs)
+
+
+class _ZeroHelperGradients(TrainerCallback):
+    """The Trainer zeroes only the student's gradients after each optimizer step; do it for the helper modules."""
+
+    def __init__(self, trainer: DistillationTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        for module in self.trainer.distillation_modules().values():
+            module.zero_grad(set_to_none=True)
 
 
 class DistillationTrainer(DistillationHubMixin, GKDTrainer):
@@ -166,6 +177,7 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
             from .rollout.scrg import SCRGCallback
 
             self.generation_callbacks.insert(0, SCRGCallback(corrections=args.scrg_corrections))
+        self.add_callback(_ZeroHelperGradients(self))
         # compute_loss always normalises by num_items_in_batch when given: the Trainer must not rescale.
         self.model_accepts_loss_kwargs = True
         self._normalised_locally = False
