@@ -451,20 +451,17 @@ def test_unsupported_card_argument_is_refused(tmp_path, fake_hub):
     assert fake_hub.calls == []
 
 
-def test_mixin_takes_over_cards_and_pushes_of_trl_gkd_trainer(tmp_path, fake_hub):
-    from trl.experimental.gkd import GKDConfig, GKDTrainer
-
-    class GKDHubTrainer(DistillationHubMixin, GKDTrainer):
-        pass
+def test_distillation_trainer_pushes_student_with_card_and_keeps_its_helpers_local(tmp_path, fake_hub):
+    from hf_kd import DistillationConfig, DistillationTrainer
 
     tokenizer = make_tokenizer()
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
     chat = [{"role": "user", "content": "w1 w2"}, {"role": "assistant", "content": "w3 w4"}]
-    args = GKDConfig(
+    args = DistillationConfig(
         output_dir=str(tmp_path / "out"),
         hub_model_id=REPO_ID,
+        kd_loss="0.5*ce+dac_kl",
         use_cpu=True,
-        bf16=False,
         report_to="none",
         max_steps=1,
         per_device_train_batch_size=2,
@@ -472,7 +469,7 @@ def test_mixin_takes_over_cards_and_pushes_of_trl_gkd_trainer(tmp_path, fake_hub
         save_strategy="no",
         logging_strategy="no",
     )
-    trainer = GKDHubTrainer(
+    trainer = DistillationTrainer(
         model=make_model(STUDENT_ID, 16, 1),
         teacher_model=make_model(TEACHER_ID, 32, 2),
         args=args,
@@ -480,19 +477,23 @@ def test_mixin_takes_over_cards_and_pushes_of_trl_gkd_trainer(tmp_path, fake_hub
         processing_class=tokenizer,
     )
     trainer.train()
-    write_helpers(Path(args.output_dir))
 
     trainer.push_to_hub(dataset_name="someone/chat-data")
 
+    out = Path(args.output_dir)
+    assert (out / "hf_kd_modules.safetensors").is_file()  # the trained DAC-KL sub-network, beside the student
     assert fake_hub.call_names() == ["create_repo", "upload_folder"]
     assert {"model.safetensors", "config.json", "README.md"} <= set(fake_hub.repo)
     assert not any("modules" in name for name in fake_hub.repo)
     card = fake_hub.repo["README.md"].decode()
     meta = front_matter(card)
     assert meta["base_model"] == STUDENT_ID and meta["datasets"] == ["someone/chat-data"]
-    assert {"knowledge-distillation", "hf_kd", "gkd"} <= set(meta["tags"])
-    assert "| objective | `jsd` |" in card and "| optimizer steps | 1 of 1 |" in card
+    assert {"knowledge-distillation", "hf_kd", "mgsr"} <= {t.lower() for t in meta["tags"]}
+    assert "dac_kl" in card and "| optimizer steps | 1 of 1 |" in card
     assert f"[{TEACHER_ID}](https://huggingface.co/{TEACHER_ID})" in card
+
+    trainer.push_to_hub(include_helpers=True)
+    assert "distillation_modules/hf_kd_modules.safetensors" in fake_hub.repo
 
 
 # ---------------------------------------------------------------- pure functions
