@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, Trainer, Traine
 from trl.experimental.gkd import GKDTrainer
 from trl.experimental.utils import DataCollatorForChatML
 from trl.models import prepare_deepspeed
-from trl.models.utils import unwrap_model_for_generation
+from trl.models.utils import prepare_fsdp, unwrap_model_for_generation
 from trl.trainer.sft_trainer import SFTTrainer
 from trl.trainer.utils import disable_dropout_in_model
 
@@ -162,6 +162,7 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
         if peft_config is not None and isinstance(model, str):
             check_lora_targets(self.model, peft_config)
         self.teacher_processing_class = teacher_processing_class
+        self._check_sharding()
         self._setup_teacher(teacher_model)
         self._setup_generation()
         self.loss_fn = build_loss(args.kd_loss, chunk_size=args.loss_chunk_size, **args.loss_build_kwargs())
@@ -191,8 +192,20 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
             disable_dropout_in_model(teacher)
         if self.is_deepspeed_enabled:
             self.teacher_model = prepare_deepspeed(teacher, self.accelerator)
+        elif self.is_fsdp_enabled:
+            self.teacher_model = prepare_fsdp(teacher, self.accelerator)
         else:
             self.teacher_model = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+
+    def _check_sharding(self) -> None:
+        """The fused loss reads LM-head weights outside the forward pass, where FSDP/ZeRO-3 hold only a shard."""
+        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        if (self.args.fused_loss or self.args.bridge) and (self.is_fsdp_enabled or zero3):
+            raise ValueError(
+                "fused_loss and the DSKD bridge compute logits from the LM-head weights outside the model's forward "
+                "pass, which FSDP and DeepSpeed ZeRO-3 shard: set fused_loss=False (--fused_loss false) and "
+                "no bridge, or use DDP / ZeRO-2."
+            )
 
     def _setup_generation(self) -> None:
         args = self.args
@@ -272,7 +285,13 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
         new_inputs["labels"] = batch.labels
         if self.cross_tokenizer:
             new_inputs.update(
-                self.bridge.teacher_inputs_for_generated(batch, self.processing_class, self.teacher_processing_class)
+                self.bridge.teacher_inputs_for_generated(
+                    batch,
+                    self.processing_class,
+                    self.teacher_processing_class,
+                    prompt_messages=inputs["prompt_messages"],
+                    max_length=self.args.max_length,
+                )
             )
         return new_inputs
 
