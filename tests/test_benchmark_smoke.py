@@ -1,0 +1,62 @@
+"""Smoke test of benchmarks/speed_memory.py: its core function runs on a tiny shape and reports its fields.
+
+Only the presence and sign of the fields are checked, never timings.
+"""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "speed_memory.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("speed_memory", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["speed_memory"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_spec(bench, method: str, tmp_path: Path):
+    student = bench.ModelShape(hidden=32, layers=1, heads=4, kv_heads=2, intermediate=64)
+    teacher = bench.ModelShape(hidden=48, layers=1, heads=4, kv_heads=2, intermediate=96)
+    return bench.RunSpec(
+        method=method,
+        vocab=256,
+        seq=16,
+        batch=2,
+        student=student,
+        teacher=teacher,
+        warmup=1,
+        steps=1,
+        threads=1,
+        output_dir=str(tmp_path / method),
+    )
+
+
+@pytest.mark.parametrize("method", ["trl", "jsd", "student-fb", "teacher-f", "heads"])
+def test_run_config_fields(bench, method, tmp_path):
+    result = bench.run_config(tiny_spec(bench, method, tmp_path))
+    assert result["method"] == method and "error" not in result and "skipped" not in result
+    for key in ("step_time_s", "cpu_time_s", "tokens_per_s", "peak_mem_mib", "baseline_mem_mib", "params_teacher"):
+        assert result[key] > 0, key
+    assert result["step_mem_mib"] >= 0
+    assert len(result["step_times_s"]) == 1
+    if method != "teacher-f":
+        assert result["params_student"] > 0
+
+
+def test_ratios_and_table(bench, tmp_path):
+    results = [bench.run_config(tiny_spec(bench, m, tmp_path)) for m in ("trl", "akl", "student-fb", "teacher-f", "heads")]
+    results.append({"method": "trl-liger", "vocab": 256, "seq": 16, "batch": 2, "skipped": "needs a GPU"})
+    bench.add_ratios(results)
+    akl = results[1]
+    assert akl["step_time_x_trl"] > 0 and akl["peak_mem_x_trl"] > 0
+    assert "loss_side_fraction" in akl and "engine_fraction" in akl
+    table = bench.markdown_table(results, cuda=False)
+    assert table.count("\n") == len(results) + 2
+    assert "skipped: needs a GPU" in table
