@@ -5,7 +5,7 @@ of Shakespeare's works to continue (``shakespeare``), and a few instruction temp
 of the teacher SmolLM2-135M-Instruct with its chat template (sequence-level distillation data). Each prompt goes to
 the train or held-out split by a hash of its text, so the split is deterministic and never shares a prompt.
 
-    OMP_NUM_THREADS=2 python scripts/make_data.py            # several minutes on two CPU cores
+    python scripts/make_data.py      # 10-20 minutes on two idle CPU cores; resumes from its cache if stopped
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ import pysbd
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_kd.assets import load_real_model
+from hf_kd.assets import cache_root, load_real_model
 from hf_kd.data import BUNDLED_DATA_DIR
-from hf_kd.evaluation import generate_answers
+from hf_kd.evaluation import Answer, generate_answers
 
 TEACHER = "smollm2-135m-instruct"
 HELDOUT_FRACTION = 0.2
-MAX_PROMPT_TOKENS = 120  # with max_new_tokens=112 and the chat template, a conversation stays near 256 tokens
+MAX_PROMPT_TOKENS = 120  # with max_new_tokens=96 and the chat template, a conversation stays near 256 tokens
 SHAKESPEARE_PER_WORK = 11
 MIN_TRAIN, MIN_HELDOUT = 520, 110
 
@@ -141,10 +141,50 @@ def trim_to_sentence(text: str, segmenter: pysbd.Segmenter) -> str:
     return text.strip()
 
 
+def generate_cached(
+    model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, cache: Path
+) -> list[Answer]:
+    """Teacher answers to single-turn prompts, appended to a JSONL cache as they come so that a rerun resumes.
+
+    Missing prompts are generated shortest first, a few batches at a time. An uninterrupted run is deterministic;
+    a resumed one may batch prompts differently, which can change a greedy answer only through rounding.
+    """
+
+    def key(prompt: str) -> str:
+        return hashlib.sha256(f"{TEACHER}|{max_new_tokens}|{prompt}".encode()).hexdigest()
+
+    done: dict[str, Answer] = {}
+    if cache.is_file():
+        for line in cache.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            done[row["key"]] = Answer(row["text"], row["finished"])
+    missing = sorted({p for p in prompts if key(p) not in done}, key=lambda p: len(tokenizer(p)["input_ids"]))
+    print(f"{len(prompts) - len(missing)} answers cached in {cache}, {len(missing)} to generate", flush=True)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    start, chunk = time.perf_counter(), 2 * batch_size
+    for first in range(0, len(missing), chunk):
+        part = missing[first : first + chunk]
+        chats = [[{"role": "user", "content": p}] for p in part]
+        answers = generate_answers(model, tokenizer, chats, max_new_tokens, batch_size)
+        with cache.open("a", encoding="utf-8") as handle:
+            for prompt, answer in zip(part, answers):
+                done[key(prompt)] = answer
+                row = {"key": key(prompt), "text": answer.text, "finished": answer.finished}
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        print(f"  generated {first + len(part)}/{len(missing)} in {time.perf_counter() - start:.0f}s", flush=True)
+    return [done[key(p)] for p in prompts]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-dir", type=Path, default=BUNDLED_DATA_DIR)
-    parser.add_argument("--max-new-tokens", type=int, default=112)
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=cache_root().parent / "make_data_answers.jsonl",
+        help="JSONL of generated answers, reused by later runs",
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--limit", type=int, default=None, help="only the first N prompts (a quick trial)")
     args = parser.parse_args()
@@ -169,8 +209,9 @@ def main() -> None:
     items = items[: args.limit]
 
     start = time.perf_counter()
-    prompts = [[{"role": "user", "content": prompt}] for _, prompt in items]
-    answers = generate_answers(model, tokenizer, prompts, args.max_new_tokens, args.batch_size)
+    answers = generate_cached(
+        model, tokenizer, [p for _, p in items], args.max_new_tokens, args.batch_size, args.cache
+    )
     seconds = time.perf_counter() - start
     segmenter = pysbd.Segmenter(language="en", clean=False)
     splits: dict[str, list[dict]] = {"train": [], "heldout": []}
