@@ -1,4 +1,5 @@
-"""Every recipe under examples/recipes/ runs in its smoke form through examples/distill.py (in process)."""
+"""Every recipe under examples/recipes/ runs in its smoke form through examples/distill.py (in process), and
+`hf-kd distill` reads every recipe as the example does (both run on hf_kd.distill)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,10 @@ from types import ModuleType
 
 import pytest
 import yaml
+
+import hf_kd.cli
+import hf_kd.distill
+from hf_kd.distill import DistillArguments
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
 RECIPES = sorted((EXAMPLES_DIR / "recipes").glob("*.yaml"))
@@ -78,9 +83,7 @@ def test_dataset_file_in_dolly_layout_becomes_messages(distill, tmp_path):
     path = tmp_path / "data.jsonl"
     rows = [{"instruction": f"Say {i}.", "context": "", "response": f"{i}"} for i in range(5)]
     path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
-    script_args = distill.ScriptArguments(dataset=str(path), max_train_samples=3)
-
-    dataset = distill.load_train_dataset(script_args)
+    dataset = hf_kd.distill.load_train_dataset(DistillArguments(dataset=str(path), max_train_samples=3))
 
     assert len(dataset) == 3
     assert dataset[1]["messages"] == [{"role": "user", "content": "Say 1."}, {"role": "assistant", "content": "1"}]
@@ -88,7 +91,7 @@ def test_dataset_file_in_dolly_layout_becomes_messages(distill, tmp_path):
 
 def test_missing_dataset_file_is_named(distill, tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
-        distill.load_train_dataset(distill.ScriptArguments(dataset=str(tmp_path / "missing.jsonl")))
+        hf_kd.distill.load_train_dataset(DistillArguments(dataset=str(tmp_path / "missing.jsonl")))
 
 
 @pytest.mark.parametrize(
@@ -99,10 +102,10 @@ def test_missing_dataset_file_is_named(distill, tmp_path):
         ({"teacher": "t", "student": "s", "student_layers": 2}, "exactly one of `student`"),
     ],
 )
-def test_model_arguments_are_checked(distill, tmp_path, fields, message):
-    _, args = distill.parse_args(["--output_dir", str(tmp_path), "--use_cpu", "true"])
+def test_model_arguments_are_checked(tmp_path, fields, message):
+    _, args = hf_kd.distill.parse_args(["--output_dir", str(tmp_path), "--use_cpu", "true"])
     with pytest.raises(ValueError, match=message):
-        distill.load_models(distill.ScriptArguments(**fields), args)
+        hf_kd.distill.load_models(DistillArguments(**fields), args)
 
 
 def test_student_cut_from_teacher_layers(distill, tmp_path):
@@ -113,9 +116,9 @@ def test_student_cut_from_teacher_layers(distill, tmp_path):
     teacher_dir = tmp_path / "teacher"
     make_tiny_model(tokenizer, hidden=32, layers=4, seed=0).save_pretrained(teacher_dir)
     tokenizer.save_pretrained(teacher_dir)
-    _, args = distill.parse_args(["--output_dir", str(tmp_path / "out"), "--use_cpu", "true"])
+    _, args = hf_kd.distill.parse_args(["--output_dir", str(tmp_path / "out"), "--use_cpu", "true"])
 
-    models = distill.load_models(distill.ScriptArguments(teacher=str(teacher_dir), student_layers=2), args)
+    models = hf_kd.distill.load_models(DistillArguments(teacher=str(teacher_dir), student_layers=2), args)
 
     assert models.teacher.config.num_hidden_layers == 4 and models.student.config.num_hidden_layers == 2
     assert models.tokenizer.get_vocab() == tokenizer.get_vocab() and models.teacher_tokenizer is None
@@ -123,13 +126,42 @@ def test_student_cut_from_teacher_layers(distill, tmp_path):
     assert (models.student.model.layers[1].mlp.down_proj.weight == last_teacher).all()
 
 
-def test_real_model_names_resolve_to_converted_folders(distill, monkeypatch, tmp_path):
+def test_real_model_names_resolve_to_converted_folders(monkeypatch, tmp_path):
     import hf_kd.assets
 
     converted = []
     monkeypatch.setattr(hf_kd.assets, "load_real_model", lambda name: converted.append(name) or tmp_path / name)
 
-    assert distill.resolve_model_path("smollm2-135m-instruct") == str(tmp_path / "smollm2-135m-instruct")
-    assert distill.resolve_model_path("hf_kd:gemma-3-270m") == str(tmp_path / "gemma-3-270m")
-    assert distill.resolve_model_path("HuggingFaceTB/SmolLM2-360M-Instruct") == "HuggingFaceTB/SmolLM2-360M-Instruct"
+    assert hf_kd.distill.resolve_model_path("smollm2-135m-instruct") == str(tmp_path / "smollm2-135m-instruct")
+    assert hf_kd.distill.resolve_model_path("hf_kd:gemma-3-270m") == str(tmp_path / "gemma-3-270m")
+    assert (
+        hf_kd.distill.resolve_model_path("HuggingFaceTB/SmolLM2-360M-Instruct")
+        == "HuggingFaceTB/SmolLM2-360M-Instruct"
+    )
     assert converted == ["smollm2-135m-instruct", "gemma-3-270m"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[path.stem for path in RECIPES])
+def test_hf_kd_distill_reads_recipes_as_the_example_does(distill, recipe, monkeypatch, tmp_path):
+    """`hf-kd distill --config <recipe>` hands hf_kd.distill the arguments and config the example parses (the
+    example's `smoke` switch aside, which `hf-kd distill` refuses by name)."""
+    argv = ["--config", str(recipe), "--output_dir", str(tmp_path), "--max_steps", "2"]
+    example_args, example_config = distill.parse_args(argv)
+    received = []
+
+    def record(arguments, config):
+        received.append((arguments, config))
+        return {"output_dir": config.output_dir}
+
+    monkeypatch.setattr(hf_kd.distill, "run_distillation", record)
+
+    if example_args.smoke:
+        with pytest.raises(ValueError, match="smoke.*examples/distill.py"):
+            hf_kd.cli.main(["distill", *argv])
+        return
+    assert hf_kd.cli.main(["distill", *argv]) == 0
+
+    [(cli_args, cli_config)] = received
+    assert type(cli_args) is DistillArguments and not example_args.record_shards
+    assert vars(cli_args) == {name: getattr(example_args, name) for name in vars(cli_args)}
+    assert cli_config.to_dict() == example_config.to_dict()
