@@ -499,6 +499,7 @@ def add_ratios(results: list[dict[str, Any]]) -> None:
         trl = by_key.get((r["vocab"], r["seq"], "trl"))
         if trl is not None:
             r["step_time_x_trl"] = r["step_time_s"] / trl["step_time_s"]
+            r["cpu_time_x_trl"] = r["cpu_time_s"] / trl["cpu_time_s"]
             r["peak_mem_x_trl"] = r["peak_mem_mib"] / trl["peak_mem_mib"]
             r["step_mem_x_trl"] = r["step_mem_mib"] / trl["step_mem_mib"] if trl["step_mem_mib"] > 0 else None
         student = by_key.get((r["vocab"], r["seq"], "student-fb"))
@@ -530,6 +531,8 @@ def markdown_table(results: list[dict[str, Any]], cuda: bool) -> str:
         "method",
         "step s",
         "step ×TRL",
+        "CPU s",
+        "CPU ×TRL",
         "tokens/s",
         "peak MiB",
         "peak ×TRL",
@@ -550,6 +553,8 @@ def markdown_table(results: list[dict[str, Any]], cuda: bool) -> str:
             cells += [
                 _fmt(r["step_time_s"], ".3f"),
                 _fmt(r.get("step_time_x_trl"), ".2f"),
+                _fmt(r["cpu_time_s"], ".2f"),
+                _fmt(r.get("cpu_time_x_trl"), ".2f"),
                 _fmt(r["tokens_per_s"], ".0f"),
                 _fmt(r["peak_mem_mib"], ".0f"),
                 _fmt(r.get("peak_mem_x_trl"), ".2f"),
@@ -627,6 +632,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--tag", help="result file name suffix (default: the preset)")
     parser.add_argument("--cpu", action="store_true", help="run on CPU even when CUDA is available")
+    parser.add_argument("--render", type=Path, help="only rewrite the markdown table of this results JSON")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -637,6 +643,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         result = run_config(RunSpec.from_dict(json.loads(args.child)))
         Path(args.child_out).write_text(json.dumps(result))
+        return
+    if args.render:
+        payload = json.loads(args.render.read_text())
+        add_ratios(payload["results"])
+        table = markdown_table(payload["results"], cuda=payload["device"] == "cuda")
+        args.render.write_text(json.dumps(payload, indent=2) + "\n")
+        args.render.with_suffix(".md").write_text(table)
+        print(table)
         return
     import torch
 

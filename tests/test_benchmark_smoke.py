@@ -51,7 +51,9 @@ def test_run_config_fields(bench, method, tmp_path):
 
 
 def test_ratios_and_table(bench, tmp_path):
-    results = [bench.run_config(tiny_spec(bench, m, tmp_path)) for m in ("trl", "akl", "student-fb", "teacher-f", "heads")]
+    results = [
+        bench.run_config(tiny_spec(bench, m, tmp_path)) for m in ("trl", "akl", "student-fb", "teacher-f", "heads")
+    ]
     results.append({"method": "trl-liger", "vocab": 256, "seq": 16, "batch": 2, "skipped": "needs a GPU"})
     bench.add_ratios(results)
     akl = results[1]
