@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerFast
 
 from hf_kd.bridge import DSKDBridge, DualTokenizationCollator
 from hf_kd.bridge.cma import CrossModelAttention, index_embeddings, masked_softmax, masked_std
-from hf_kd.bridge.tokenization import render_chat
+from hf_kd.bridge.tokenization import encode_conversation, render_chat
 from hf_kd.rollout.callbacks import GeneratedBatch
 
 
@@ -183,6 +183,20 @@ def test_collator_pairs_the_same_conversation(tokenizers_pair):
             t_lab[-len(t_ids) :][len(p_ids) :] != -100
         ).all()
     assert (batch["teacher_labels"][batch["teacher_attention_mask"] == 0] == -100).all()
+
+
+def test_truncation_keeps_the_last_tokens(tokenizers_pair):
+    teacher_tok = tokenizers_pair[1]
+    prompt = [{"role": "user", "content": "please count from two"}]
+    full, n_prompt = encode_conversation(teacher_tok, prompt, "two three four .")
+    cut, n_cut = encode_conversation(teacher_tok, prompt, "two three four .", max_length=len(full) - 3)
+    assert cut == full[3:] and n_cut == n_prompt - 3
+    with pytest.raises(ValueError, match="max_length"):
+        encode_conversation(teacher_tok, prompt, "two three four .", max_length=len(full) - n_prompt)
+    rest, n_rest = encode_conversation(
+        teacher_tok, prompt, "two three four .", max_length=len(full) - n_prompt, require_prompt=False
+    )
+    assert rest == full[n_prompt:] and n_rest == 0
 
 
 def test_collator_requires_assistant_answer(tokenizers_pair):

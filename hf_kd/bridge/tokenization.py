@@ -41,12 +41,13 @@ def encode_conversation(
     response: str,
     complete: bool = True,
     max_length: int | None = None,
+    require_prompt: bool = True,
 ) -> tuple[list[int], int]:
     """Token ids of prompt + assistant ``response`` and the number of prompt tokens among them.
 
     ``complete=False`` (a generation cut before its end of turn) drops what the template appends after the
     response. Like TRL's collator, the whole text is tokenized at once and, past ``max_length``, the oldest tokens
-    are dropped.
+    are dropped; ``require_prompt`` makes it an error when that leaves no prompt token (as TRL's collator does).
     """
     prompt_text = render_chat(tokenizer, prompt_messages, add_generation_prompt=True)
     full_text = render_chat(tokenizer, [*prompt_messages, {"role": "assistant", "content": response}], False)
@@ -65,7 +66,7 @@ def encode_conversation(
     if max_length is not None and len(ids) > max_length:
         n_prompt = max(0, n_prompt - (len(ids) - max_length))
         ids = ids[-max_length:]
-    if n_prompt == 0:
+    if n_prompt == 0 and require_prompt:
         raise ValueError(
             f"A conversation has no prompt tokens left after truncation to max_length={max_length} in the "
             "teacher's tokenization; increase max_length."
@@ -171,7 +172,10 @@ def generated_teacher_inputs(
         completion = [t for t in row if t != IGNORE_INDEX]
         text = student_tokenizer.decode(completion, skip_special_tokens=True)
         complete = bool(completion) and completion[-1] in special
-        encoded.append(encode_conversation(teacher_tokenizer, prompt, text, complete, max_length))
+        # a long generation may push the whole prompt out of max_length: train on what is left, do not fail
+        encoded.append(
+            encode_conversation(teacher_tokenizer, prompt, text, complete, max_length, require_prompt=False)
+        )
     return teacher_batch(encoded, _pad_id(teacher_tokenizer), device=batch.labels.device)
 
 
