@@ -7,17 +7,19 @@ Two linear projectors map last-layer hidden states across models: P_t2s (d_t -> 
   the configured divergence recipe (``args.kd_loss``) at the KD temperature.
 * Teacher space: logits_s2t = W_t P_s2t(h_s) with the (frozen) teacher head; L_tea = KL(teacher || s2t) at the KD
   temperature trains P_s2t and, through h_s, the student.
-* L = (1 - kd_rate) CE + kd_rate (L_stu + L_t2s_ce + L_tea), every term summed over the student's response
-  tokens and divided by their number (or ``num_items_in_batch``), as the official code does for all three terms.
+* L = (1 - kd_rate) CE + kd_rate (L_stu + L_t2s_ce + L_tea). As in the official code every term is summed over
+  its positions and divided by the number of the student's response tokens (or ``num_items_in_batch``); with
+  different tokenizers the teacher-space sum thus runs over the teacher's tokens but is divided by the student's
+  count. The KD temperature (``kd_temperature``, 2.0 when None as in the official scripts) applies to L_stu and
+  L_tea, never to the CE terms.
 
 With different tokenizers (``teacher_tokenizer`` given) the projected states are aligned by cross-model attention
 (:mod:`hf_kd.bridge.cma`) and L_stu is kept only at positions where argmax(logits_t2s) is the target token.
 
 Everything runs through the chunked loss engine with heads applied chunk by chunk, so no [B, T, V] logits exist.
-Differences from the official code: the teacher-space KL is divided by the student's token count in both modes
-(as the official code, which divides every term by the student's count), the ``teacher_temperature`` knob of the
-official CMA criterion (default 1.0) is not exposed, and a ``final_logit_softcapping`` of a model is applied to
-all logits that model's head produces (the official code multiplies by the raw head weight).
+Differences from the official code: the extra ``teacher_temperature`` of the official CMA criterion (default 1.0)
+is not exposed; a model's ``final_logit_softcapping``, if any, is applied to every logit its head produces (the
+official code multiplies by the raw head weight); the projected accuracy ``t2s_acc`` is logged as a fraction.
 """
 
 from __future__ import annotations
