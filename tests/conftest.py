@@ -65,7 +65,7 @@ def make_conversations(n: int = 24, seed: int = 0) -> list[dict]:
 def torch_threads(request):
     """Tiny models run fastest on one thread (threading overhead dominates); real models get every core."""
     before = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1 if request.node.get_closest_marker("slow") else 1)
+    torch.set_num_threads((os.cpu_count() or 1) if request.node.get_closest_marker("slow") else 1)
     yield
     torch.set_num_threads(before)
 
