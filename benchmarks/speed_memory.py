@@ -490,8 +490,12 @@ def run_in_subprocess(spec: RunSpec, timeout: float) -> dict[str, Any]:
         return json.loads(text)
 
 
-def add_ratios(results: list[dict[str, Any]]) -> None:
-    """Adds ratios to TRL's run of the same shape, and the loss-side overhead, to each measured record."""
+def add_ratios(results: list[dict[str, Any]], basis: str = "step_time_s") -> None:
+    """Adds ratios to TRL's run of the same shape, and the loss-side overhead, to each measured record.
+
+    The overhead fractions use ``basis``: wall-clock ``step_time_s`` (GPU), or the process CPU time
+    ``cpu_time_s``, which other processes sharing the CPU disturb less than the wall clock.
+    """
     by_key = {(r["vocab"], r["seq"], r["method"]): r for r in results if "step_time_s" in r}
     for r in results:
         if "step_time_s" not in r:
@@ -505,12 +509,16 @@ def add_ratios(results: list[dict[str, Any]]) -> None:
         student = by_key.get((r["vocab"], r["seq"], "student-fb"))
         teacher = by_key.get((r["vocab"], r["seq"], "teacher-f"))
         if student and teacher and r["method"] not in REFERENCE_METHODS:
-            model_cost = student["step_time_s"] + teacher["step_time_s"]
-            r["loss_side_s"] = r["step_time_s"] - model_cost
-            r["loss_side_fraction"] = r["loss_side_s"] / r["step_time_s"]
+            r["overhead_basis"] = basis
+            r["loss_side_s"] = r[basis] - student[basis] - teacher[basis]
+            r["loss_side_fraction"] = r["loss_side_s"] / r[basis]
             heads = by_key.get((r["vocab"], r["seq"], "heads"))
             if heads:
-                r["engine_fraction"] = (r["loss_side_s"] - heads["step_time_s"]) / r["step_time_s"]
+                r["engine_fraction"] = (r["loss_side_s"] - heads[basis]) / r[basis]
+
+
+def _overhead_basis(device: str) -> str:
+    return "step_time_s" if device == "cuda" else "cpu_time_s"
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -646,7 +654,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.render:
         payload = json.loads(args.render.read_text())
-        add_ratios(payload["results"])
+        add_ratios(payload["results"], _overhead_basis(payload["device"]))
         table = markdown_table(payload["results"], cuda=payload["device"] == "cuda")
         args.render.write_text(json.dumps(payload, indent=2) + "\n")
         args.render.with_suffix(".md").write_text(table)
@@ -669,7 +677,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def write_results(args: argparse.Namespace, argv: list[str] | None, device: str, results: list[dict[str, Any]]) -> str:
     """Writes the JSON and markdown files (after every configuration, so a partial run leaves its results)."""
-    add_ratios(results)
+    add_ratios(results, _overhead_basis(device))
     tag = args.tag or args.preset
     args.out_dir.mkdir(parents=True, exist_ok=True)
     payload = {
