@@ -15,7 +15,7 @@ import pysbd
 import torch
 import torch.nn.functional as F
 from rouge_score import rouge_scorer
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ class EvaluationCallback(TrainerCallback):
 
     Metrics are logged as ``eval/rouge_l``, ``eval/exact_match``, ``eval/kl`` (with a teacher) and
     ``eval/num_samples``. Pass the trainer (``trainer.add_callback(EvaluationCallback(ds, trainer=trainer))``) so
-    they go through ``trainer.log`` and reach every reporting integration; without it they are appended to
+    they go through ``Trainer.log`` and reach every reporting integration; without it they are appended to
     ``state.log_history`` only. Every process evaluates (sharded models need all ranks to run the forward).
     """
 
@@ -221,7 +221,9 @@ class EvaluationCallback(TrainerCallback):
         self.history.append({**logs, "step": state.global_step})
         self._last_step = state.global_step
         if self.trainer is not None:
-            self.trainer.log(logs)
+            # The base Trainer.log: subclasses such as TRL's SFTTrainer fold in and clear their running training
+            # averages on every log call, which would mix them into this entry and drop them from the next one.
+            Trainer.log(self.trainer, logs)
         else:
             state.log_history.append({**logs, "step": state.global_step})
 
