@@ -8,7 +8,10 @@ import os
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
+from .assets import load_real_model, make_layer_pruned_student  # noqa: E402
 from .config import DistillationConfig  # noqa: E402
+from .data import load_bundled_dataset, map_to_messages  # noqa: E402
+from .evaluation import EvaluationCallback, evaluate_student  # noqa: E402
 from .losses import build_loss  # noqa: E402
 from .rollout import GeneratedBatch, GenerationCallback, GenerationContext  # noqa: E402
 from .trainer import DistillationTrainer  # noqa: E402
@@ -18,8 +21,14 @@ __version__ = "0.1.0"
 __all__ = [
     "DistillationConfig",
     "DistillationTrainer",
+    "EvaluationCallback",
     "GeneratedBatch",
     "GenerationCallback",
     "GenerationContext",
     "build_loss",
+    "evaluate_student",
+    "load_bundled_dataset",
+    "load_real_model",
+    "make_layer_pruned_student",
+    "map_to_messages",
 ]
