@@ -65,7 +65,7 @@ class Budget:
     learning_rate: float
     max_length: int
     eval_samples: int | None
-    """Held-out conversations scored (the first N; None = all)."""
+    """Held-out conversations scored, evenly spread over the held-out file (None = all)."""
     max_new_tokens: int
     """Greedy tokens per held-out answer, and the length of on-policy generations during training."""
     lmbda: float
@@ -262,6 +262,15 @@ def _last_logged_terms(log_history: list[dict[str, Any]]) -> dict[str, float]:
     return {}
 
 
+def heldout_subset(heldout, count: int | None):
+    """``count`` held-out rows evenly spread over the file (its sources come in blocks), or all of them."""
+    from hf_kd.assets import evenly_spaced_layers
+
+    if count is None or count >= len(heldout):
+        return heldout
+    return heldout.select(evenly_spaced_layers(count, len(heldout)))
+
+
 def run_method(spec: RunSpec, pair: Pair, train_dataset, heldout) -> dict[str, Any]:
     """Trains (unless the row is evaluation-only) and scores one row; returns its record."""
     import torch
@@ -281,24 +290,25 @@ def run_method(spec: RunSpec, pair: Pair, train_dataset, heldout) -> dict[str, A
         kl_teacher = None  # KL to itself is 0; a different vocabulary has no token-level KL
     if method.trainer is not None:
         trainer = build_trainer(spec, pair, train_dataset)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         output = trainer.train()
         record["train_s"] = time.perf_counter() - started
+        record["train_cpu_s"] = time.process_time() - cpu_started
         record["train_loss"] = float(output.training_loss)
         record["global_step"] = trainer.state.global_step
         record["last_logged"] = _last_logged_terms(trainer.state.log_history)
         model = trainer.accelerator.unwrap_model(trainer.model)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     scores = evaluate_student(
         model,
         tokenizer,
-        heldout,
+        heldout_subset(heldout, budget.eval_samples),
         teacher=kl_teacher,
         max_new_tokens=budget.max_new_tokens,
         batch_size=budget.eval_batch,
-        max_samples=budget.eval_samples,
     )
     record["eval_s"] = time.perf_counter() - started
+    record["eval_cpu_s"] = time.process_time() - cpu_started
     return record | scores
 
 
@@ -348,7 +358,8 @@ def _mean_spread(values: list[float], spec: str) -> str:
 
 def markdown_table(results: list[dict[str, Any]], order: list[str]) -> str:
     """One row per method (mean ± sample standard deviation over its seeds), in ``order``."""
-    head = ["method", "recipe", "lmbda", "seeds", "Rouge-L", "first-sentence EM %", "KL(teacher‖student)", "train s"]
+    head = ["method", "recipe", "lmbda", "seeds", "Rouge-L", "first-sentence EM %", "KL(teacher‖student)"]
+    head += ["train s", "train CPU s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in order:
         records = [r for r in results if r["method"] == name]
@@ -367,6 +378,7 @@ def markdown_table(results: list[dict[str, Any]], order: list[str]) -> str:
                 _mean_spread([r["exact_match"] for r in ok], ".1f"),
                 _mean_spread([r["kl"] for r in ok if "kl" in r], ".3f"),
                 _mean_spread([r["train_s"] for r in ok if "train_s" in r], ".0f"),
+                _mean_spread([r["train_cpu_s"] for r in ok if "train_cpu_s" in r], ".0f"),
             ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -379,6 +391,7 @@ def render_markdown(payload: dict[str, Any]) -> str:
     results = payload["results"]
     done = [r for r in results if "error" not in r]
     eval_n = next((r["num_samples"] for r in done), None)
+    cpu_s = sum(r.get("train_cpu_s", 0.0) + r.get("eval_cpu_s", 0.0) for r in done)
     train_n = next((r["train_examples"] for r in done if "train_examples" in r), None)
     machine = (
         f"{env.get('gpu') or env['cpu']}, {env['cpu_count']} CPU cores, {payload['threads'] or 'default'} threads; "
@@ -400,16 +413,19 @@ def render_markdown(payload: dict[str, Any]) -> str:
         f"- Pair: SmolLM2-135M-Instruct teacher, student = {budget['student_layers']} of its 30 decoder layers "
         "(evenly spaced, embeddings and head copied); dskd-cma trains the same student from Gemma-3-270m "
         "(vocabulary 262144 vs 49152).",
-        f"- Data: {train_n if train_n is not None else '?'} bundled training conversations; the first "
-        f"{eval_n if eval_n is not None else '?'} held-out conversations are scored. The references are greedy "
+        f"- Data: {train_n if train_n is not None else '?'} bundled training conversations; "
+        f"{eval_n if eval_n is not None else '?'} held-out conversations, evenly spread over the held-out file "
+        "(all its sources), are scored. The references are greedy "
         "answers of the SmolLM2 teacher (at most 96 tokens), so its own row is near the ceiling but below 100 "
         "(shorter generation budget, trimmed references).",
         "- Metrics: Rouge-L F1 x 100 of greedy answers vs references; first-sentence exact match; KL(SmolLM2 "
         "teacher ‖ student) per reference answer token in nats (the SmolLM2 teacher for every row, dskd-cma's "
         "student included; teacher rows: not applicable). Values are mean ± sample standard deviation over seeds.",
-        f"- Wall time: {payload.get('wall_s', 0) / 60:.1f} min for the runs in this file (subprocesses, model "
-        "loading and evaluation included); `train s` is training alone. The cores were shared with other work, "
-        "so times are indicative; the quality numbers do not depend on it.",
+        f"- Time: {payload.get('wall_s', 0) / 60:.1f} min of wall time for the runs in this file (subprocesses, "
+        f"model loading and evaluation included); training and evaluation used {cpu_s / 60:.1f} min of process CPU "
+        f"time, about {cpu_s / 60 / (payload['threads'] or 1):.0f} min of wall time on {payload['threads']} free "
+        "cores. `train s` is training alone. The cores were shared with other work, so wall times are indicative; "
+        "the quality numbers do not depend on it.",
         "",
         markdown_table(results, payload["methods"]),
     ]

@@ -76,7 +76,7 @@ def test_run_method_fields(quality, method, tmp_path):
 
     assert record["method"] == method and record["seed"] == 0
     assert 0 <= record["rouge_l"] <= 100 and 0 <= record["exact_match"] <= 100
-    assert record["num_samples"] == 4 and record["eval_s"] > 0
+    assert record["num_samples"] == 4 and record["eval_s"] > 0 and record["eval_cpu_s"] > 0
     trained = quality.METHODS[method].trainer is not None
     evaluates_teacher = quality.METHODS[method].evaluates == "teacher"
     assert ("kl" in record) == (not evaluates_teacher)
@@ -84,7 +84,7 @@ def test_run_method_fields(quality, method, tmp_path):
         assert record["kl"] >= 0
     assert ("train_s" in record) == trained
     if trained:
-        assert record["global_step"] == 2 and record["train_s"] > 0
+        assert record["global_step"] == 2 and record["train_s"] > 0 and record["train_cpu_s"] > 0
         assert torch.isfinite(torch.tensor(record["train_loss"]))
         assert record["lmbda"] == (1.0 if method == "mgsr" else 0.0)
     if method == "mgsr":
@@ -96,8 +96,26 @@ def test_page_renders_from_records(quality, tmp_path):
     budget = tiny_budget(quality)
     records = [
         {"method": "teacher", "seed": 0, "lmbda": 0.0, "rouge_l": 80.0, "exact_match": 50.0, "num_samples": 4},
-        {"method": "akl", "seed": 0, "lmbda": 0.0, "rouge_l": 20.0, "exact_match": 5.0, "kl": 1.5, "train_s": 3.0},
-        {"method": "akl", "seed": 1, "lmbda": 0.0, "rouge_l": 22.0, "exact_match": 7.0, "kl": 1.3, "train_s": 3.2},
+        {
+            "method": "akl",
+            "seed": 0,
+            "lmbda": 0.0,
+            "rouge_l": 20.0,
+            "exact_match": 5.0,
+            "kl": 1.5,
+            "train_s": 3.0,
+            "train_cpu_s": 6.0,
+        },
+        {
+            "method": "akl",
+            "seed": 1,
+            "lmbda": 0.0,
+            "rouge_l": 22.0,
+            "exact_match": 7.0,
+            "kl": 1.3,
+            "train_s": 3.2,
+            "train_cpu_s": 6.0,
+        },
         {"method": "bild", "seed": 0, "error": "exit 1: boom"},
     ]
     payload = {
@@ -113,7 +131,7 @@ def test_page_renders_from_records(quality, tmp_path):
     }
     page = quality.write_outputs(payload, tmp_path / "quality_tiny.json")
     assert (tmp_path / "quality_tiny.md").read_text() == page
-    assert "| akl | kd_loss=akl, mu 0.5 | 0 | 2 | 21.00 ± 1.41 | 6.0 ± 1.4 | 1.400 ± 0.141 | 3 ± 0 |" in page
+    assert "| akl | kd_loss=akl, mu 0.5 | 0 | 2 | 21.00 ± 1.41 | 6.0 ± 1.4 | 1.400 ± 0.141 | 3 ± 0 | 6 ± 0 |" in page
     assert "| teacher |" in page and "error: exit 1: boom" in page
     assert "lmbda = 0 for every distillation row" in page and "Observed on this run only." in page
     assert json.loads((tmp_path / "quality_tiny.json").read_text())["results"] == records
