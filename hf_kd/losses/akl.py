@@ -9,8 +9,8 @@ is always head), the tail the rest; g_head = sum_head e_i, g_tail = sum_tail e_i
 
 As in the official snippet the weights carry no gradient. The official snippet applies no temperature
 (default 1.0 here); DSKD's copy uses its KD temperature, which ``temperature`` allows.
-Difference from the snippet, exact up to ties: instead of sorting the whole vocabulary, only the
-top-K teacher entries are sorted, with K doubled until the head boundary lies inside them, since
+Difference from the snippet, exact up to ties: instead of sorting the whole vocabulary, only the top-64
+teacher entries are sorted (rows whose head reaches past them are sorted in full), since
 g_tail = sum_all e - g_head.
 """
 
@@ -24,20 +24,28 @@ from .registry import register_loss
 
 
 def akl_head_weight(p: torch.Tensor, q: torch.Tensor, mu: float, start_k: int = 64) -> torch.Tensor:
-    """g_head / (g_head + g_tail) per row (p, q: probabilities [n, V], no gradient)."""
-    vocab = p.shape[-1]
+    """g_head / (g_head + g_tail) per row (p, q: probabilities [n, V], no gradient).
+
+    The top-``start_k`` teacher entries settle almost every row; the rare rows whose head reaches past them
+    (near-uniform teachers) are sorted in full, on their own.
+    """
     error_total = (p - q).abs().sum(-1)
-    k = min(start_k, vocab)
-    while True:
-        top_p, top_idx = p.topk(k, dim=-1)
-        in_head = top_p.cumsum(-1) <= mu
-        in_head[:, 0] = True
-        # the head is complete when its boundary lies inside the top-k (or k covers the vocabulary)
-        if k == vocab or not in_head[:, -1].any():
-            break
-        k = min(2 * k, vocab)
-    head_error = ((top_p - q.gather(-1, top_idx)).abs() * in_head).sum(-1)
+    head_error = _head_error(p, q, mu, min(start_k, p.shape[-1]))
+    open_rows = head_error.isnan().nonzero().squeeze(-1)
+    if open_rows.numel():
+        head_error[open_rows] = _head_error(p[open_rows], q[open_rows], mu, p.shape[-1])
     return head_error / error_total.clamp_min(torch.finfo(p.dtype).tiny)
+
+
+def _head_error(p: torch.Tensor, q: torch.Tensor, mu: float, k: int) -> torch.Tensor:
+    """sum over the head of |p_i - q_i| from the top-k teacher entries; NaN where the head may extend past k."""
+    top_p, top_idx = p.topk(k, dim=-1)
+    in_head = top_p.cumsum(-1) <= mu
+    in_head[:, 0] = True
+    head_error = ((top_p - q.gather(-1, top_idx)).abs() * in_head).sum(-1)
+    if k < p.shape[-1]:
+        head_error = head_error.masked_fill(in_head[:, -1], float("nan"))
+    return head_error
 
 
 @register_loss("akl")

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 IGNORE_INDEX = -100
-DEFAULT_CHUNK_ELEMENTS = 1 << 25  # 32M float32 elements = 128 MiB per [rows, V] temporary
+DEFAULT_CHUNK_ELEMENTS = 1 << 23  # 8M float32 elements = 32 MiB per [rows, V] temporary; a term keeps ~12 alive
 
 
 @dataclass
@@ -46,7 +46,7 @@ class LogitSource:
 
 
 def default_chunk_size(vocab_size: int) -> int:
-    """Rows per chunk so that one [rows, V] float32 temporary stays near 128 MiB."""
+    """Rows per chunk so that one [rows, V] float32 temporary stays near 32 MiB."""
     return max(1, DEFAULT_CHUNK_ELEMENTS // max(vocab_size, 1))
 
 
@@ -272,7 +272,10 @@ class LossEngine:
                             full = grads[j] = torch.zeros_like(grad_targets[j])
                         full.index_add_(0, idx, g.to(full.dtype))
                     else:
-                        grads[j] = g if grads[j] is None else grads[j] + g
+                        if grads[j] is None:
+                            grads[j] = g
+                        else:
+                            grads[j].add_(g)  # in place: a head gradient is [V, d]
         for j, target in enumerate(grad_targets):
             if grads[j] is None and target.requires_grad:  # e.g. no selected rows: a zero gradient, not None
                 grads[j] = torch.zeros_like(target)
@@ -312,6 +315,8 @@ class _ChunkedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        if torch.equal(grad_output, torch.ones_like(grad_output)):
+            return (None, None, None, None, None, *ctx.grads)
         grads = [None if g is None else g * grad_output.to(g.dtype) for g in ctx.grads]
         return (None, None, None, None, None, *grads)
 
