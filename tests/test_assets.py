@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from _tiny_eval import tiny_llama, tiny_tokenizer
+from tiny import chatml_llama, chatml_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig, LlamaForCausalLM
 
 from hf_kd import assets
@@ -56,7 +56,7 @@ def batch(vocab_size: int) -> dict[str, torch.Tensor]:
 
 def test_pruned_llama_matches_a_hand_built_reference():
     vocab = 40
-    teacher = tiny_llama(vocab, seed=0, num_layers=5)
+    teacher = chatml_llama(vocab, seed=0, num_layers=5)
     keep = [0, 2, 4]
     student = prune_layers(teacher, keep).eval()
     assert student.config.num_hidden_layers == 3 and len(student.model.layers) == 3
@@ -75,7 +75,7 @@ def test_pruned_llama_matches_a_hand_built_reference():
 
 
 def test_int_keep_layers_uses_evenly_spaced_layers_and_bad_lists_fail():
-    teacher = tiny_llama(40, num_layers=6)
+    teacher = chatml_llama(40, num_layers=6)
     student = prune_layers(teacher, 3)
     reference = prune_layers(teacher, evenly_spaced_layers(3, 6))
     for a, b in zip(student.state_dict().values(), reference.state_dict().values()):
@@ -86,7 +86,7 @@ def test_int_keep_layers_uses_evenly_spaced_layers_and_bad_lists_fail():
 
 
 def test_tied_head_stays_tied():
-    teacher = tiny_llama(40, num_layers=3, tie_word_embeddings=True)
+    teacher = chatml_llama(40, num_layers=3, tie_word_embeddings=True)
     student = prune_layers(teacher, [0, 2])
     assert student.lm_head.weight.data_ptr() == student.model.embed_tokens.weight.data_ptr()
     assert torch.equal(student.lm_head.weight, teacher.lm_head.weight)
@@ -116,8 +116,8 @@ def test_gemma3_layer_types_follow_the_kept_layers():
 
 
 def test_make_layer_pruned_student_round_trip(tmp_path):
-    tokenizer = tiny_tokenizer()
-    teacher = tiny_llama(len(tokenizer), num_layers=4)
+    tokenizer = chatml_tokenizer()
+    teacher = chatml_llama(len(tokenizer), num_layers=4)
     teacher.save_pretrained(tmp_path / "teacher")
     tokenizer.save_pretrained(tmp_path / "teacher")
 

@@ -3,22 +3,15 @@
 Only the presence and sign of the fields are checked, never timings.
 """
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "speed_memory.py"
+from tiny import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("speed_memory", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["speed_memory"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/speed_memory.py")
 
 
 def tiny_spec(bench, method: str, tmp_path: Path):

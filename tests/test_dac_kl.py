@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from tiny import random_logits
 
 from hf_kd.losses import build_loss
 from hf_kd.losses.dac_kl import DACKL
@@ -11,13 +12,7 @@ V = 13
 
 @pytest.fixture
 def batch():
-    g = torch.Generator().manual_seed(1)
-    s = torch.randn(2, 5, V, generator=g, dtype=torch.float64) * 2
-    t = torch.randn(2, 5, V, generator=g, dtype=torch.float64) * 2
-    labels = torch.randint(0, V, (2, 5), generator=g)
-    labels[0, :2] = -100
-    labels[1, -1] = -100
-    return s, t, labels
+    return random_logits(seed=1, length=5, vocab_size=V)
 
 
 def _reference(term: DACKL, s, t, labels):

@@ -1,36 +1,26 @@
 """Same-vocabulary DSKD: the fused bridge against a direct reference, gradients, training, configuration."""
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_conversations, make_model, make_tokenizer
+from tiny import (
+    bridge_args,
+    make_args,
+    make_conversations,
+    make_pair,
+    make_tokenizer,
+    train_bridge,
+    train_losses,
+)
 from trl.experimental.utils import DataCollatorForChatML
 
 from hf_kd.bridge import DSKD_DEFAULT_TEMPERATURE, DSKDBridge
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids oversubscription on shared cores (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _args(**kw):
-    base = {"kd_loss": "fkl", "kd_temperature": None, "kd_rate": 0.5, "loss_chunk_size": 5}
-    base.update(kw)
-    return SimpleNamespace(**base)
-
-
 @pytest.fixture
 def pair():
     tok = make_tokenizer()
-    student = make_model(len(tok), hidden=32, layers=1, seed=1)
-    teacher = make_model(len(tok), hidden=48, layers=2, seed=2)
+    student, teacher = make_pair(len(tok))
     teacher.requires_grad_(False)
     batch = DataCollatorForChatML(tokenizer=tok)(make_conversations(4, seed=3))
     return student, teacher, batch
@@ -76,7 +66,7 @@ def _grads(params):
 @pytest.mark.parametrize("divergence,temperature", [("fkl", None), ("rkl", 1.5)])
 def test_fused_bridge_matches_direct_reference(pair, divergence, temperature):
     student, teacher, batch = pair
-    bridge = DSKDBridge(student, teacher, _args(kd_loss=divergence, kd_temperature=temperature, kd_rate=0.3))
+    bridge = DSKDBridge(student, teacher, bridge_args(5, kd_loss=divergence, kd_temperature=temperature, kd_rate=0.3))
     loss, values = bridge.compute_loss(student, teacher, batch)
     watched = [bridge.t2s.weight, bridge.s2t.weight, bridge.s2t.bias, student.lm_head.weight]
     watched.append(student.model.layers[0].self_attn.q_proj.weight)
@@ -104,7 +94,7 @@ def test_fused_bridge_matches_direct_reference(pair, divergence, temperature):
 def test_gradients_reach_projectors_and_student_only(pair):
     student, teacher, batch = pair
     teacher.requires_grad_(True)  # even a teacher left trainable must receive no gradient
-    bridge = DSKDBridge(student, teacher, _args())
+    bridge = DSKDBridge(student, teacher, bridge_args(5))
     loss, _ = bridge.compute_loss(student, teacher, batch)
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in bridge.parameters())
@@ -114,7 +104,7 @@ def test_gradients_reach_projectors_and_student_only(pair):
 
 def test_num_items_in_batch_normalises_every_term(pair):
     student, teacher, batch = pair
-    bridge = DSKDBridge(student, teacher, _args())
+    bridge = DSKDBridge(student, teacher, bridge_args(5))
     n = int((batch["labels"][:, 1:] != -100).sum())
     with torch.no_grad():
         mean, _ = bridge.compute_loss(student, teacher, batch)
@@ -124,38 +114,29 @@ def test_num_items_in_batch_normalises_every_term(pair):
 
 def test_loss_decreases_with_adamw(pair):
     student, teacher, batch = pair
-    bridge = DSKDBridge(student, teacher, _args(kd_loss="jsd"))
-    opt = torch.optim.AdamW(
-        [{"params": student.parameters(), "lr": 3e-3}, {"params": bridge.parameters(), "lr": 1e-2}]
-    )
-    losses = []
-    for _ in range(20):
-        loss, values = bridge.compute_loss(student, teacher, batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    bridge = DSKDBridge(student, teacher, bridge_args(5, kd_loss="jsd"))
+    losses, values = train_bridge(bridge, student, teacher, batch, steps=20)
     assert losses[-1] < 0.7 * losses[0], losses
     assert torch.isfinite(values["t2s_ce"])
 
 
 def test_temperature_and_recipe_validation(pair):
     student, teacher, _ = pair
-    default = DSKDBridge(student, teacher, _args(kd_loss="akl"))
+    default = DSKDBridge(student, teacher, bridge_args(5, kd_loss="akl"))
     assert default.temperature == DSKD_DEFAULT_TEMPERATURE
     assert default.student_kd.terms[0].temperature == DSKD_DEFAULT_TEMPERATURE
     assert default.teacher_kd.terms[0].temperature == DSKD_DEFAULT_TEMPERATURE
-    explicit = DSKDBridge(student, teacher, _args(kd_temperature=1.0))
+    explicit = DSKDBridge(student, teacher, bridge_args(5, kd_temperature=1.0))
     assert explicit.student_kd.terms[0].temperature == 1.0 and explicit.teacher_kd.terms[0].temperature == 1.0
     with pytest.raises(ValueError, match="kd_rate"):
-        DSKDBridge(student, teacher, _args(kd_loss="0.5*ce+0.5*fkl"))
+        DSKDBridge(student, teacher, bridge_args(5, kd_loss="0.5*ce+0.5*fkl"))
     with pytest.raises(ValueError, match=r"kd_rate must be in \[0, 1\]"):
-        DSKDBridge(student, teacher, _args(kd_rate=1.5))
+        DSKDBridge(student, teacher, bridge_args(5, kd_rate=1.5))
 
 
 def test_same_vocab_rejects_mismatched_teacher_ids(pair):
     student, teacher, batch = pair
-    bridge = DSKDBridge(student, teacher, _args())
+    bridge = DSKDBridge(student, teacher, bridge_args(5))
     bad = dict(batch, teacher_input_ids=batch["input_ids"][:, :-1])
     with pytest.raises(ValueError, match="teacher_tokenizer"):
         bridge.compute_loss(student, teacher, bad)
@@ -164,24 +145,17 @@ def test_same_vocab_rejects_mismatched_teacher_ids(pair):
 def test_trainer_same_vocabulary_off_policy(tmp_path):
     from datasets import Dataset
 
-    from hf_kd import DistillationConfig, DistillationTrainer
+    from hf_kd import DistillationTrainer
 
     tok = make_tokenizer()
-    student = make_model(len(tok), hidden=32, layers=1, seed=1)
-    teacher = make_model(len(tok), hidden=48, layers=2, seed=2)
-    args = DistillationConfig(
-        output_dir=str(tmp_path / "out"),
+    student, teacher = make_pair(len(tok))
+    args = make_args(
+        tmp_path,
         bridge="dskd",
         kd_loss="akl",
-        lmbda=0.0,
         per_device_train_batch_size=4,
         learning_rate=3e-3,
         max_steps=12,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=0,
     )
     trainer = DistillationTrainer(
         model=student,
@@ -196,7 +170,7 @@ def test_trainer_same_vocabulary_off_policy(tmp_path):
         for g in trainer.create_optimizer().param_groups
     )
     trainer.train()
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    losses = train_losses(trainer)
     assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3])
     assert {"loss/ce", "loss/kd_student", "loss/t2s_ce", "loss/kd_teacher"} <= {
         k for e in trainer.state.log_history for k in e

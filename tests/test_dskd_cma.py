@@ -1,12 +1,19 @@
 """DSKD with different vocabularies: cross-model attention, dual tokenization, and the bridge's loss."""
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_conversations, make_model, make_tokenizer
+from tiny import (
+    bridge_args,
+    make_args,
+    make_conversations,
+    make_pair,
+    make_tokenizer,
+    train_bridge,
+    train_losses,
+)
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -14,15 +21,6 @@ from hf_kd.bridge import DSKDBridge, DualTokenizationCollator
 from hf_kd.bridge.cma import CrossModelAttention, index_embeddings, masked_softmax, masked_std
 from hf_kd.bridge.tokenization import encode_conversation, render_chat
 from hf_kd.rollout.callbacks import GeneratedBatch
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids oversubscription on shared cores (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_teacher_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
@@ -48,11 +46,10 @@ def tokenizers_pair():
 @pytest.fixture
 def cross_setup(tokenizers_pair):
     student_tok, teacher_tok = tokenizers_pair
-    student = make_model(len(student_tok), hidden=32, layers=1, seed=1)
-    teacher = make_model(len(teacher_tok), hidden=48, layers=2, seed=2)
+    student, teacher = make_pair(len(student_tok), len(teacher_tok))
     teacher.requires_grad_(False)
     batch = DualTokenizationCollator(student_tok, teacher_tok)(make_conversations(4, seed=3))
-    args = SimpleNamespace(kd_loss="fkl", kd_temperature=None, kd_rate=0.5, loss_chunk_size=7)
+    args = bridge_args(7)
     return student, teacher, batch, args, teacher_tok
 
 
@@ -307,16 +304,7 @@ def test_cma_gradients_reach_projectors_and_student_only(cross_setup):
 def test_cma_loss_decreases_with_adamw(cross_setup):
     student, teacher, batch, args, teacher_tok = cross_setup
     bridge = DSKDBridge(student, teacher, args, teacher_tokenizer=teacher_tok)
-    opt = torch.optim.AdamW(
-        [{"params": student.parameters(), "lr": 3e-3}, {"params": bridge.parameters(), "lr": 1e-2}]
-    )
-    losses = []
-    for _ in range(20):
-        loss, values = bridge.compute_loss(student, teacher, batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses, values = train_bridge(bridge, student, teacher, batch, steps=20)
     assert losses[-1] < 0.7 * losses[0], losses
     assert all(torch.isfinite(v) for v in values.values())
 
@@ -336,13 +324,12 @@ def test_cma_needs_teacher_tokenization(cross_setup):
 def test_trainer_with_different_tokenizers(tmp_path, tokenizers_pair, lmbda):
     from datasets import Dataset
 
-    from hf_kd import DistillationConfig, DistillationTrainer
+    from hf_kd import DistillationTrainer
 
     student_tok, teacher_tok = tokenizers_pair
-    student = make_model(len(student_tok), hidden=32, layers=1, seed=1)
-    teacher = make_model(len(teacher_tok), hidden=48, layers=2, seed=2)
-    args = DistillationConfig(
-        output_dir=str(tmp_path / "out"),
+    student, teacher = make_pair(len(student_tok), len(teacher_tok))
+    args = make_args(
+        tmp_path,
         bridge="dskd",
         kd_loss="fkl",
         lmbda=lmbda,
@@ -351,11 +338,6 @@ def test_trainer_with_different_tokenizers(tmp_path, tokenizers_pair, lmbda):
         learning_rate=3e-3,
         projector_lr=1e-2,
         max_steps=12,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=0,
     )
     trainer = DistillationTrainer(
         model=student,
@@ -369,7 +351,7 @@ def test_trainer_with_different_tokenizers(tmp_path, tokenizers_pair, lmbda):
     projector = trainer.bridge.cma.query.weight.detach().clone()
     trainer.train()
     history = trainer.state.log_history
-    losses = [e["loss"] for e in history if "loss" in e]
+    losses = train_losses(trainer)
     assert len(losses) == 12 and all(math.isfinite(x) for x in losses)
     for name in ("ce", "kd_student", "t2s_ce", "kd_teacher", "t2s_acc"):
         assert any(f"loss/{name}" in e for e in history)

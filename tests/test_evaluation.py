@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _tiny_eval import tiny_llama, tiny_tokenizer
 from datasets import Dataset
+from tiny import chatml_llama, chatml_tokenizer
 from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
 
 from hf_kd.evaluation import (
@@ -28,7 +28,7 @@ def conversations(answers=ANSWERS) -> list[list[dict[str, str]]]:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return tiny_tokenizer()
+    return chatml_tokenizer()
 
 
 def test_rouge_l_matches_hand_computation():
@@ -47,7 +47,7 @@ def test_first_sentence():
 
 
 def test_scores_are_perfect_against_own_greedy_answers_and_lower_otherwise(tokenizer):
-    model = tiny_llama(len(tokenizer), seed=1)
+    model = chatml_llama(len(tokenizer), seed=1)
     prompts = [c[:-1] for c in conversations()]
     own = [answer.text for answer in generate_answers(model, tokenizer, prompts, max_new_tokens=6, batch_size=2)]
     assert all(own), "the tiny model must produce non-empty answers for this test to mean anything"
@@ -91,8 +91,8 @@ def reference_kl(student, teacher, tokenizer, conversation) -> tuple[float, int]
 
 
 def test_token_kl_matches_reference_and_is_zero_for_identical_models(tokenizer):
-    student = tiny_llama(len(tokenizer), seed=1)
-    teacher = tiny_llama(len(tokenizer), seed=2)
+    student = chatml_llama(len(tokenizer), seed=1)
+    teacher = chatml_llama(len(tokenizer), seed=2)
     convs = conversations()
     sums, counts = zip(*(reference_kl(student, teacher, tokenizer, c) for c in convs))
     expected = sum(sums) / sum(counts)
@@ -111,14 +111,14 @@ def test_token_kl_matches_reference_and_is_zero_for_identical_models(tokenizer):
 
 
 def test_kl_refuses_different_vocabularies(tokenizer):
-    student = tiny_llama(len(tokenizer), seed=1)
-    teacher = tiny_llama(len(tokenizer) + 5, seed=2)
+    student = chatml_llama(len(tokenizer), seed=1)
+    teacher = chatml_llama(len(tokenizer) + 5, seed=2)
     with pytest.raises(ValueError, match="vocabularies differ"):
         token_kl(student, teacher, tokenizer, conversations(), batch_size=2)
 
 
 def test_evaluation_errors_name_the_problem(tokenizer):
-    model = tiny_llama(len(tokenizer))
+    model = chatml_llama(len(tokenizer))
     no_answer = Dataset.from_list([{"messages": [{"role": "user", "content": "the cat"}]}])
     with pytest.raises(ValueError, match="ending with an assistant turn"):
         evaluate_student(model, tokenizer, no_answer)
@@ -149,8 +149,8 @@ class AveragingTrainer(Trainer):
 
 
 def test_callback_logs_through_the_trainer_every_n_steps_and_at_the_end(tokenizer, tmp_path):
-    model = tiny_llama(len(tokenizer), seed=3)
-    teacher = tiny_llama(len(tokenizer), seed=4)
+    model = chatml_llama(len(tokenizer), seed=3)
+    teacher = chatml_llama(len(tokenizer), seed=4)
     held_out = Dataset.from_list([{"messages": c} for c in conversations()])
     args = TrainingArguments(
         output_dir=str(tmp_path),
@@ -180,7 +180,7 @@ def test_callback_logs_through_the_trainer_every_n_steps_and_at_the_end(tokenize
 
 
 def test_callback_without_trainer_records_in_state(tokenizer):
-    model = tiny_llama(len(tokenizer), seed=3)
+    model = chatml_llama(len(tokenizer), seed=3)
     held_out = Dataset.from_list([{"messages": c} for c in conversations()])
     callback = EvaluationCallback(held_out, eval_steps=3, max_new_tokens=4)
     state, control = TrainerState(), TrainerControl()

@@ -18,8 +18,8 @@ from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import filter_repo_objects
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Trainer, TrainingArguments
+from tiny import make_model, make_tokenizer
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast, Trainer, TrainingArguments
 
 from hf_kd import hub
 from hf_kd.hub import (
@@ -35,43 +35,37 @@ from hf_kd.hub import (
 STUDENT_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TEACHER_ID = "HuggingFaceTB/SmolLM2-360M-Instruct"
 REPO_ID = "someone/tiny-student"
-WORDS = [f"w{i}" for i in range(44)]
+HUB_VOCAB = ["<pad>", "<unk>", "<s>", "</s>", *(f"w{i}" for i in range(44))]
 Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
 
 
 # ---------------------------------------------------------------- tiny models and a Trainer with the mixin
 
 
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {token: i for i, token in enumerate(["<pad>", "<unk>", "<s>", "</s>", *WORDS])}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-    )
+def hub_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over ``w0`` .. ``w43`` without a chat template."""
+    return make_tokenizer(chat_template=None, vocab=HUB_VOCAB, bos_token="<s>", eos_token="</s>")
 
 
-def make_model(origin: str, hidden: int, layers: int) -> LlamaForCausalLM:
-    torch.manual_seed(hidden + layers)
-    config = LlamaConfig(
-        vocab_size=48,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
+def hub_model(origin: str, hidden: int, layers: int) -> LlamaForCausalLM:
+    """A tiny Llama over `hub_tokenizer`'s vocabulary that claims to come from ``origin``."""
+    return make_model(
+        len(HUB_VOCAB),
+        hidden,
+        layers,
+        seed=hidden + layers,
+        origin=origin,
         num_attention_heads=2,
         num_key_value_heads=1,
         max_position_embeddings=64,
-        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
-    model = LlamaForCausalLM(config)
-    model.config._name_or_path = origin
-    model.name_or_path = origin
-    return model
 
 
 def lora_student(origin: str = STUDENT_ID) -> PeftModel:
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    return get_peft_model(make_model(origin, 16, 1), config)
+    return get_peft_model(hub_model(origin, 16, 1), config)
 
 
 @dataclass
@@ -102,9 +96,9 @@ def make_trainer(tmp_path: Path, student=None, **arg_overrides) -> HubTrainer:
         save_strategy="no",
     )
     args = KDArgs(**{**defaults, **arg_overrides})
-    model = student if student is not None else make_model(STUDENT_ID, 16, 1)
-    trainer = HubTrainer(model=model, args=args, processing_class=make_tokenizer())
-    trainer.teacher_model = make_model(TEACHER_ID, 32, 2)
+    model = student if student is not None else hub_model(STUDENT_ID, 16, 1)
+    trainer = HubTrainer(model=model, args=args, processing_class=hub_tokenizer())
+    trainer.teacher_model = hub_model(TEACHER_ID, 32, 2)
     return trainer
 
 
@@ -375,7 +369,7 @@ def test_card_for_a_student_from_a_local_folder(tmp_path, fake_hub):
     origin = tmp_path / "student-origin"
     origin.mkdir()
     (origin / "README.md").write_text("---\nlicense: mit\n---\n")
-    trainer = make_trainer(tmp_path, student=make_model(str(origin), 16, 1))
+    trainer = make_trainer(tmp_path, student=hub_model(str(origin), 16, 1))
 
     trainer.create_model_card()
 
@@ -454,7 +448,7 @@ def test_unsupported_card_argument_is_refused(tmp_path, fake_hub):
 def test_distillation_trainer_pushes_student_with_card_and_keeps_its_helpers_local(tmp_path, fake_hub):
     from hf_kd import DistillationConfig, DistillationTrainer
 
-    tokenizer = make_tokenizer()
+    tokenizer = hub_tokenizer()
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
     chat = [{"role": "user", "content": "w1 w2"}, {"role": "assistant", "content": "w3 w4"}]
     args = DistillationConfig(
@@ -470,8 +464,8 @@ def test_distillation_trainer_pushes_student_with_card_and_keeps_its_helpers_loc
         logging_strategy="no",
     )
     trainer = DistillationTrainer(
-        model=make_model(STUDENT_ID, 16, 1),
-        teacher_model=make_model(TEACHER_ID, 32, 2),
+        model=hub_model(STUDENT_ID, 16, 1),
+        teacher_model=hub_model(TEACHER_ID, 32, 2),
         args=args,
         train_dataset=Dataset.from_list([{"messages": chat}] * 4),
         processing_class=tokenizer,

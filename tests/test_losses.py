@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import random_logits
 
 from hf_kd.losses import LOSS_REGISTRY, build_loss, parse_recipe
 
@@ -14,13 +15,7 @@ BASE_NAMES = ["fkl", "rkl", "jsd", "sfkl", "srkl", "akl", "bild", "ce"]
 
 @pytest.fixture
 def batch():
-    g = torch.Generator().manual_seed(0)
-    s = torch.randn(2, 6, V, generator=g, dtype=torch.float64) * 2
-    t = torch.randn(2, 6, V, generator=g, dtype=torch.float64) * 2
-    labels = torch.randint(0, V, (2, 6), generator=g)
-    labels[0, :2] = -100
-    labels[1, -1] = -100
-    return s, t, labels
+    return random_logits(seed=0, length=6, vocab_size=V)
 
 
 def _kl(p_logits, q_logits):

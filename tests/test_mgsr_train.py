@@ -3,24 +3,16 @@
 import copy
 
 import torch
+from tiny import make_args, train_losses
 
-from hf_kd import DistillationConfig, DistillationTrainer
+from hf_kd import DistillationTrainer
 from hf_kd.losses.dac_kl import DACKL
 
 
 def test_mgsr_recipe_trains(tmp_path, tokenizer, student, teacher, train_dataset):
-    args = DistillationConfig(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=8,
-        learning_rate=1e-2,
+    args = make_args(
+        tmp_path,
         max_steps=24,
-        max_new_tokens=8,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=0,
-        use_cpu=True,
-        dataloader_num_workers=0,
         kd_loss="ce+dac_kl+span",
         scrg_corrections=1,
         lmbda=0.5,
@@ -34,7 +26,7 @@ def test_mgsr_recipe_trains(tmp_path, tokenizer, student, teacher, train_dataset
     trainer.train()
 
     logs = trainer.state.log_history
-    losses = [entry["loss"] for entry in logs if "loss" in entry]
+    losses = train_losses(trainer)
     assert len(losses) == args.max_steps and all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
     for key in ("loss/ce", "loss/dac_kl", "loss/span"):

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from tiny import random_logits
 
 from hf_kd.losses import build_loss
 
@@ -25,13 +26,9 @@ def test_hand_computed_single_pair():
 
 @pytest.fixture
 def batch():
-    g = torch.Generator().manual_seed(2)
-    s = torch.randn(2, 8, V, generator=g, dtype=torch.float64) * 2
-    t = torch.randn(2, 8, V, generator=g, dtype=torch.float64) * 2
-    labels = torch.randint(0, V, (2, 8), generator=g)
-    labels[0, :2] = -100  # prompt
+    s, t, labels = random_logits(seed=2, length=8, vocab_size=V)  # a prompt in row 0, padding at the end of row 1
     labels[0, 5] = -100  # a masked position inside a span
-    labels[1, -2:] = -100  # padding
+    labels[1, -2:] = -100  # more padding
     span_ids = torch.tensor([[-1, -1, 0, 0, 0, 0, 0, 1], [2, 2, 2, 3, 3, 4, 5, 5]])
     return s, t, labels, span_ids
 

@@ -4,35 +4,16 @@ import copy
 
 import pytest
 import torch
-from conftest import make_conversations, make_model, make_tokenizer
 from datasets import Dataset
+from tiny import make_args, make_conversations, make_model, make_pair, make_tokenizer, train_losses
 from torch import nn
 
-from hf_kd import DistillationConfig, DistillationTrainer, build_loss
+from hf_kd import DistillationTrainer, build_loss
 from hf_kd.losses import TokenLoss, register_loss
 from hf_kd.losses.divergences import kl_rows
 
 DIVERGENCES = ["jsd", "fkl", "rkl", "sfkl", "srkl", "akl", "bild"]
 RECIPES = [*DIVERGENCES, "0.5*ce+0.5*akl"]
-
-
-def make_args(tmp_path, **overrides) -> DistillationConfig:
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=8,
-        learning_rate=1e-2,
-        max_steps=20,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        max_new_tokens=8,
-        lmbda=0.0,
-        seed=0,
-        use_cpu=True,
-        dataloader_num_workers=0,
-    )
-    values.update(overrides)
-    return DistillationConfig(**values)
 
 
 def heldout_kl(student, teacher, tokenizer, dataset) -> float:
@@ -44,10 +25,6 @@ def heldout_kl(student, teacher, tokenizer, dataset) -> float:
         s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
         t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     return build_loss("fkl")(s, t, batch["labels"][:, 1:]).item()
-
-
-def train_losses(trainer) -> list[float]:
-    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -159,9 +136,10 @@ class ScaledFKL(TokenLoss):
 
 def test_exact_resume_includes_helper_modules(tmp_path, tokenizer, train_dataset):
     def run(out, max_steps, resume=None):
+        student, teacher = make_pair(len(tokenizer), teacher_hidden=64)
         trainer = DistillationTrainer(
-            model=make_model(len(tokenizer), 32, 1, seed=1),
-            teacher_model=make_model(len(tokenizer), 64, 2, seed=2),
+            model=student,
+            teacher_model=teacher,
             args=make_args(
                 tmp_path,
                 output_dir=str(tmp_path / out),
