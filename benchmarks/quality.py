@@ -52,6 +52,8 @@ from speed_memory import environment  # noqa: E402  (library versions and hardwa
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SMOLLM2 = "smollm2-135m-instruct"
+SAMPLES, SAMPLE_CHARS = 3, 200
+"""Answers kept in each record (the first held-out prompts scored, cut to this many characters)."""
 GEMMA = "gemma-3-270m"
 
 
@@ -311,9 +313,14 @@ def run_method(spec: RunSpec, pair: Pair, train_dataset, heldout) -> dict[str, A
         teacher=kl_teacher,
         max_new_tokens=budget.max_new_tokens,
         batch_size=budget.eval_batch,
+        return_predictions=True,
     )
     record["eval_s"] = time.perf_counter() - started
     record["eval_cpu_s"] = time.process_time() - cpu_started
+    predictions = scores.pop("predictions")
+    record["mean_answer_words"] = sum(len(p.split()) for p in predictions) / len(predictions)
+    record["empty_answers_pct"] = 100.0 * sum(not p.strip() for p in predictions) / len(predictions)
+    record["samples"] = [p[:SAMPLE_CHARS] for p in predictions[:SAMPLES]]
     return record | scores
 
 
@@ -364,7 +371,7 @@ def _mean_spread(values: list[float], spec: str) -> str:
 def markdown_table(results: list[dict[str, Any]], order: list[str]) -> str:
     """One row per method (mean ± sample standard deviation over its seeds), in ``order``."""
     head = ["method", "recipe", "lmbda", "seeds", "Rouge-L", "first-sentence EM %", "KL(teacher‖student)"]
-    head += ["train s", "train CPU s"]
+    head += ["answer words", "train s", "train CPU s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in order:
         records = [r for r in results if r["method"] == name]
@@ -382,6 +389,7 @@ def markdown_table(results: list[dict[str, Any]], order: list[str]) -> str:
                 _mean_spread([r["rouge_l"] for r in ok], ".2f"),
                 _mean_spread([r["exact_match"] for r in ok], ".1f"),
                 _mean_spread([r["kl"] for r in ok if "kl" in r], ".3f"),
+                _mean_spread([r["mean_answer_words"] for r in ok if "mean_answer_words" in r], ".1f"),
                 _mean_spread([r["train_s"] for r in ok if "train_s" in r], ".0f"),
                 _mean_spread([r["train_cpu_s"] for r in ok if "train_cpu_s" in r], ".0f"),
             ]
@@ -425,12 +433,13 @@ def render_markdown(payload: dict[str, Any]) -> str:
         "(shorter generation budget, trimmed references).",
         "- Metrics: Rouge-L F1 x 100 of greedy answers vs references; first-sentence exact match; KL(SmolLM2 "
         "teacher ‖ student) per reference answer token in nats (the SmolLM2 teacher for every row, dskd-cma's "
-        "student included; teacher rows: not applicable). Values are mean ± sample standard deviation over seeds.",
+        "student included; teacher rows: not applicable); answer words: mean whitespace-separated words per greedy "
+        "answer. Values are mean ± sample standard deviation over seeds.",
         f"- Time: {payload.get('wall_s', 0) / 60:.1f} min of wall time for the runs in this file (subprocesses, "
         f"model loading and evaluation included); training and evaluation used {cpu_s / 60:.1f} min of process CPU "
-        f"time, about {cpu_s / 60 / (payload['threads'] or 1):.0f} min of wall time on {payload['threads']} free "
-        "cores. `train s` is training alone. The cores were shared with other work, so wall times are indicative; "
-        "the quality numbers do not depend on it.",
+        f"time, about {cpu_s / 60 / (payload['threads'] or 1):.0f} min of wall time with {payload['threads']} "
+        "thread(s) on free cores. `train s` is training alone. The cores were shared with other work, so wall "
+        "times are indicative; the quality numbers do not depend on it.",
         "",
         markdown_table(results, payload["methods"]),
     ]
