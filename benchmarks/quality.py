@@ -52,8 +52,6 @@ from speed_memory import environment  # noqa: E402  (library versions and hardwa
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SMOLLM2 = "smollm2-135m-instruct"
-SAMPLES, SAMPLE_CHARS = 3, 200
-"""Answers kept in each record (the first held-out prompts scored, cut to this many characters)."""
 GEMMA = "gemma-3-270m"
 
 
@@ -283,7 +281,7 @@ def run_method(spec: RunSpec, pair: Pair, train_dataset, heldout) -> dict[str, A
     import torch
     from transformers import set_seed
 
-    from hf_kd.evaluation import evaluate_student
+    from hf_kd.evaluation import evaluate_student, rouge_l
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
@@ -305,11 +303,12 @@ def run_method(spec: RunSpec, pair: Pair, train_dataset, heldout) -> dict[str, A
         record["global_step"] = trainer.state.global_step
         record["last_logged"] = _last_logged_terms(trainer.state.log_history)
         model = trainer.accelerator.unwrap_model(trainer.model)
+    scored = heldout_subset(heldout, budget.eval_samples)
     started, cpu_started = time.perf_counter(), time.process_time()
     scores = evaluate_student(
         model,
         tokenizer,
-        heldout_subset(heldout, budget.eval_samples),
+        scored,
         teacher=kl_teacher,
         max_new_tokens=budget.max_new_tokens,
         batch_size=budget.eval_batch,
@@ -318,9 +317,11 @@ def run_method(spec: RunSpec, pair: Pair, train_dataset, heldout) -> dict[str, A
     record["eval_s"] = time.perf_counter() - started
     record["eval_cpu_s"] = time.process_time() - cpu_started
     predictions = scores.pop("predictions")
+    per_prompt = [rouge_l(p, row["messages"][-1]["content"]) for p, row in zip(predictions, scored)]
+    record["rouge_l_se"] = statistics.stdev(per_prompt) / len(per_prompt) ** 0.5 if len(per_prompt) > 1 else 0.0
     record["mean_answer_words"] = sum(len(p.split()) for p in predictions) / len(predictions)
     record["empty_answers_pct"] = 100.0 * sum(not p.strip() for p in predictions) / len(predictions)
-    record["samples"] = [p[:SAMPLE_CHARS] for p in predictions[:SAMPLES]]
+    record["predictions"] = predictions
     return record | scores
 
 
@@ -370,7 +371,8 @@ def _mean_spread(values: list[float], spec: str) -> str:
 
 def markdown_table(results: list[dict[str, Any]], order: list[str]) -> str:
     """One row per method (mean ± sample standard deviation over its seeds), in ``order``."""
-    head = ["method", "recipe", "lmbda", "seeds", "Rouge-L", "first-sentence EM %", "KL(teacher‖student)"]
+    head = ["method", "recipe", "lmbda", "seeds", "Rouge-L", "Rouge-L SE", "first-sentence EM %"]
+    head += ["KL(teacher‖student)"]
     head += ["answer words", "train s", "train CPU s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in order:
@@ -387,6 +389,7 @@ def markdown_table(results: list[dict[str, Any]], order: list[str]) -> str:
                 f"{ok[0]['lmbda']:g}" if trained else "-",
                 str(len(ok)),
                 _mean_spread([r["rouge_l"] for r in ok], ".2f"),
+                _mean_spread([r["rouge_l_se"] for r in ok if "rouge_l_se" in r][:1], ".2f"),
                 _mean_spread([r["exact_match"] for r in ok], ".1f"),
                 _mean_spread([r["kl"] for r in ok if "kl" in r], ".3f"),
                 _mean_spread([r["mean_answer_words"] for r in ok if "mean_answer_words" in r], ".1f"),
@@ -434,7 +437,9 @@ def render_markdown(payload: dict[str, Any]) -> str:
         "- Metrics: Rouge-L F1 x 100 of greedy answers vs references; first-sentence exact match; KL(SmolLM2 "
         "teacher ‖ student) per reference answer token in nats (the SmolLM2 teacher for every row, dskd-cma's "
         "student included; teacher rows: not applicable); answer words: mean whitespace-separated words per greedy "
-        "answer. Values are mean ± sample standard deviation over seeds.",
+        "answer. Values are mean ± sample standard deviation over seeds; Rouge-L SE is the standard error of the "
+        "mean over the scored prompts (first seed), the noise of one evaluation. Each record in the JSON keeps "
+        "every greedy answer.",
         f"- Time: {payload.get('wall_s', 0) / 60:.1f} min of wall time for the runs in this file (subprocesses, "
         f"model loading and evaluation included); training and evaluation used {cpu_s / 60:.1f} min of process CPU "
         f"time, about {cpu_s / 60 / (payload['threads'] or 1):.0f} min of wall time with {payload['threads']} "

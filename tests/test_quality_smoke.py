@@ -78,8 +78,8 @@ def test_run_method_fields(quality, method, tmp_path):
     assert 0 <= record["rouge_l"] <= 100 and 0 <= record["exact_match"] <= 100
     assert record["num_samples"] == 4 and record["eval_s"] > 0 and record["eval_cpu_s"] > 0
     assert record["mean_answer_words"] >= 0 and 0 <= record["empty_answers_pct"] <= 100
-    assert len(record["samples"]) == 3 and all(isinstance(x, str) for x in record["samples"])
-    assert "predictions" not in record
+    assert len(record["predictions"]) == 4 and all(isinstance(x, str) for x in record["predictions"])
+    assert record["rouge_l_se"] >= 0
     trained = quality.METHODS[method].trainer is not None
     evaluates_teacher = quality.METHODS[method].evaluates == "teacher"
     assert ("kl" in record) == (not evaluates_teacher)
@@ -135,7 +135,8 @@ def test_page_renders_from_records(quality, tmp_path):
     page = quality.write_outputs(payload, tmp_path / "quality_tiny.json")
     assert (tmp_path / "quality_tiny.md").read_text() == page
     assert (
-        "| akl | kd_loss=akl, mu 0.5 | 0 | 2 | 21.00 ± 1.41 | 6.0 ± 1.4 | 1.400 ± 0.141 | - | 3 ± 0 | 6 ± 0 |" in page
+        "| akl | kd_loss=akl, mu 0.5 | 0 | 2 | 21.00 ± 1.41 | - | 6.0 ± 1.4 | 1.400 ± 0.141 | - | 3 ± 0 | 6 ± 0 |"
+        in page
     )
     assert "| teacher |" in page and "error: exit 1: boom" in page
     assert "lmbda = 0 for every distillation row" in page and "Observed on this run only." in page
