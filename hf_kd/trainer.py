@@ -25,14 +25,12 @@ from trl.trainer.sft_trainer import SFTTrainer
 from trl.trainer.utils import disable_dropout_in_model
 
 from .config import DistillationConfig
-from .hub import DistillationHubMixin
+from .hub import MODULES_FILE, DistillationHubMixin
 from .losses import build_loss
 from .rollout import GeneratedBatch, GenerationCallback, GenerationContext
 from .validation import check_dataset, check_lora_targets, check_tokenizer, check_vocabularies
 
 logger = get_logger(__name__)
-
-MODULES_FILE = "hf_kd_modules.safetensors"
 
 
 class SoftcappedHead(nn.Module):

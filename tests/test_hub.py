@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import io
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,16 +22,9 @@ from safetensors.torch import load_file, save_file
 from tiny import make_model, make_tokenizer
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast, Trainer, TrainingArguments
 
-from hf_kd import hub
-from hf_kd.hub import (
-    DistillationHubMixin,
-    HubPushError,
-    ModelCardData,
-    TrainingBudget,
-    find_template,
-    methods_used,
-    render_model_card,
-)
+from hf_kd import model_card
+from hf_kd.hub import MODULES_FILE, DistillationHubMixin, HubPushError
+from hf_kd.model_card import ModelCardData, TrainingBudget, find_template, methods_used, render_model_card
 
 STUDENT_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TEACHER_ID = "HuggingFaceTB/SmolLM2-360M-Instruct"
@@ -102,16 +96,17 @@ def make_trainer(tmp_path: Path, student=None, **arg_overrides) -> HubTrainer:
     return trainer
 
 
+HELPER_NAMES = (MODULES_FILE, "_hf_kd_modules_extra.pt")
+
+
 def write_helpers(output_dir: Path) -> dict[str, bytes]:
     """Stand in for what the trainer saves of its trainable distillation modules."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    save_file({"proj.weight": torch.ones(2, 2)}, str(output_dir / "distillation_modules.safetensors"))
+    save_file({"proj.weight": torch.ones(2, 2)}, str(output_dir / MODULES_FILE))
     buffer = io.BytesIO()
     torch.save({"clip.weight": torch.zeros(3)}, buffer)
-    (output_dir / "hf_kd_modules.pt").write_bytes(buffer.getvalue())
-    return {
-        name: (output_dir / name).read_bytes() for name in ("distillation_modules.safetensors", "hf_kd_modules.pt")
-    }
+    (output_dir / HELPER_NAMES[1]).write_bytes(buffer.getvalue())
+    return {name: (output_dir / name).read_bytes() for name in HELPER_NAMES}
 
 
 # ---------------------------------------------------------------- recording stand-in for the Hub API
@@ -152,7 +147,12 @@ class RecordingHubApi:
         prefix = f"{path_in_repo.strip('/')}/" if path_in_repo else ""
         for rel in filter_repo_objects(relative, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns):
             self.repo[prefix + rel] = (root / rel).read_bytes()
-        return SimpleNamespace(commit_url=f"https://hub.invalid/{repo_id}/commit/1")
+        commit = SimpleNamespace(commit_url=f"https://hub.invalid/{repo_id}/commit/1")
+        if not kw.get("run_as_future"):
+            return commit
+        future = Future()  # Trainer's checkpoint pushes run in the background and are awaited later
+        future.set_result(commit)
+        return future
 
     def create_commit(self, *, repo_id, operations, **kwargs):
         self._record("create_commit", {"repo_id": repo_id, "operations": operations, **kwargs})
@@ -195,7 +195,7 @@ def test_full_model_push_uploads_weights_config_tokenizer_and_card(tmp_path, fak
     assert fake_hub.call_names() == ["create_repo", "upload_folder"]
     assert fake_hub.calls[0][1]["repo_id"] == REPO_ID
     uploaded = set(fake_hub.repo)
-    expected = local_files(output_dir) - {"distillation_modules.safetensors", "hf_kd_modules.pt"}
+    expected = local_files(output_dir) - set(HELPER_NAMES)
     assert uploaded == expected
     assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "README.md"} <= uploaded
     assert not any(name.startswith("adapter_") for name in uploaded)
@@ -234,7 +234,7 @@ def test_merged_push_uploads_full_weights_with_lora_folded_in(tmp_path, fake_hub
 
     trainer.push_to_hub(merge_adapter=True)
 
-    merged_dir = Path(trainer.args.output_dir) / "merged"
+    merged_dir = Path(trainer.args.output_dir) / "_merged"
     upload = fake_hub.calls[-1][1]
     assert Path(upload["folder_path"]) == merged_dir
     uploaded = set(fake_hub.repo)
@@ -268,19 +268,18 @@ def test_helpers_stay_local_by_default_and_go_to_a_subfolder_on_request(tmp_path
 
     trainer.push_to_hub()
     assert not any("distillation_modules" in name or "hf_kd_modules" in name for name in fake_hub.repo)
-    assert {"hf_kd_modules*", "distillation_modules*"} <= set(fake_hub.calls[-1][1]["ignore_patterns"])
 
     fake_hub.repo.clear()
     trainer.push_to_hub(include_helpers=True)
     assert fake_hub.call_names()[-2:] == ["upload_folder", "create_commit"]
     in_subfolder = {name for name in fake_hub.repo if name.startswith("distillation_modules/")}
     assert in_subfolder == {
-        "distillation_modules/distillation_modules.safetensors",
-        "distillation_modules/hf_kd_modules.pt",
+        "distillation_modules/hf_kd_modules.safetensors",
+        "distillation_modules/hf_kd_modules_extra.pt",
         "distillation_modules/README.md",
     }
     for name, content in helpers.items():
-        assert fake_hub.repo[f"distillation_modules/{name}"] == content
+        assert fake_hub.repo[f"distillation_modules/{name.lstrip('_')}"] == content
         assert name not in fake_hub.repo
     assert "load_state_dict" in fake_hub.repo["distillation_modules/README.md"].decode()
     assert "distillation_modules/" in fake_hub.repo["README.md"].decode()
@@ -322,9 +321,9 @@ def test_failed_push_raises_a_clear_error_and_deletes_nothing(tmp_path, monkeypa
     assert caught.value.__cause__ is error
     after = local_files(output_dir)
     assert set(before) <= after
-    for name in ("adapter_model.safetensors", "adapter_config.json", "README.md", "hf_kd_modules.pt"):
+    for name in ("adapter_model.safetensors", "adapter_config.json", "README.md", *HELPER_NAMES):
         assert name in after
-    assert (output_dir / "hf_kd_modules.pt").read_bytes() == before["hf_kd_modules.pt"]
+        assert (output_dir / name).read_bytes() == before[name]
 
 
 def test_failed_helper_upload_names_its_step(tmp_path, monkeypatch):
@@ -334,7 +333,7 @@ def test_failed_helper_upload_names_its_step(tmp_path, monkeypatch):
     write_helpers(Path(trainer.args.output_dir))
     with pytest.raises(HubPushError, match="upload the distillation modules"):
         trainer.push_to_hub(include_helpers=True)
-    assert (Path(trainer.args.output_dir) / "distillation_modules.safetensors").is_file()
+    assert (Path(trainer.args.output_dir) / MODULES_FILE).is_file()
 
 
 # ---------------------------------------------------------------- card contents
@@ -445,13 +444,14 @@ def test_unsupported_card_argument_is_refused(tmp_path, fake_hub):
     assert fake_hub.calls == []
 
 
-def test_distillation_trainer_pushes_student_with_card_and_keeps_its_helpers_local(tmp_path, fake_hub):
+def distillation_trainer(tmp_path: Path, **arg_overrides):
+    """A DistillationTrainer whose DAC-KL sub-network is a trainable helper saved beside the student."""
     from hf_kd import DistillationConfig, DistillationTrainer
 
     tokenizer = hub_tokenizer()
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
     chat = [{"role": "user", "content": "w1 w2"}, {"role": "assistant", "content": "w3 w4"}]
-    args = DistillationConfig(
+    defaults = dict(
         output_dir=str(tmp_path / "out"),
         hub_model_id=REPO_ID,
         kd_loss="0.5*ce+dac_kl",
@@ -463,19 +463,24 @@ def test_distillation_trainer_pushes_student_with_card_and_keeps_its_helpers_loc
         save_strategy="no",
         logging_strategy="no",
     )
-    trainer = DistillationTrainer(
+    return DistillationTrainer(
         model=hub_model(STUDENT_ID, 16, 1),
         teacher_model=hub_model(TEACHER_ID, 32, 2),
-        args=args,
+        args=DistillationConfig(**{**defaults, **arg_overrides}),
         train_dataset=Dataset.from_list([{"messages": chat}] * 4),
         processing_class=tokenizer,
     )
+
+
+def test_distillation_trainer_pushes_student_with_card_and_keeps_its_helpers_local(tmp_path, fake_hub):
+    trainer = distillation_trainer(tmp_path)
+    args = trainer.args
     trainer.train()
 
     trainer.push_to_hub(dataset_name="someone/chat-data")
 
     out = Path(args.output_dir)
-    assert (out / "hf_kd_modules.safetensors").is_file()  # the trained DAC-KL sub-network, beside the student
+    assert (out / MODULES_FILE).is_file()  # the trained DAC-KL sub-network, beside the student
     assert fake_hub.call_names() == ["create_repo", "upload_folder"]
     assert {"model.safetensors", "config.json", "README.md"} <= set(fake_hub.repo)
     assert not any("modules" in name for name in fake_hub.repo)
@@ -488,6 +493,30 @@ def test_distillation_trainer_pushes_student_with_card_and_keeps_its_helpers_loc
 
     trainer.push_to_hub(include_helpers=True)
     assert "distillation_modules/hf_kd_modules.safetensors" in fake_hub.repo
+
+
+@pytest.mark.parametrize("hub_strategy", ["checkpoint", "every_save"])
+def test_checkpoint_pushes_leave_the_helpers_out_unless_asked(tmp_path, fake_hub, hub_strategy):
+    """Trainer's own pushes during training upload checkpoint folders whole: the helper files stay local."""
+    arguments = dict(push_to_hub=True, hub_strategy=hub_strategy, save_strategy="steps", save_steps=1)
+    trainer = distillation_trainer(tmp_path, **arguments)
+    trainer.train()
+
+    checkpoint = Path(trainer.args.output_dir) / "checkpoint-1"
+    assert (checkpoint / MODULES_FILE).is_file()  # saved locally, so that the run can resume
+    assert "upload_folder" in fake_hub.call_names()
+    assert "model.safetensors" in fake_hub.repo
+    assert not any("modules" in name for name in fake_hub.repo)
+    if hub_strategy == "checkpoint":
+        assert "last-checkpoint/model.safetensors" in fake_hub.repo
+
+    fake_hub.repo.clear()
+    trainer = distillation_trainer(tmp_path / "opted-in", **arguments)
+    trainer.push_helpers = True
+    trainer.train()
+    if hub_strategy == "checkpoint":
+        assert f"last-checkpoint/{MODULES_FILE}" in fake_hub.repo
+    assert MODULES_FILE not in fake_hub.repo  # the repository root holds the student only
 
 
 # ---------------------------------------------------------------- pure functions
@@ -520,12 +549,12 @@ def test_render_without_any_method_or_results():
 
 
 def test_template_is_found_in_the_checkout_and_missing_template_names_the_places(tmp_path, monkeypatch):
-    assert find_template() == Path(hub.__file__).resolve().parent.parent / "model_cards" / "student.md.j2"
-    packaged, checkout = tmp_path / "templates", tmp_path / "model_cards"
-    monkeypatch.setattr(hub, "template_dirs", lambda: [packaged, checkout])
-    with pytest.raises(FileNotFoundError, match="templates.*model_cards"):
+    assert find_template() == Path(model_card.__file__).resolve().parent.parent / "model_cards" / "student.md.j2"
+    packaged, checkout = tmp_path / "package" / "model_cards", tmp_path / "model_cards"
+    monkeypatch.setattr(model_card, "template_dirs", lambda: [packaged, checkout])
+    with pytest.raises(FileNotFoundError, match="package/model_cards.*model_cards"):
         find_template()
-    packaged.mkdir()
+    packaged.mkdir(parents=True)
     (packaged / "student.md.j2").write_text("---\n{{ front_matter }}---\n{{ title }}\n")
     assert find_template() == packaged / "student.md.j2"
     assert render_model_card(ModelCardData(model_name="x")).endswith("---\nx\n")

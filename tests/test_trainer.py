@@ -9,6 +9,7 @@ from tiny import make_args, make_conversations, make_model, make_pair, make_toke
 from torch import nn
 
 from hf_kd import DistillationTrainer, build_loss
+from hf_kd.hub import MODULES_FILE
 from hf_kd.losses import TokenLoss, register_loss
 from hf_kd.losses.divergences import kl_rows
 
@@ -162,7 +163,7 @@ def test_exact_resume_includes_helper_modules(tmp_path, tokenizer, train_dataset
     assert any(
         g["initial_lr"] == 5e-2 and any(p is full.loss_fn.terms[1].log_scale for p in g["params"]) for g in groups
     )
-    assert (tmp_path / "full" / "checkpoint-3" / "hf_kd_modules.safetensors").is_file()
+    assert (tmp_path / "full" / "checkpoint-3" / MODULES_FILE).is_file()
     resumed = run("full", 6, resume=str(tmp_path / "full" / "checkpoint-3"))
     scale_full = full.loss_fn.terms[1].log_scale.detach()
     assert scale_full != 0  # the helper parameter trained
