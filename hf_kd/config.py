@@ -19,7 +19,8 @@ class DistillationConfig(GKDConfig):
     temperature keep their GKD meaning). With the defaults a run is GKD: generalized JSD with beta = 0.5.
 
     On a machine without CUDA, `bf16` and `gradient_checkpointing` default to False (TRL defaults them to True,
-    which fails or slows down CPU runs); pass them explicitly to override.
+    which fails or slows down CPU runs); pass them explicitly to override. Without an accelerator,
+    `dataloader_pin_memory` is off (pinning needs one).
     """
 
     kd_loss: str = field(
@@ -88,8 +89,11 @@ class DistillationConfig(GKDConfig):
         cuda = torch.cuda.is_available() and not self.use_cpu
         if self.bf16 is None:
             self.bf16 = bool(cuda and torch.cuda.is_bf16_supported()) and not self.fp16
-        if self.gradient_checkpointing is None:
-            self.gradient_checkpointing = cuda
+        if self.gradient_checkpointing is None and self.activation_checkpointing is None:
+            # Resolved through the new name: `gradient_checkpointing` is transformers' deprecated alias of it.
+            self.activation_checkpointing = cuda
+        if self.use_cpu or not torch.accelerator.is_available():
+            self.dataloader_pin_memory = False
         if self.bridge not in (None, "dskd"):
             raise ValueError(f"Unknown bridge '{self.bridge}': use None or 'dskd'.")
         if self.scrg_corrections < 0:
