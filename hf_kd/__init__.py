@@ -4,9 +4,9 @@
 `hf_kd.losses.build_loss` serves the losses to users who bring their own loop.
 """
 
-import os
+from .environment import apply_defaults
 
-os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+apply_defaults()
 
 from .assets import load_real_model, make_layer_pruned_student  # noqa: E402
 from .config import DistillationConfig  # noqa: E402

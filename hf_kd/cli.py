@@ -1,34 +1,53 @@
-"""The `hf-kd` command: `distill` (a YAML recipe and/or flags), `evaluate`, and `demo`.
+"""The `hf-kd` command. Every verb parses dataclass fields into `--field_name value` flags (TRL's TrlParser, an
+HfArgumentParser), each with its help text: `hf-kd <verb> --help` lists them.
 
-hf-kd demo                                    # SmolLM2-135M-Instruct -> a 10-layer SmolLM2 student, offline
-hf-kd demo --bridge dskd                      # the same with Gemma-3-270m as a cross-vocabulary teacher
-hf-kd distill --config examples/recipes/akl.yaml    # any recipe; flags override it (--teacher <path>)
-hf-kd evaluate --model <path> --teacher <path> --dataset bundled
+hf-kd demo                                            # SmolLM2-135M-Instruct -> a 10-layer student, offline
+hf-kd demo --bridge dskd                              # the same with Gemma-3-270m as a cross-vocabulary teacher
+hf-kd distill --config examples/recipes/akl.yaml      # any recipe; flags override it (--teacher <path>)
+hf-kd evaluate --model <path> --teacher <path> --dataset bundled:heldout
+
+A bad command line, recipe or model path ends with one `hf-kd <verb>: error: ...` line and exit status 1.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
-os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+from trl import TrlParser
+
+from .demo import DemoSettings
+from .distill import DATACLASS_TYPES, CommandLineError
 
 
-def distill(argv: list[str]) -> None:
-    """Parse a YAML recipe (`--config`) and flags into DistillArguments + DistillationConfig, then train and save
-    (hf_kd.distill, shared with examples/distill.py)."""
-    from .distill import parse_args, run_distillation
+@dataclass
+class EvaluateArguments:
+    """What `hf-kd evaluate` scores, and on what."""
 
-    summary = run_distillation(*parse_args(argv))
-    print(f"Saved the student to {summary['output_dir']}")
+    model: str = field(metadata={"help": "The model to score: a local folder, a Hub id or a real-model name."})
+    teacher: str | None = field(
+        default=None, metadata={"help": "Same-tokenizer teacher for the held-out KL (folder, Hub id or real model)."}
+    )
+    dataset: str = field(
+        default="bundled:heldout",
+        metadata={"help": "Held-out conversations: 'bundled:<split>', a local .json/.jsonl file or a Hub dataset."},
+    )
+    max_samples: int = field(default=100, metadata={"help": "Score at most this many conversations."})
+    max_new_tokens: int = field(default=96, metadata={"help": "Greedy tokens generated per answer."})
 
 
-def evaluate(argv: list[str]) -> None:
+def distill(argv: list[str], prog: str) -> None:
+    """Train a student from a YAML recipe (`--config`) and/or flags (the script of examples/distill.py)."""
+    from .distill import main, parse_args
+
+    main(*parse_args(argv, prog=prog))  # the same parser as COMMANDS["distill"].parser, plus recipes and --smoke
+
+
+def evaluate(argv: list[str], prog: str) -> None:
     """Rouge-L, first-sentence exact match and held-out KL of a model on held-out conversations."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -36,16 +55,11 @@ def evaluate(argv: list[str]) -> None:
     from .distill import load_conversations, resolve_model_path
     from .evaluation import evaluate_student
 
-    parser = argparse.ArgumentParser(prog="hf-kd evaluate")
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--teacher", default=None, help="Same-tokenizer teacher for the held-out KL.")
-    parser.add_argument("--dataset", default="bundled:heldout")
-    parser.add_argument("--max-samples", type=int, default=100)
-    parser.add_argument("--max-new-tokens", type=int, default=96)
-    args = parser.parse_args(argv)
+    (args,) = COMMANDS["evaluate"].parser(prog).parse_args_into_dataclasses(argv)
     path = resolve_model_path(args.model)
+    teacher_path = resolve_model_path(args.teacher) if args.teacher else None
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    teacher = AutoModelForCausalLM.from_pretrained(resolve_model_path(args.teacher)) if args.teacher else None
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_path) if teacher_path else None
     results = evaluate_student(
         model,
         AutoTokenizer.from_pretrained(path),
@@ -57,32 +71,60 @@ def evaluate(argv: list[str]) -> None:
     print(json.dumps(results, indent=2))
 
 
-def demo(argv: list[str]) -> None:
+def demo(argv: list[str], prog: str) -> None:
     """Distill SmolLM2-135M-Instruct into a layer-pruned student on the bundled data, offline, with a
     before/after table (Rouge-L, first-sentence exact match, held-out KL) and a model card."""
-    from .demo import DemoSettings, run_demo
+    from .demo import run_demo
 
-    parser = argparse.ArgumentParser(prog="hf-kd demo", description=demo.__doc__)
-    defaults = DemoSettings()
-    for name, value in vars(defaults).items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
-        else:
-            parser.add_argument(flag, type=type(value) if value is not None else str, default=value)
-    run_demo(DemoSettings(**vars(parser.parse_args(argv))))
+    (settings,) = COMMANDS["demo"].parser(prog).parse_args_into_dataclasses(argv)
+    run_demo(settings)
 
 
-COMMANDS = {"distill": distill, "evaluate": evaluate, "demo": demo}
+@dataclass(frozen=True)
+class Command:
+    """One verb: the function that runs it (its docstring's first line is the summary) and the dataclasses whose
+    fields are its flags."""
+
+    run: Callable[[list[str], str], None]
+    dataclass_types: tuple[type, ...]
+
+    @property
+    def summary(self) -> str:
+        return (self.run.__doc__ or "").strip().splitlines()[0]
+
+    def parser(self, prog: str) -> TrlParser:
+        """The verb's parser: one `--field_name` flag per dataclass field, with the field's help text."""
+        return TrlParser(self.dataclass_types, prog=prog, description=self.run.__doc__)
+
+
+COMMANDS: dict[str, Command] = {
+    "distill": Command(distill, DATACLASS_TYPES),
+    "evaluate": Command(evaluate, (EvaluateArguments,)),
+    "demo": Command(demo, (DemoSettings,)),
+}
+"""The verbs of `hf-kd`; a new verb is one function `(argv, prog) -> None`, its dataclasses, and one entry here."""
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    verbs = "\n".join(f"  {name:<{width}}  {command.summary}" for name, command in COMMANDS.items())
+    return f"usage: hf-kd <command> [--help] [flags]\n\ncommands:\n{verbs}\n\n{__doc__}"
 
 
 def main(argv: list[str] | None = None) -> Any:
+    """Run one verb; returns the exit status (0, or 1 after a one-line error, 2 for an unknown verb)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
-        print(__doc__)
-        print(f"commands: {', '.join(COMMANDS)}")
-        return 2 if argv and argv[0] not in ("-h", "--help") else 0
-    start = time.perf_counter()
-    COMMANDS[argv[0]](argv[1:])
-    print(f"hf-kd {argv[0]} finished in {time.perf_counter() - start:.0f} s")
+        print(usage())
+        unknown = bool(argv) and argv[0] not in ("-h", "--help")
+        if unknown:
+            print(f"hf-kd: error: unknown command {argv[0]!r}", file=sys.stderr)
+        return 2 if unknown else 0
+    verb, start = argv[0], time.perf_counter()
+    try:
+        COMMANDS[verb].run(argv[1:], f"hf-kd {verb}")
+    except (CommandLineError, OSError) as err:  # user input the command could not use: one line, no traceback
+        print(f"hf-kd {verb}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
+    print(f"hf-kd {verb} finished in {time.perf_counter() - start:.0f} s")
     return 0

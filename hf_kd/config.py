@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import inspect
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-
-os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-from trl.experimental.gkd import GKDConfig  # noqa: E402
+from trl.experimental.gkd import GKDConfig
 
 
 @dataclass

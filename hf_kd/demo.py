@@ -8,7 +8,7 @@ is evaluated before and after on held-out conversations, then saved with its mod
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,18 +21,23 @@ TEACHERS = {None: STUDENT_SOURCE, "dskd": "gemma-3-270m"}
 class DemoSettings:
     """Knobs of the demo (each is a flag of `hf-kd demo`)."""
 
-    output_dir: str = "outputs/demo"
-    bridge: str | None = None
-    kd_loss: str = "0.5*ce+0.5*akl"
-    student_layers: int = 10
-    max_steps: int = 60
-    batch_size: int = 4
-    learning_rate: float = 2e-4
-    max_length: int = 256
-    lmbda: float = 0.0
-    eval_samples: int = 40
-    max_new_tokens: int = 64
-    seed: int = 0
+    output_dir: str = field(default="outputs/demo", metadata={"help": "Where the student, card and table go."})
+    bridge: str | None = field(
+        default=None,
+        metadata={
+            "help": "None: SmolLM2 teaches its own pruned copy; 'dskd': Gemma-3-270m teaches across vocabularies."
+        },
+    )
+    kd_loss: str = field(default="0.5*ce+0.5*akl", metadata={"help": "Loss recipe (see DistillationConfig.kd_loss)."})
+    student_layers: int = field(default=10, metadata={"help": "Teacher layers kept in the student (of 30)."})
+    max_steps: int = field(default=60, metadata={"help": "Optimizer steps."})
+    batch_size: int = field(default=4, metadata={"help": "Conversations per step."})
+    learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate (cosine schedule)."})
+    max_length: int = field(default=256, metadata={"help": "Tokens per training conversation (longer are cut)."})
+    lmbda: float = field(default=0.0, metadata={"help": "Fraction of batches the student generates (on-policy)."})
+    eval_samples: int = field(default=40, metadata={"help": "Held-out conversations scored before and after."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Greedy tokens per held-out answer."})
+    seed: int = field(default=0, metadata={"help": "Random seed."})
 
 
 def _table(rows: dict[str, dict]) -> str:

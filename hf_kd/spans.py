@@ -25,7 +25,8 @@ from collections.abc import Callable
 import torch
 from transformers import PreTrainedTokenizerBase
 
-IGNORE_INDEX = -100
+from .losses.core import IGNORE_INDEX
+
 _PUNCT_END = re.compile(r"[.!?]+[\"')\]]*\s+|\n+")
 
 Segmenter = str | Callable[[str], list[int]]

@@ -27,6 +27,7 @@ from trl.trainer.utils import disable_dropout_in_model
 from .config import DistillationConfig
 from .hub import MODULES_FILE, DistillationHubMixin
 from .losses import build_loss
+from .model_loading import init_kwargs
 from .rollout import GeneratedBatch, GenerationCallback, GenerationContext
 from .validation import check_dataset, check_lora_targets, check_tokenizer, check_vocabularies
 
@@ -62,12 +63,7 @@ def load_teacher(teacher_model: nn.Module | str | None, args: DistillationConfig
         if args.teacher_model_init_kwargs:
             raise ValueError("`teacher_model_init_kwargs` is only used when `teacher_model` is a path or id string.")
         return teacher_model
-    kwargs = dict(args.teacher_model_init_kwargs or {})
-    dtype = kwargs.get("dtype", "auto")
-    if isinstance(dtype, str) and dtype != "auto":
-        kwargs["dtype"] = getattr(torch, dtype)
-    kwargs.setdefault("dtype", "auto")
-    return AutoModelForCausalLM.from_pretrained(teacher_model, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(teacher_model, **init_kwargs(args.teacher_model_init_kwargs, "auto"))
 
 
 class _ZeroHelperGradients(TrainerCallback):

@@ -1,36 +1,24 @@
-"""Every recipe under examples/recipes/ runs in its smoke form through examples/distill.py (in process), and
-`hf-kd distill` reads every recipe as the example does (both run on hf_kd.distill)."""
+"""Every recipe under examples/recipes/ runs in its smoke form through the distillation script (hf_kd.distill, in
+process), which `hf-kd distill` and examples/distill.py both run."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
+import runpy
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import yaml
+from trl import ModelConfig
 
 import hf_kd.cli
 import hf_kd.distill
-from hf_kd.distill import DistillArguments
+from hf_kd.distill import SMOKE_OVERRIDES, DistillScriptArguments, parse_args
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
 RECIPES = sorted((EXAMPLES_DIR / "recipes").glob("*.yaml"))
-
-
-@pytest.fixture(scope="module")
-def distill() -> ModuleType:
-    """examples/distill.py as a module (examples/ on sys.path, as when the script runs)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.syspath_prepend(str(EXAMPLES_DIR))
-        module = importlib.import_module("distill")
-        importlib.import_module("smoke")
-        yield module
-    sys.modules.pop("distill", None)
-    sys.modules.pop("smoke", None)
 
 
 def read_recipe(path: Path) -> dict:
@@ -43,9 +31,10 @@ def test_recipes_found():
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[path.stem for path in RECIPES])
-def test_recipe_smoke_run(distill, recipe, tmp_path):
+def test_recipe_smoke_run(recipe, tmp_path):
     out = tmp_path / "out"
-    result = distill.main(["--config", str(recipe), "--smoke", "--max_steps", "2", "--output_dir", str(out)])
+    argv = ["--config", str(recipe), "--smoke", "--max_steps", "2", "--output_dir", str(out)]
+    result = hf_kd.distill.main(*parse_args(argv))
 
     assert math.isfinite(result["train_loss"])
     assert result["global_step"] == 2  # the command line wins over the smoke defaults (3 steps)
@@ -58,67 +47,75 @@ def test_recipe_smoke_run(distill, recipe, tmp_path):
     assert (out / "README.md").is_file()  # model card
 
 
-def test_recipe_values_reach_the_config(distill, tmp_path):
+def test_recipe_values_reach_the_config(tmp_path):
     argv = ["--config", str(EXAMPLES_DIR / "recipes" / "akl.yaml"), "--output_dir", str(tmp_path)]
-    script_args, args = distill.parse_args(argv)
+    script_args, args, model_args = parse_args(argv)
     assert (args.kd_loss, args.akl_mu, args.lmbda) == ("akl", 0.5, 0.0)
     assert script_args.teacher == "smollm2-135m-instruct" and script_args.student_layers == 10
     assert not script_args.smoke and args.per_device_train_batch_size == 8
+    assert model_args.model_name_or_path is None and not model_args.use_peft
 
-    script_args, args = distill.parse_args(
-        [*argv, "--smoke", "--kd_loss", "bild", "--per_device_train_batch_size", "3"]
-    )
+    script_args, args, _ = parse_args([*argv, "--smoke", "--kd_loss", "bild", "--per_device_train_batch_size", "3"])
     assert script_args.smoke and args.use_cpu and args.report_to in ([], ["none"], "none")
-    assert args.max_steps == distill.SMOKE_OVERRIDES["max_steps"] and not args.bf16
+    assert args.max_steps == SMOKE_OVERRIDES["max_steps"] and not args.bf16
     assert (args.kd_loss, args.per_device_train_batch_size) == ("bild", 3)  # the command line wins
     assert args.akl_mu == 0.5  # recipe values the smoke form does not touch are kept
 
 
-def test_smoke_switch_inside_a_recipe(distill, tmp_path):
-    script_args, args = distill.parse_args(["--config", str(EXAMPLES_DIR / "recipes" / "smoke.yaml")])
-    assert script_args.smoke and args.use_cpu and args.max_steps == distill.SMOKE_OVERRIDES["max_steps"]
+def test_student_and_lora_fields_reach_trls_model_config(tmp_path):
+    recipe = EXAMPLES_DIR / "recipes" / "lora_student.yaml"
+    _, _, model_args = parse_args(["--config", str(recipe), "--output_dir", str(tmp_path), "--lora_r", "8"])
+    assert model_args.model_name_or_path == read_recipe(recipe)["model_name_or_path"]
+    assert model_args.use_peft and (model_args.lora_r, model_args.lora_alpha) == (8, 32)
 
 
-def test_dataset_file_in_dolly_layout_becomes_messages(distill, tmp_path):
+def test_smoke_switch_inside_a_recipe(tmp_path):
+    script_args, args, _ = parse_args(["--config", str(EXAMPLES_DIR / "recipes" / "smoke.yaml")])
+    assert script_args.smoke and args.use_cpu and args.max_steps == SMOKE_OVERRIDES["max_steps"]
+
+
+def test_dataset_file_in_dolly_layout_becomes_messages(tmp_path):
     path = tmp_path / "data.jsonl"
     rows = [{"instruction": f"Say {i}.", "context": "", "response": f"{i}"} for i in range(5)]
     path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
-    dataset = hf_kd.distill.load_train_dataset(DistillArguments(dataset=str(path), max_train_samples=3))
+    dataset = hf_kd.distill.load_train_dataset(DistillScriptArguments(dataset_name=str(path), max_train_samples=3))
 
     assert len(dataset) == 3
     assert dataset[1]["messages"] == [{"role": "user", "content": "Say 1."}, {"role": "assistant", "content": "1"}]
 
 
-def test_missing_dataset_file_is_named(distill, tmp_path):
-    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
-        hf_kd.distill.load_train_dataset(DistillArguments(dataset=str(tmp_path / "missing.jsonl")))
+def test_missing_dataset_file_is_named(tmp_path):
+    with pytest.raises(ValueError, match="missing.jsonl"):
+        hf_kd.distill.load_train_dataset(DistillScriptArguments(dataset_name=str(tmp_path / "missing.jsonl")))
 
 
 @pytest.mark.parametrize(
-    ("fields", "message"),
+    ("fields", "student", "message"),
     [
-        ({"student": "s"}, "No teacher given"),
-        ({"teacher": "t"}, "exactly one of `student`"),
-        ({"teacher": "t", "student": "s", "student_layers": 2}, "exactly one of `student`"),
+        ({}, "s", "No teacher given"),
+        ({"teacher": "t"}, None, "exactly one of `model_name_or_path`"),
+        ({"teacher": "t", "student_layers": 2}, "s", "exactly one of `model_name_or_path`"),
     ],
 )
-def test_model_arguments_are_checked(tmp_path, fields, message):
-    _, args = hf_kd.distill.parse_args(["--output_dir", str(tmp_path), "--use_cpu", "true"])
+def test_model_arguments_are_checked(tmp_path, fields, student, message):
+    _, args, _ = parse_args(["--output_dir", str(tmp_path), "--use_cpu", "true"])
     with pytest.raises(ValueError, match=message):
-        hf_kd.distill.load_models(DistillArguments(**fields), args)
+        hf_kd.distill.load_models(DistillScriptArguments(**fields), args, ModelConfig(model_name_or_path=student))
 
 
-def test_student_cut_from_teacher_layers(distill, tmp_path):
+def test_student_cut_from_teacher_layers(tmp_path):
     """`student_layers` builds the student from a (local) teacher folder's layers and shares its tokenizer."""
-    from smoke import make_chat_tokenizer, make_tiny_model
+    from hf_kd.smoke import make_chat_tokenizer, make_tiny_model
 
     tokenizer = make_chat_tokenizer()
     teacher_dir = tmp_path / "teacher"
     make_tiny_model(tokenizer, hidden=32, layers=4, seed=0).save_pretrained(teacher_dir)
     tokenizer.save_pretrained(teacher_dir)
-    _, args = hf_kd.distill.parse_args(["--output_dir", str(tmp_path / "out"), "--use_cpu", "true"])
+    _, args, model_args = parse_args(["--output_dir", str(tmp_path / "out"), "--use_cpu", "true"])
 
-    models = hf_kd.distill.load_models(DistillArguments(teacher=str(teacher_dir), student_layers=2), args)
+    models = hf_kd.distill.load_models(
+        DistillScriptArguments(teacher=str(teacher_dir), student_layers=2), args, model_args
+    )
 
     assert models.teacher.config.num_hidden_layers == 4 and models.student.config.num_hidden_layers == 2
     assert models.tokenizer.get_vocab() == tokenizer.get_vocab() and models.teacher_tokenizer is None
@@ -141,27 +138,22 @@ def test_real_model_names_resolve_to_converted_folders(monkeypatch, tmp_path):
     assert converted == ["smollm2-135m-instruct", "gemma-3-270m"]
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=[path.stem for path in RECIPES])
-def test_hf_kd_distill_reads_recipes_as_the_example_does(distill, recipe, monkeypatch, tmp_path):
-    """`hf-kd distill --config <recipe>` hands hf_kd.distill the arguments and config the example parses (the
-    example's `smoke` switch aside, which `hf-kd distill` refuses by name)."""
-    argv = ["--config", str(recipe), "--output_dir", str(tmp_path), "--max_steps", "2"]
-    example_args, example_config = distill.parse_args(argv)
+def test_hf_kd_distill_and_the_example_run_the_same_script(monkeypatch, tmp_path):
+    """`hf-kd distill <flags>` and `python examples/distill.py <flags>` hand hf_kd.distill.main the same parsed
+    arguments, config and model config."""
+    argv = ["--config", str(EXAMPLES_DIR / "recipes" / "akl.yaml"), "--output_dir", str(tmp_path), "--max_steps", "2"]
     received = []
 
-    def record(arguments, config):
-        received.append((arguments, config))
-        return {"output_dir": config.output_dir}
+    def record(*parsed):
+        received.append(parsed)
+        return {"output_dir": parsed[1].output_dir}
 
-    monkeypatch.setattr(hf_kd.distill, "run_distillation", record)
-
-    if example_args.smoke:
-        with pytest.raises(ValueError, match="smoke.*examples/distill.py"):
-            hf_kd.cli.main(["distill", *argv])
-        return
+    monkeypatch.setattr(hf_kd.distill, "main", record)
     assert hf_kd.cli.main(["distill", *argv]) == 0
+    monkeypatch.setattr(sys, "argv", [str(EXAMPLES_DIR / "distill.py"), *argv])
+    runpy.run_path(str(EXAMPLES_DIR / "distill.py"), run_name="__main__")
 
-    [(cli_args, cli_config)] = received
-    assert type(cli_args) is DistillArguments and not example_args.record_shards
-    assert vars(cli_args) == {name: getattr(example_args, name) for name in vars(cli_args)}
+    [(cli_args, cli_config, cli_model), (example_args, example_config, example_model)] = received
+    assert cli_args == example_args and cli_model == example_model
     assert cli_config.to_dict() == example_config.to_dict()
+    assert cli_config.max_steps == 2 and cli_args.student_layers == 10

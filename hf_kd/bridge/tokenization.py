@@ -10,17 +10,15 @@ generated text and re-rendering the conversation.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-import torch  # noqa: E402
-from transformers import PreTrainedTokenizerBase  # noqa: E402
-from trl.experimental.utils import DataCollatorForChatML  # noqa: E402
-from trl.trainer.utils import pad  # noqa: E402
+import torch
+from transformers import PreTrainedTokenizerBase
+from trl.experimental.utils import DataCollatorForChatML
+from trl.trainer.utils import pad
 
-from ..assets import PLAIN_CHAT_TEMPLATE  # noqa: E402  (for teachers without a chat template)
-from ..losses import IGNORE_INDEX  # noqa: E402
+from ..assets import PLAIN_CHAT_TEMPLATE  # (for teachers without a chat template)
+from ..losses import IGNORE_INDEX
 
 Messages = list[dict[str, str]]
 

@@ -34,11 +34,9 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ..losses.core import default_chunk_size
+from ..losses.core import IGNORE_INDEX, default_chunk_size
 from ..losses.divergences import kl_rows
 from .callbacks import GeneratedBatch, GenerationCallback, GenerationContext
-
-IGNORE_INDEX = -100
 
 
 @contextlib.contextmanager

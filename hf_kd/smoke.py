@@ -1,8 +1,7 @@
 """Tiny stand-ins for a distillation run, built locally in a second: a word-level chat tokenizer, random Llama
-teacher and student, and a generated counting dataset. `distill.py --smoke` uses them so that every recipe can
-be exercised end to end (collate, rollout, both forwards, loss, save) without downloads or a GPU.
-
-Nothing here depends on hf_kd: it only builds Hugging Face objects.
+teacher and student, and a generated counting dataset. `hf-kd distill --smoke` (and examples/distill.py, the same
+script) uses them so that every recipe can be exercised end to end (collate, rollout, both forwards, loss, save)
+without downloads or a GPU.
 """
 
 from __future__ import annotations
