@@ -30,7 +30,6 @@ import dataclasses
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,17 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-for _key, _value in {
-    "HF_HUB_OFFLINE": "1",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "TRL_EXPERIMENTAL_SILENCE": "1",
-    "WANDB_DISABLED": "true",
-    "TOKENIZERS_PARALLELISM": "false",
-}.items():
-    os.environ.setdefault(_key, _value)
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed_memory import environment  # noqa: E402  (library versions and hardware, shared with that benchmark)
+from harness import environment, run_in_fresh_process  # noqa: E402  (offline defaults, shared with speed_memory.py)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SMOLLM2 = "smollm2-135m-instruct"
@@ -341,23 +331,11 @@ def run_child(spec: RunSpec) -> dict[str, Any]:
 
 def run_in_subprocess(spec: RunSpec, timeout: float) -> dict[str, Any]:
     """Runs ``spec`` in a fresh Python process; a failure becomes a record with an ``error``."""
-    env = dict(os.environ)
-    if spec.threads:
-        env |= {"OMP_NUM_THREADS": str(spec.threads), "MKL_NUM_THREADS": str(spec.threads)}
     started = time.perf_counter()
-    with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(dataclasses.asdict(spec))]
-        try:
-            proc = subprocess.run(
-                [*cmd, "--child-out", out.name], env=env, capture_output=True, text=True, timeout=timeout
-            )
-        except subprocess.TimeoutExpired:
-            return {"method": spec.method, "seed": spec.seed, "error": f"timed out after {timeout:.0f} s"}
-        text = Path(out.name).read_text()
-    if proc.returncode != 0 or not text:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        return {"method": spec.method, "seed": spec.seed, "error": f"exit {proc.returncode}: " + " | ".join(tail)}
-    return json.loads(text) | {"wall_s": time.perf_counter() - started}
+    record = run_in_fresh_process(Path(__file__).resolve(), spec, spec.threads, timeout)
+    if "error" in record:
+        return {"method": spec.method, "seed": spec.seed, **record}
+    return record | {"wall_s": time.perf_counter() - started}
 
 
 # ---------------------------------------------------------------------------------------------- the table

@@ -25,10 +25,8 @@ import importlib
 import json
 import math
 import os
-import platform
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,14 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-for _key, _value in {
-    "HF_HUB_OFFLINE": "1",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "TRL_EXPERIMENTAL_SILENCE": "1",
-    "WANDB_DISABLED": "true",
-    "TOKENIZERS_PARALLELISM": "false",
-}.items():
-    os.environ.setdefault(_key, _value)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import environment, run_in_fresh_process  # noqa: E402  (offline defaults, shared with quality.py)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TRL_METHODS = ("trl", "trl-liger")
@@ -474,20 +466,8 @@ def _describe(spec: RunSpec) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- many runs
 def run_in_subprocess(spec: RunSpec, timeout: float) -> dict[str, Any]:
     """Runs ``spec`` in a fresh Python process (so peak memory is per configuration); errors become a record."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(spec.threads), "MKL_NUM_THREADS": str(spec.threads)}
-    with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(dataclasses.asdict(spec))]
-        try:
-            proc = subprocess.run(
-                [*cmd, "--child-out", out.name], env=env, capture_output=True, text=True, timeout=timeout
-            )
-        except subprocess.TimeoutExpired:
-            return {**_describe(spec), "error": f"timed out after {timeout:.0f} s"}
-        text = Path(out.name).read_text()
-        if proc.returncode != 0 or not text:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            return {**_describe(spec), "error": f"exit {proc.returncode}: " + " | ".join(tail)}
-        return json.loads(text)
+    record = run_in_fresh_process(Path(__file__).resolve(), spec, spec.threads, timeout)
+    return {**_describe(spec), **record} if "error" in record else record
 
 
 def add_ratios(results: list[dict[str, Any]], basis: str = "step_time_s") -> None:
@@ -575,25 +555,6 @@ def markdown_table(results: list[dict[str, Any]], cuda: bool) -> str:
                 cells.append(_percent(r.get("mfu"), ".1f"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def environment() -> dict[str, Any]:
-    """Library versions and hardware, recorded with the results."""
-    import torch
-    import transformers
-    import trl
-
-    info = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "trl": trl.__version__,
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def build_specs(args: argparse.Namespace, device: str) -> list[RunSpec]:

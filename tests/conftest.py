@@ -1,11 +1,12 @@
 """Fixtures over the tiny builders of tiny.py: a chat tokenizer, a student and a teacher, small conversation sets."""
 
 import os
+import runpy
+from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-os.environ.setdefault("WANDB_DISABLED", "true")
+# hf_kd's offline defaults, loaded by path: importing hf_kd would let huggingface_hub read the environment first.
+_ENVIRONMENT = runpy.run_path(str(Path(__file__).resolve().parents[1] / "hf_kd" / "environment.py"))
+_ENVIRONMENT["apply_defaults"](_ENVIRONMENT["OFFLINE_DEFAULTS"])
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

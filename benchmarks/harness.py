@@ -1,0 +1,63 @@
+"""Set-up shared by the benchmark scripts (speed_memory.py, quality.py).
+
+Importing it applies hf_kd's offline environment defaults (hf_kd/environment.py, loaded by path so that no Hugging
+Face library reads the environment before they are set). `environment` records library versions and hardware;
+`run_in_fresh_process` runs one configuration in a new Python process, so that each row starts from a clean state
+(peak memory, caches, threads) and a crash becomes a record instead of ending the benchmark.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import runpy
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+_ENVIRONMENT = runpy.run_path(str(ROOT / "hf_kd" / "environment.py"))
+_ENVIRONMENT["apply_defaults"](_ENVIRONMENT["OFFLINE_DEFAULTS"])
+
+
+def environment() -> dict[str, Any]:
+    """Library versions and hardware, recorded with the results."""
+    import torch
+    import transformers
+    import trl
+
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def run_in_fresh_process(script: str | Path, spec: Any, threads: int | None, timeout: float) -> dict[str, Any]:
+    """`script --child <spec as JSON> --child-out <file>` in a new process with `threads` OMP/MKL threads (None:
+    the default); returns the record the child wrote, or `{"error": ...}` with the exit status and the last lines
+    of its output."""
+    env = dict(os.environ)
+    if threads:
+        env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
+        cmd = [sys.executable, str(script), "--child", json.dumps(dataclasses.asdict(spec)), "--child-out", out.name]
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {timeout:.0f} s"}
+        text = Path(out.name).read_text()
+    if proc.returncode != 0 or not text:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
+    return json.loads(text)
