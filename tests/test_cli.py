@@ -61,15 +61,10 @@ def test_bad_command_line_ends_with_one_clear_line(capsys, tmp_path, argv, messa
 
 def test_bad_command_line_exits_without_traceback():
     code = "import sys; from hf_kd.cli import main; sys.exit(main())"
-    for argv, message in (
-        (["distill", "--config", "nope.yaml"], "No such recipe file"),
-        (["evaluate", "--model", "/nonexistent"], "No such model folder"),
-    ):
-        proc = subprocess.run(
-            [sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300
-        )
-        assert proc.returncode == 1
-        assert "Traceback" not in proc.stderr and message in proc.stderr
+    command = [sys.executable, "-c", code, "evaluate", "--model", "/nonexistent"]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr and "No such model folder: /nonexistent" in proc.stderr
 
 
 def test_a_cli_run_warns_about_none_of_our_settings(tmp_path):
