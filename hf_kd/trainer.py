@@ -29,6 +29,7 @@ from .hub import MODULES_FILE, DistillationHubMixin
 from .losses import build_loss
 from .model_loading import init_kwargs
 from .rollout import GeneratedBatch, GenerationCallback, GenerationContext
+from .sharding import gathered
 from .validation import check_dataset, check_lora_targets, check_tokenizer, check_vocabularies
 
 logger = get_logger(__name__)
@@ -192,13 +193,26 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
             self.teacher_model = self.accelerator.prepare_model(teacher, evaluation_mode=True)
 
     def _check_sharding(self) -> None:
-        """The fused loss reads LM-head weights outside the forward pass, where FSDP/ZeRO-3 hold only a shard."""
-        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
-        if (self.args.fused_loss or self.args.bridge) and (self.is_fsdp_enabled or zero3):
+        """Warn when an FSDP request did not shard; refuse head-reading losses where heads cannot be gathered.
+
+        The fused loss and the DSKD bridge read LM-head (and embedding) weights outside the forward pass; under
+        FSDP2 and DeepSpeed ZeRO-3 they are gathered around the loss (`hf_kd.sharding.gathered`), under FSDP1
+        (flat parameters) they cannot be.
+        """
+        fsdp_requested = bool(self.args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+        if fsdp_requested and not self.is_fsdp_enabled:
+            logger.warning(
+                f"FSDP was requested but this run is not sharded: accelerate runs it as "
+                f"{self.accelerator.distributed_type} (on CPU it turns an FSDP request into DDP), so every process "
+                "holds a full student and teacher. Shard on GPUs, or wrap the models with "
+                "torch.distributed.fsdp.fully_shard yourself.",
+                main_process_only=True,
+            )
+        if (self.args.fused_loss or self.args.bridge) and self.is_fsdp_enabled and not self.accelerator.is_fsdp2:
             raise ValueError(
-                "fused_loss and the DSKD bridge compute logits from the LM-head weights outside the model's forward "
-                "pass, which FSDP and DeepSpeed ZeRO-3 shard: set fused_loss=False (--fused_loss false) and "
-                "no bridge, or use DDP / ZeRO-2."
+                "fused_loss and the DSKD bridge read LM-head weights outside the forward pass, which FSDP1's flat "
+                "parameters cannot expose: use FSDP2 (accelerate `fsdp_version: 2`, as in "
+                "examples/accelerate/fsdp.yaml), DeepSpeed ZeRO-3, or fused_loss=False without a bridge."
             )
 
     def _setup_generation(self) -> None:
@@ -331,15 +345,17 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
         labels = inputs["labels"][:, 1:]
         extras = self._loss_extras(inputs)
         if fused:
-            loss = self.loss_fn.forward_fused(
-                student_out.hidden_states[-1][:, :-1],
-                output_head(self.accelerator.unwrap_model(model)),
-                teacher_out.hidden_states[-1][:, :-1],
-                output_head(self.accelerator.unwrap_model(self.teacher_model)),
-                labels,
-                num_items_in_batch,
-                **extras,
-            )
+            student, teacher = self.accelerator.unwrap_model(model), self.accelerator.unwrap_model(self.teacher_model)
+            with gathered(student.get_output_embeddings(), teacher.get_output_embeddings()):
+                loss = self.loss_fn.forward_fused(
+                    student_out.hidden_states[-1][:, :-1],
+                    output_head(student),
+                    teacher_out.hidden_states[-1][:, :-1],
+                    output_head(teacher),
+                    labels,
+                    num_items_in_batch,
+                    **extras,
+                )
         else:
             loss = self.loss_fn(
                 student_out.logits[:, :-1], teacher_out.logits[:, :-1], labels, num_items_in_batch, **extras

@@ -34,6 +34,7 @@ from torch import nn
 
 from ..losses import IGNORE_INDEX, LogitSource, LossEngine, TokenLoss, TokenRows, build_loss, parse_recipe
 from ..losses.registry import loss_class
+from ..sharding import gathered
 from .cma import CrossModelAttention, index_embeddings
 from .tokenization import generated_teacher_inputs
 
@@ -252,10 +253,14 @@ class DSKDBridge(nn.Module):
             num_items_in_batch = (labels != IGNORE_INDEX).sum()
 
         if self.cross_vocab:
-            student, teacher = unwrap_model(model), unwrap_model(teacher_model)
+            student_table, teacher_table = (unwrap_model(m).get_input_embeddings() for m in (model, teacher_model))
+            with gathered(student_table):  # sharded models: one whole table at a time
+                student_index = index_embeddings(student_table, inputs["input_ids"][:, :-1], labels)
+            with gathered(teacher_table):
+                teacher_index = index_embeddings(teacher_table, t_ids[:, :-1], t_labels)
             aligned = self.cma(
-                index_embeddings(student.get_input_embeddings(), inputs["input_ids"][:, :-1], labels),
-                index_embeddings(teacher.get_input_embeddings(), t_ids[:, :-1], t_labels),
+                student_index,
+                teacher_index,
                 h_s,
                 h_t,
                 labels != IGNORE_INDEX,
@@ -268,18 +273,20 @@ class DSKDBridge(nn.Module):
             t2s_hidden = self.t2s(h_t.to(self.t2s.weight.dtype))
             s2t_hidden = self.s2t(h_s.to(self.s2t.weight.dtype))
 
-        student_head = OutputHead(model, frozen=False)
-        student_space = self.student_engine(
-            LogitSource(h_s, student_head),
-            LogitSource(t2s_hidden, OutputHead(model, frozen=True)),
-            labels,
-            num_items_in_batch,
-            trainable=[*student_head.parameters(), *self.student_kd.parameters()],
-        )
-        teacher_head = OutputHead(teacher_model, frozen=True)
-        teacher_space = self.teacher_engine(
-            LogitSource(s2t_hidden, teacher_head), LogitSource(h_t, teacher_head), t_labels, num_items_in_batch
-        )
+        with gathered(unwrap_model(model).get_output_embeddings()):  # sharded models: one head at a time
+            student_head = OutputHead(model, frozen=False)
+            student_space = self.student_engine(
+                LogitSource(h_s, student_head),
+                LogitSource(t2s_hidden, OutputHead(model, frozen=True)),
+                labels,
+                num_items_in_batch,
+                trainable=[*student_head.parameters(), *self.student_kd.parameters()],
+            )
+        with gathered(unwrap_model(teacher_model).get_output_embeddings()):
+            teacher_head = OutputHead(teacher_model, frozen=True)
+            teacher_space = self.teacher_engine(
+                LogitSource(s2t_hidden, teacher_head), LogitSource(h_t, teacher_head), t_labels, num_items_in_batch
+            )
         values = {**self.student_engine.last_values, **self.teacher_engine.last_values}
         return student_space + teacher_space, {k: v.detach() for k, v in values.items()}
 
