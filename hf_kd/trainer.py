@@ -208,7 +208,15 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
                 "torch.distributed.fsdp.fully_shard yourself.",
                 main_process_only=True,
             )
-        if (self.args.fused_loss or self.args.bridge) and self.is_fsdp_enabled and not self.accelerator.is_fsdp2:
+        reads_heads = self.args.fused_loss or self.args.bridge
+        if reads_heads and self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            logger.warning(
+                "fused_loss / the DSKD bridge under DeepSpeed ZeRO-3 gather the heads with "
+                "deepspeed.zero.GatheredParameters; this path has not been run yet (see docs/scaling.md). FSDP2 "
+                "is the tested configuration; fused_loss=False without a bridge avoids reading heads at all.",
+                main_process_only=True,
+            )
+        if reads_heads and self.is_fsdp_enabled and not self.accelerator.is_fsdp2:
             raise ValueError(
                 "fused_loss and the DSKD bridge read LM-head weights outside the forward pass, which FSDP1's flat "
                 "parameters cannot expose: use FSDP2 (accelerate `fsdp_version: 2`, as in "

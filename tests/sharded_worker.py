@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -49,13 +50,13 @@ SCENARIOS = {
 CHECKPOINT_SCENARIO = "dskd_cross_vocab"
 
 
-def build(name: str, out: Path) -> DistillationTrainer:
+def build(name: str, out: Path, **overrides) -> DistillationTrainer:
     config, tied, _, cross = SCENARIOS[name]
     tokenizer = make_tokenizer()
     teacher_tokenizer = chatml_tokenizer() if cross else None
     student = make_model(len(tokenizer), hidden=32, layers=2, seed=1, tie=tied)
     teacher = make_model(len(teacher_tokenizer or tokenizer), hidden=48, layers=2, seed=2, tie=True)
-    args = make_args(out, per_device_train_batch_size=2, loss_chunk_size=5, max_steps=2, **config)
+    args = make_args(out, per_device_train_batch_size=2, loss_chunk_size=5, max_steps=2, **config, **overrides)
     torch.manual_seed(0)  # helper modules start equal on both ranks
     trainer = DistillationTrainer(
         model=student,
@@ -183,10 +184,27 @@ def digest(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def fsdp_request(out: Path) -> dict:
+    """A trainer asked for FSDP (`fsdp=True`) on CPU ranks: how accelerate ran it, and what hf_kd logged."""
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger("hf_kd.trainer").addHandler(handler)
+    trainer = build("akl_tied", out / "fsdp_request", fsdp=True)
+    logging.getLogger("hf_kd.trainer").removeHandler(handler)
+    return {
+        "distributed_type": str(trainer.accelerator.distributed_type).split(".")[-1],
+        "fsdp_enabled": trainer.is_fsdp_enabled,
+        "warnings": messages,
+    }
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     names = sys.argv[2:] or list(SCENARIOS)
     torch.set_num_threads(1)
+    request = fsdp_request(out)  # builds the first trainer, which starts the process group
+    (out / f"fsdp_request.rank{dist.get_rank()}.json").write_text(json.dumps(request))
     for name in names:
         trainer = build(name, out / name)
         rank = dist.get_rank()
