@@ -39,12 +39,6 @@ def is_zero3_parameter(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 
 
-def is_sharded(module: nn.Module) -> bool:
-    """Whether any parameter of ``module`` (recursively) is an FSDP2 shard or a ZeRO-3 partition."""
-    dtensor = _dtensor_type()
-    return any((dtensor is not None and isinstance(p, dtensor)) or is_zero3_parameter(p) for p in module.parameters())
-
-
 def full_tensor(param: torch.Tensor) -> torch.Tensor:
     """The whole of an FSDP2 parameter, differentiable: its backward reduce-scatters the gradient, averaged over
     the mesh (FSDP2's default gradient reduction), into the shards."""
@@ -119,7 +113,6 @@ def load_sharded_checkpoint(
 __all__ = [
     "full_tensor",
     "gathered",
-    "is_sharded",
     "is_zero3_parameter",
     "load_sharded_checkpoint",
     "save_sharded_checkpoint",
