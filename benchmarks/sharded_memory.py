@@ -5,8 +5,9 @@ student and teacher (tied embeddings), AKL, off-policy, a few AdamW steps throug
 training step. FSDP2 = `torch.distributed.fsdp.fully_shard` on every decoder layer and the root, student and
 (frozen) teacher; DDP = `DistributedDataParallel` student, replicated teacher. Every configuration runs in fresh
 processes (`torchrun` on gloo for 2 ranks); the peak is the process's resident-set high-water mark
-(`ru_maxrss`), reported as is and above the process's own baseline measured before the models were built
-(Python, torch and the libraries). Usage (a few minutes on 2 cores)::
+(`ru_maxrss`) and, separately, the resident memory before the training steps and the peak during them (Linux
+VmRSS/VmHWM, the peak reset after the models are sharded), above the process's RSS before the models were built.
+Usage (about 10 minutes on 2 cores)::
 
     OMP_NUM_THREADS=1 python benchmarks/sharded_memory.py
 
@@ -26,14 +27,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 RESULTS = ROOT / "benchmarks" / "results"
-VOCAB, SEQ, GLOBAL_BATCH, STEPS = 32768, 256, 4, 3
-STUDENT = dict(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=768)
-TEACHER = dict(hidden=512, layers=4, heads=8, kv_heads=4, intermediate=1536)
+VOCAB, SEQ, GLOBAL_BATCH, STEPS = 32768, 128, 4, 3
+STUDENT = dict(hidden=512, layers=4, heads=8, kv_heads=4, intermediate=1536)
+TEACHER = dict(hidden=1024, layers=6, heads=16, kv_heads=8, intermediate=3072)
 MODES = ("single", "ddp", "fsdp2")
 
 
 def peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def status_mib(field: str) -> float:
+    """A memory line of /proc/self/status (VmRSS: now, VmHWM: peak since start or the last reset), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def reset_peak() -> None:
+    """Linux: writing 5 to clear_refs resets the peak resident set (VmHWM) to the current one."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def worker(mode: str, fused: bool, out: Path) -> None:
@@ -82,6 +96,10 @@ def worker(mode: str, fused: bool, out: Path) -> None:
     elif mode == "ddp":
         model = torch.nn.parallel.DistributedDataParallel(trainer.model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    if dist.is_initialized():
+        dist.barrier()
+    reset_peak()
+    resident = status_mib("VmRSS")
     g = torch.Generator().manual_seed(100 + rank)
     for _ in range(STEPS):
         ids = torch.randint(2, VOCAB, (per_rank, SEQ), generator=g)
@@ -92,7 +110,12 @@ def worker(mode: str, fused: bool, out: Path) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     record = {"mode": mode, "fused": fused, "rank": rank, "world": world, "loss": loss.item()}
-    record |= {"peak_rss_mib": round(peak_mib(), 1), "baseline_rss_mib": round(baseline, 1)}
+    record |= {
+        "process_peak_rss_mib": round(peak_mib(), 1),
+        "baseline_rss_mib": round(baseline, 1),
+        "resident_before_steps_mib": round(resident, 1),
+        "peak_during_steps_mib": round(status_mib("VmHWM"), 1),
+    }
     (out / f"{mode}-{fused}-rank{rank}.json").write_text(json.dumps(record))
 
 
@@ -112,17 +135,21 @@ def launch(mode: str, fused: bool, out: Path) -> list[dict]:
 def markdown(records: list[dict]) -> str:
     lines = [
         f"Llama student d={STUDENT['hidden']} x{STUDENT['layers']}, teacher d={TEACHER['hidden']} "
-        f"x{TEACHER['layers']}, vocabulary {VOCAB}, sequence {SEQ}, global batch {GLOBAL_BATCH}, AKL, "
-        f"{STEPS} AdamW steps, fp32, CPU, one thread per rank. Peak RSS of the largest rank (MiB); "
-        "'above baseline' subtracts the process's RSS before the models were built.",
+        f"x{TEACHER['layers']} (tied embeddings), vocabulary {VOCAB}, sequence {SEQ}, global batch {GLOBAL_BATCH}, "
+        f"AKL, {STEPS} AdamW steps, fp32, CPU, one thread per rank; the rank with the highest peak. Resident = RSS "
+        "after the models were built, sharded or wrapped and the optimizer made, minus the RSS before the models "
+        "were built (Python, torch, libraries); peak = highest RSS during the steps, minus the same baseline; "
+        "process peak = ru_maxrss over the whole process (includes building the full models before sharding). MiB.",
         "",
-        "| configuration | fused loss | ranks | peak RSS per rank | above baseline |",
-        "|---|---|---|---|---|",
+        "| configuration | fused loss | ranks | rows per rank | resident | peak during steps | process peak |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in records:
+        base = r["baseline_rss_mib"]
         lines.append(
-            f"| {r['mode']} | {'on' if r['fused'] else 'off'} | {r['world']} | {r['peak_rss_mib']:.0f} | "
-            f"{r['peak_rss_mib'] - r['baseline_rss_mib']:.0f} |"
+            f"| {r['mode']} | {'on' if r['fused'] else 'off'} | {r['world']} | {GLOBAL_BATCH // r['world']} | "
+            f"{r['resident_before_steps_mib'] - base:.0f} | {r['peak_during_steps_mib'] - base:.0f} | "
+            f"{r['process_peak_rss_mib']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -136,7 +163,7 @@ def main() -> None:
         for mode in MODES:
             for fused in (True, False):
                 ranks = launch(mode, fused, Path(tmp))
-                rows.append(max(ranks, key=lambda r: r["peak_rss_mib"]))
+                rows.append(max(ranks, key=lambda r: r["peak_during_steps_mib"]))
                 print(json.dumps(rows[-1]), flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "sharded_memory_cpu.json").write_text(json.dumps(rows, indent=1))

@@ -30,6 +30,7 @@ from tiny import chatml_tokenizer, make_args, make_conversations, make_model, ma
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
 
 from hf_kd import DistillationTrainer  # noqa: E402
 from hf_kd.sharding import load_sharded_checkpoint, save_sharded_checkpoint  # noqa: E402
@@ -168,7 +169,7 @@ def checkpoint_round_trip(trainer: DistillationTrainer, data: list[dict], out: P
         resumed.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
     )
     if rank == 0:
-        final = make_model(resumed.model.config.vocab_size, hidden=32, layers=2, seed=0)
+        final = LlamaForCausalLM(resumed.model.config)  # a plain, unsharded student
         final.load_state_dict(student_state)
         final.save_pretrained(out / "final")
         resumed.processing_class.save_pretrained(out / "final")
