@@ -14,6 +14,7 @@ from .data import load_bundled_dataset, map_to_messages  # noqa: E402
 from .evaluation import EvaluationCallback, evaluate_student  # noqa: E402
 from .losses import build_loss  # noqa: E402
 from .rollout import GeneratedBatch, GenerationCallback, GenerationContext  # noqa: E402
+from .teacher_cache import cache_teacher, load_teacher_cache  # noqa: E402
 from .trainer import DistillationTrainer  # noqa: E402
 
 __version__ = "0.1.0"
@@ -26,9 +27,11 @@ __all__ = [
     "GenerationCallback",
     "GenerationContext",
     "build_loss",
+    "cache_teacher",
     "evaluate_student",
     "load_bundled_dataset",
     "load_real_model",
+    "load_teacher_cache",
     "make_layer_pruned_student",
     "map_to_messages",
 ]

@@ -27,9 +27,12 @@ from trl.trainer.utils import disable_dropout_in_model
 from .config import DistillationConfig
 from .hub import MODULES_FILE, DistillationHubMixin
 from .losses import build_loss
+from .losses.core import LogitSource
 from .model_loading import init_kwargs
 from .rollout import GeneratedBatch, GenerationCallback, GenerationContext
 from .sharding import gathered
+from .teacher_cache import TeacherCacheCollator, TopKReconstruction, cache_manifest
+from .teacher_cache.run_checks import check_cache_matches_run, check_config_for_cache
 from .validation import check_dataset, check_lora_targets, check_tokenizer, check_vocabularies
 
 logger = get_logger(__name__)
@@ -59,7 +62,10 @@ def output_head(model: nn.Module) -> nn.Module:
 def load_teacher(teacher_model: nn.Module | str | None, args: DistillationConfig) -> nn.Module:
     """The teacher as a model: loaded from a path/id with `teacher_model_init_kwargs` when given as a string."""
     if teacher_model is None:
-        raise ValueError("DistillationTrainer needs a `teacher_model` (a model or a path/Hub id).")
+        raise ValueError(
+            "DistillationTrainer needs a `teacher_model` (a model or a path/Hub id), or a teacher cache as "
+            "train_dataset (hf_kd.cache_teacher, then hf_kd.load_teacher_cache)."
+        )
     if not isinstance(teacher_model, str):
         if args.teacher_model_init_kwargs:
             raise ValueError("`teacher_model_init_kwargs` is only used when `teacher_model` is a path or id string.")
@@ -115,10 +121,17 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
         check_tokenizer(processing_class, "processing_class (the student's tokenizer)")
         check_dataset(train_dataset, "train_dataset")
         check_dataset(eval_dataset, "eval_dataset")
-        teacher_model = load_teacher(teacher_model, args)
-        self.cross_tokenizer = check_vocabularies(
-            model, teacher_model, processing_class, teacher_processing_class, args.bridge
-        )
+        self.teacher_cache = cache_manifest(train_dataset) if teacher_model is None else None
+        if self.teacher_cache is not None:
+            check_config_for_cache(args)
+            if eval_dataset is not None and cache_manifest(eval_dataset) is None:
+                raise ValueError("Without a teacher, eval_dataset must be a teacher cache too (load_teacher_cache).")
+            self.cross_tokenizer = False
+        else:
+            teacher_model = load_teacher(teacher_model, args)
+            self.cross_tokenizer = check_vocabularies(
+                model, teacher_model, processing_class, teacher_processing_class, args.bridge
+            )
         if teacher_processing_class is not None:
             check_tokenizer(teacher_processing_class, "teacher_processing_class", need_template=False)
         if self.cross_tokenizer and args.seq_kd:
@@ -132,7 +145,9 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
         args.remove_unused_columns = False
         args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
         if data_collator is None:
-            if self.cross_tokenizer:
+            if self.teacher_cache is not None:
+                data_collator = TeacherCacheCollator(self.teacher_cache, processing_class.pad_token_id)
+            elif self.cross_tokenizer:
                 from .bridge.tokenization import DualTokenizationCollator
 
                 data_collator = DualTokenizationCollator(processing_class, teacher_processing_class, args.max_length)
@@ -162,6 +177,12 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
         self._setup_generation()
         self.loss_fn = build_loss(args.kd_loss, chunk_size=args.loss_chunk_size, **args.loss_build_kwargs())
         self.loss_fn.to(self.args.device)
+        if self.teacher_cache is not None:
+            check_cache_matches_run(self.teacher_cache, self.model, processing_class, list(self.loss_fn.terms))
+            encoding = self.teacher_cache["encoding"]
+            self.cache_reconstruction = TopKReconstruction(
+                encoding["vocab_size"], encoding["top_k"], self.teacher_cache["temperature"]
+            )
         self.bridge = None
         if args.bridge == "dskd":
             from .bridge.dskd import DSKDBridge
@@ -179,7 +200,10 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
         self._normalised_locally = False
 
     # ------------------------------------------------------------------ set-up
-    def _setup_teacher(self, teacher: nn.Module) -> None:
+    def _setup_teacher(self, teacher: nn.Module | None) -> None:
+        if teacher is None:  # training from a teacher cache
+            self.teacher_model = None
+            return
         teacher.requires_grad_(False)
         teacher.eval()
         if self.args.disable_dropout:
@@ -347,28 +371,27 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
         if fused:
             forward_kwargs |= {"output_hidden_states": True, "logits_to_keep": 1}
         student_out = model(**forward_kwargs)
-        self.teacher_model.eval()
-        with torch.no_grad():
-            teacher_out = self.teacher_model(**forward_kwargs)
+        student = self._logit_source(student_out, model if fused else None)
+        if self.teacher_cache is not None:
+            teacher = LogitSource(inputs["teacher_rows"].to(student.rows.device), self.cache_reconstruction)
+        else:
+            self.teacher_model.eval()
+            with torch.no_grad():
+                teacher_out = self.teacher_model(**forward_kwargs)
+            teacher = self._logit_source(teacher_out, self.teacher_model if fused else None)
         labels = inputs["labels"][:, 1:]
         extras = self._loss_extras(inputs)
-        if fused:
-            student, teacher = self.accelerator.unwrap_model(model), self.accelerator.unwrap_model(self.teacher_model)
-            with gathered(student.get_output_embeddings(), teacher.get_output_embeddings()):
-                loss = self.loss_fn.forward_fused(
-                    student_out.hidden_states[-1][:, :-1],
-                    output_head(student),
-                    teacher_out.hidden_states[-1][:, :-1],
-                    output_head(teacher),
-                    labels,
-                    num_items_in_batch,
-                    **extras,
-                )
-        else:
-            loss = self.loss_fn(
-                student_out.logits[:, :-1], teacher_out.logits[:, :-1], labels, num_items_in_batch, **extras
-            )
+        models = [model] if self.teacher_cache is not None else [model, self.teacher_model]
+        heads = [self.accelerator.unwrap_model(m).get_output_embeddings() for m in models] if fused else []
+        with gathered(*heads):  # sharded (FSDP2/ZeRO-3) heads are whole for the loss only
+            loss = self.loss_fn.forward_sources(student, teacher, labels, num_items_in_batch, **extras)
         return loss, self.loss_fn.last_values, student_out
+
+    def _logit_source(self, outputs: Any, fused_model: nn.Module | None) -> LogitSource:
+        """One side's rows aligned with the shifted labels: last hidden states + head (fused), or logits."""
+        if fused_model is None:
+            return LogitSource(outputs.logits[:, :-1])
+        return LogitSource(outputs.hidden_states[-1][:, :-1], output_head(self.accelerator.unwrap_model(fused_model)))
 
     def _loss_extras(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
         needed = {key for term in self.loss_fn.terms for key in term.requires}

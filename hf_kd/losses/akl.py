@@ -12,6 +12,8 @@ As in the official snippet the weights carry no gradient. The official snippet a
 Difference from the snippet, exact up to ties: instead of sorting the whole vocabulary, only the top-64
 teacher entries are sorted (rows whose head reaches past them are sorted in full), since
 g_tail = sum_all e - g_head.
+From a teacher cache the head is read from the cached top-k (it is exact while the head lies inside it);
+the tail sums are over the reconstructed flat tail.
 """
 
 from __future__ import annotations

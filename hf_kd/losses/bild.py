@@ -35,7 +35,13 @@ def logit_difference_kl(leader: torch.Tensor, follower: torch.Tensor, student_le
 
 @register_loss("bild")
 class BiLD(TokenLoss):
-    """Teacher-led plus student-led logit-difference KL over the top-k logits."""
+    """Teacher-led plus student-led logit-difference KL over the top-k logits.
+
+    Not trainable from a teacher cache: the student-led half reads the teacher's logits at the student's
+    top-k tokens, which a cache of the teacher's own top-k does not hold.
+    """
+
+    teacher_needs = "logits_at_student_top_k"
 
     def __init__(self, top_k: int = 8, temperature: float = 3.0):
         super().__init__()

@@ -129,11 +129,16 @@ class TokenLoss(nn.Module):
 
     ``per_token(rows)`` returns one value per row ([n]); for ``pairwise`` terms one value per row k
     for the pair (k, k+1), zero where ``rows.pair_mask`` is False, and the term is averaged over pairs.
+
+    ``teacher_needs`` says what the term reads of the teacher, which decides whether it can train from a
+    teacher cache (``hf_kd.teacher_cache``): "distribution" (teacher log-probs; from a cache, the top-k
+    plus a flat tail), "nothing", or "logits_at_student_top_k" (refused from a cache).
     """
 
     name: str = ""
     pairwise: bool = False
     requires: tuple[str, ...] = ()  # names of per-token extras the term needs (e.g. "span_ids")
+    teacher_needs: str = "distribution"
 
     def per_token(self, rows: TokenRows) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must define per_token()")

@@ -29,6 +29,9 @@ The paper leaves several points open; the choices made here (each a constructor 
   not modelled.
 * Direction: KL(p~ || q~) (``direction="forward"``, the paper's KD setting); ``"reverse"`` gives
   KL(q~ || p~).
+
+From a teacher cache the features and the band come from the cached top-k; with ``top_m`` above the cached
+k, the features past k are entries of the flat tail.
 """
 
 from __future__ import annotations

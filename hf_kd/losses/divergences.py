@@ -1,6 +1,11 @@
 """Token-level divergences every KD library has: FKL, RKL, GKD's generalized JSD, skew KL, and CE.
 
 Notation: p is the teacher distribution, q the student's, both at the term's temperature.
+
+From a teacher cache (``hf_kd.teacher_cache``) p is the reconstructed distribution: the cached top-k
+probabilities and the remaining mass spread evenly over the other tokens. Every term here then computes
+the same formula on it; the error against the live teacher is bounded through KL(p || p_hat) (see
+``benchmarks/teacher_cache.py``). CE does not read the teacher at all.
 """
 
 from __future__ import annotations
@@ -112,6 +117,8 @@ class SkewReverseKL(TokenLoss):
 @register_loss("ce")
 class CrossEntropy(TokenLoss):
     """Cross-entropy of the student on the labels (the SFT term); no temperature."""
+
+    teacher_needs = "nothing"
 
     def per_token(self, rows: TokenRows) -> torch.Tensor:
         return -rows.student_logprobs(1.0).gather(-1, rows.labels.unsqueeze(-1)).squeeze(-1)

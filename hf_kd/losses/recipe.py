@@ -84,13 +84,8 @@ class DistillationLoss(nn.Module):
         num_items_in_batch: int | torch.Tensor | None = None,
         **extras: torch.Tensor,
     ) -> torch.Tensor:
-        return self.engine(
-            LogitSource(student_logits),
-            LogitSource(teacher_logits),
-            labels,
-            num_items_in_batch,
-            extras,
-            trainable=[p for p in self.parameters() if p.requires_grad],
+        return self.forward_sources(
+            LogitSource(student_logits), LogitSource(teacher_logits), labels, num_items_in_batch, **extras
         )
 
     def forward_fused(
@@ -104,9 +99,26 @@ class DistillationLoss(nn.Module):
         **extras: torch.Tensor,
     ) -> torch.Tensor:
         """Same value as ``forward(student_head(student_hidden), teacher_head(teacher_hidden), labels)``."""
-        return self.engine(
+        return self.forward_sources(
             LogitSource(student_hidden, student_head),
             LogitSource(teacher_hidden, teacher_head),
+            labels,
+            num_items_in_batch,
+            **extras,
+        )
+
+    def forward_sources(
+        self,
+        student: LogitSource,
+        teacher: LogitSource,
+        labels: torch.Tensor,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        **extras: torch.Tensor,
+    ) -> torch.Tensor:
+        """The loss from any two sides (logits, hidden states + head, or cached teacher rows + reconstruction)."""
+        return self.engine(
+            student,
+            teacher,
             labels,
             num_items_in_batch,
             extras,

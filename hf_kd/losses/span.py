@@ -10,6 +10,7 @@ divides by the pair count). Pairs never cross a span boundary or a masked positi
 The paper says "L2 distance"; ``squared=False`` (default) takes it literally, ``squared=True`` uses
 the squared distance (smoother, but its values are tiny since every entry of c is at most 1).
 At a zero distance the unsquared gradient is taken as 0.
+From a teacher cache the teacher probabilities are the reconstructed ones (top-k plus a flat tail).
 """
 
 from __future__ import annotations

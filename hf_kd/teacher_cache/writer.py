@@ -1,0 +1,226 @@
+"""``cache_teacher``: run a teacher once over a chat dataset and store its top-k next-token distributions.
+
+Layout of the output folder: ``teacher_cache.json`` (the manifest, see ``manifest.py``) and
+``data/train-NNNNN.parquet`` shards, one row per example with the student-side ``input_ids`` and ``labels``
+(exactly what the trainer's chat collator produces) and, for each response token in order, the teacher's
+top-k ids, their stored log-probabilities and the log of the remaining mass (see ``encoding.py``).
+``datasets.load_dataset("parquet", data_dir=<folder>/data)`` reads it; ``hf_kd.load_teacher_cache`` reads
+it with its manifest and checks. An interrupted run resumes: shards already written (and listed in the
+manifest with their checksum) are kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM
+from trl.experimental.utils import DataCollatorForChatML
+
+from .encoding import CacheEncoding
+from .manifest import (
+    FORMAT,
+    MANIFEST_FILE,
+    file_sha256,
+    read_manifest,
+    teacher_identity,
+    tokenizer_identity,
+    write_manifest,
+)
+
+ENCODE_ROWS = 1024  # rows of [rows, V] float32 log-probs encoded at once
+
+
+def _dataset_fingerprint(dataset: Any) -> str:
+    fingerprint = getattr(dataset, "_fingerprint", None)
+    if fingerprint:
+        return str(fingerprint)
+    return hashlib.sha256(json.dumps(list(dataset), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _load_teacher(teacher_model: nn.Module | str, device: torch.device, dtype: torch.dtype | None) -> nn.Module:
+    if isinstance(teacher_model, (str, os.PathLike)):
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        teacher_model = AutoModelForCausalLM.from_pretrained(teacher_model, dtype=dtype)
+    elif dtype is not None:
+        teacher_model = teacher_model.to(dtype)
+    return teacher_model.to(device).eval()
+
+
+def _list_column(flat: np.ndarray, counts: list[int], dtype: pa.DataType) -> pa.Array:
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=dtype))
+
+
+class _ShardWriter:
+    """Collects encoded examples and writes them as one Parquet shard (to a temporary name, then renamed)."""
+
+    def __init__(self, encoding: CacheEncoding):
+        self.encoding = encoding
+        self.columns: dict[str, list[np.ndarray]] = {
+            name: [] for name in ("input_ids", "labels", "ids", "values", "tail")
+        }
+
+    def add(self, input_ids, labels, ids, values, tail) -> None:
+        for name, value in zip(self.columns, (input_ids, labels, ids, values, tail)):
+            self.columns[name].append(value)
+
+    def write(self, path: Path) -> dict[str, Any]:
+        enc = self.encoding
+        counts = [len(x) for x in self.columns["input_ids"]]
+        tokens = [len(x) for x in self.columns["tail"]]
+        flat = {name: np.concatenate(parts) if parts else np.zeros(0) for name, parts in self.columns.items()}
+        table = pa.table(
+            {
+                "input_ids": _list_column(flat["input_ids"].astype(np.int32), counts, pa.int32()),
+                "labels": _list_column(flat["labels"].astype(np.int32), counts, pa.int32()),
+                "teacher_ids": _list_column(
+                    flat["ids"], [n * enc.top_k for n in tokens], pa.from_numpy_dtype(enc.id_dtype)
+                ),
+                "teacher_values": _list_column(
+                    flat["values"], [n * enc.top_k for n in tokens], pa.from_numpy_dtype(enc.stored_value_dtype)
+                ),
+                "teacher_log_tail": _list_column(flat["tail"].astype(np.float32), tokens, pa.float32()),
+            }
+        )
+        partial = path.with_name(path.name + ".partial")
+        pq.write_table(table, partial)
+        os.replace(partial, path)
+        return {
+            "file": str(path.relative_to(path.parents[1])),
+            "rows": len(counts),
+            "tokens": int(sum(tokens)),
+            "bytes": path.stat().st_size,
+            "sha256": file_sha256(path),
+        }
+
+
+@torch.inference_mode()
+def _encode_batch(teacher, batch, encoding: CacheEncoding, temperature: float, device, writer: _ShardWriter) -> None:
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    logits = teacher(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1]
+    selected = (labels[:, 1:] != -100).to(device)
+    rows = logits[selected]
+    parts = [[], [], []]
+    for start in range(0, rows.shape[0], ENCODE_ROWS):
+        logprobs = torch.log_softmax(rows[start : start + ENCODE_ROWS].float() / temperature, dim=-1)
+        for part, array in zip(parts, encoding.encode(logprobs)):
+            part.append(array)
+    top_ids, values, tail = (np.concatenate(p) if p else np.zeros(0) for p in parts)
+    counts = selected.sum(-1).tolist()
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+    for j in range(len(counts)):
+        keep = mask[j].bool()  # the collator pads on the left; drop the padding
+        a, b = bounds[j], bounds[j + 1]
+        writer.add(
+            ids[j][keep].numpy(),
+            labels[j][keep].numpy(),
+            top_ids[a:b].reshape(-1),
+            values[a:b].reshape(-1),
+            tail[a:b],
+        )
+
+
+def cache_teacher(
+    teacher_model: nn.Module | str,
+    processing_class: Any,
+    dataset: Any,
+    output_dir: str | os.PathLike,
+    top_k: int = 64,
+    *,
+    value_dtype: str = "uint8",
+    temperature: float = 1.0,
+    max_length: int = 1024,
+    batch_size: int = 8,
+    shard_size: int = 1024,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
+) -> Path:
+    """Run ``teacher_model`` once over ``dataset`` (chat ``messages``) and write a teacher cache to ``output_dir``.
+
+    ``processing_class`` is the tokenizer the student will be trained with (it must be the teacher's: a cache
+    holds distributions over one vocabulary). ``top_k`` entries per response token are kept with values in
+    ``value_dtype`` (see ``hf_kd.teacher_cache.encoding``; benchmarks/teacher_cache.py measures the trade-off).
+    ``temperature`` is the temperature of the stored distribution (1.0 keeps the teacher's own). Teacher
+    forwards run ``batch_size`` examples at a time on ``device`` (CUDA when present, in bf16/fp16 there when
+    the teacher is given as a path or ``dtype`` says so). Returns the output folder.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    if batch_size < 1 or shard_size < 1:
+        raise ValueError(f"batch_size and shard_size must be >= 1, got {batch_size} and {shard_size}.")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    teacher = _load_teacher(teacher_model, device, dtype)
+    vocab_size = teacher.config.get_text_config().vocab_size
+    if len(processing_class) > vocab_size:
+        raise ValueError(
+            f"The tokenizer has {len(processing_class)} tokens but the teacher's vocabulary only {vocab_size}: "
+            "a cache stores distributions over the teacher's vocabulary, so pass the teacher's own tokenizer."
+        )
+    encoding = CacheEncoding(top_k, vocab_size, value_dtype)
+    identity = {
+        "format": FORMAT,
+        "teacher": teacher_identity(teacher),
+        "tokenizer": tokenizer_identity(processing_class),
+        "temperature": float(temperature),
+        "encoding": encoding.to_dict(),
+        "data": {
+            "fingerprint": _dataset_fingerprint(dataset),
+            "num_examples": len(dataset),
+            "max_length": max_length,
+            "shard_size": shard_size,
+        },
+    }
+    folder = Path(output_dir)
+    shards = _resume(folder, identity)
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    collator = DataCollatorForChatML(tokenizer=processing_class, max_length=max_length)
+    num_shards = -(-len(dataset) // shard_size)
+    bar = tqdm(total=len(dataset), desc="Caching the teacher", unit="ex", disable=not progress)
+    bar.update(min(len(shards) * shard_size, len(dataset)))
+    for index in range(len(shards), num_shards):
+        writer = _ShardWriter(encoding)
+        stop = min((index + 1) * shard_size, len(dataset))
+        for start in range(index * shard_size, stop, batch_size):
+            examples = [dataset[i] for i in range(start, min(start + batch_size, stop))]
+            _encode_batch(teacher, collator(examples), encoding, temperature, device, writer)
+            bar.update(len(examples))
+        shards.append(writer.write(folder / "data" / f"train-{index:05d}.parquet"))
+        write_manifest(folder, {**identity, "shards": shards, "complete": index + 1 == num_shards})
+    bar.close()
+    if num_shards == 0:
+        raise ValueError("The dataset is empty: nothing to cache.")
+    return folder
+
+
+def _resume(folder: Path, identity: dict[str, Any]) -> list[dict[str, Any]]:
+    """Shards already written by an interrupted run with the same identity; an error for another cache's folder."""
+    if not (folder / MANIFEST_FILE).is_file():
+        if folder.exists() and any(folder.iterdir()):
+            raise FileExistsError(f"{folder} exists and is not empty: pick a new output_dir for the teacher cache.")
+        return []
+    manifest = read_manifest(folder)
+    differing = sorted(key for key in identity if manifest.get(key) != identity[key])
+    if differing:
+        raise ValueError(
+            f"{folder} holds a teacher cache built with other settings ({', '.join(differing)} differ): pick a "
+            "new output_dir, or delete that folder to rebuild it."
+        )
+    kept = []
+    for shard in manifest["shards"]:
+        path = folder / shard["file"]
+        if not path.is_file() or file_sha256(path) != shard["sha256"]:
+            break  # this shard and the ones after it are rewritten
+        kept.append(shard)
+    return kept
