@@ -5,6 +5,7 @@ hf-kd demo                                            # SmolLM2-135M-Instruct ->
 hf-kd demo --bridge dskd                              # the same with Gemma-3-270m as a cross-vocabulary teacher
 hf-kd distill --config examples/recipes/akl.yaml      # any recipe; flags override it (--teacher <path>)
 hf-kd evaluate --model <path> --teacher <path> --dataset bundled:heldout
+hf-kd cache-teacher --teacher <path> --output_dir <dir>  # then train with teacher_model=None (README)
 
 A bad command line, recipe or model path ends with one `hf-kd <verb>: error: ...` line and exit status 1.
 """
@@ -38,6 +39,28 @@ class EvaluateArguments:
     )
     max_samples: int = field(default=100, metadata={"help": "Score at most this many conversations."})
     max_new_tokens: int = field(default=96, metadata={"help": "Greedy tokens generated per answer."})
+
+
+@dataclass
+class CacheTeacherArguments:
+    """What `hf-kd cache-teacher` runs (hf_kd.cache_teacher), on what, and where it writes."""
+
+    teacher: str = field(metadata={"help": "The teacher: a local folder, a Hub id or a real-model name."})
+    output_dir: str = field(metadata={"help": "Cache folder; an interrupted run resumes in it."})
+    dataset: str = field(
+        default="bundled:train",
+        metadata={"help": "Chat conversations: 'bundled:<split>', a local .json/.jsonl file or a Hub dataset."},
+    )
+    max_samples: int | None = field(default=None, metadata={"help": "Cache at most this many conversations."})
+    top_k: int = field(default=64, metadata={"help": "Teacher entries kept per response token."})
+    value_dtype: str = field(
+        default="uint8",
+        metadata={"help": "Stored log-probabilities: uint8 (1/8-nat steps), float16, bfloat16, float32."},
+    )
+    temperature: float = field(default=1.0, metadata={"help": "Temperature of the stored teacher distribution."})
+    max_length: int = field(default=1024, metadata={"help": "Tokens per conversation (the oldest are dropped)."})
+    batch_size: int = field(default=8, metadata={"help": "Conversations per teacher forward."})
+    shard_size: int = field(default=1024, metadata={"help": "Conversations per Parquet shard."})
 
 
 def distill(argv: list[str], prog: str) -> None:
@@ -99,10 +122,35 @@ class Command:
         return TrlParser(self.dataclass_types, prog=prog, description=self.run.__doc__)
 
 
+def cache_teacher(argv: list[str], prog: str) -> None:
+    """Run a teacher once over chat data and store its top-k next-token distributions for offline distillation."""
+    from transformers import AutoTokenizer
+
+    from .distill import load_conversations, resolve_model_path
+    from .teacher_cache import cache_teacher as write_cache
+
+    (args,) = COMMANDS["cache-teacher"].parser(prog).parse_args_into_dataclasses(argv)
+    teacher = resolve_model_path(args.teacher)
+    folder = write_cache(
+        teacher,
+        AutoTokenizer.from_pretrained(teacher),
+        load_conversations(args.dataset, max_samples=args.max_samples),
+        args.output_dir,
+        top_k=args.top_k,
+        value_dtype=args.value_dtype,
+        temperature=args.temperature,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+    )
+    print(f"Wrote the teacher cache to {folder}")
+
+
 COMMANDS: dict[str, Command] = {
     "distill": Command(distill, DATACLASS_TYPES),
     "evaluate": Command(evaluate, (EvaluateArguments,)),
     "demo": Command(demo, (DemoSettings,)),
+    "cache-teacher": Command(cache_teacher, (CacheTeacherArguments,)),
 }
 """The verbs of `hf-kd`; a new verb is one function `(argv, prog) -> None`, its dataclasses, and one entry here."""
 

@@ -119,9 +119,9 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
         if not isinstance(args, DistillationConfig):
             raise TypeError(f"`args` must be a DistillationConfig, got {type(args).__name__}.")
         check_tokenizer(processing_class, "processing_class (the student's tokenizer)")
+        self.teacher_cache = cache_manifest(train_dataset) if teacher_model is None else None
         check_dataset(train_dataset, "train_dataset")
         check_dataset(eval_dataset, "eval_dataset")
-        self.teacher_cache = cache_manifest(train_dataset) if teacher_model is None else None
         if self.teacher_cache is not None:
             check_config_for_cache(args)
             if eval_dataset is not None and cache_manifest(eval_dataset) is None:

@@ -1,0 +1,317 @@
+"""Offline teacher (hf_kd.teacher_cache): encoding, exactness against the live teacher, training, resume, errors."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from datasets import load_dataset
+from tiny import make_args, make_model, make_pair, make_tokenizer, random_logits, train_losses
+
+import hf_kd.cli
+from hf_kd import DistillationTrainer, cache_teacher, load_teacher_cache
+from hf_kd.losses import build_loss
+from hf_kd.losses.core import LogitSource
+from hf_kd.teacher_cache import CacheEncoding, TopKReconstruction, reconstruction_kl
+from hf_kd.teacher_cache.encoding import pack_rows
+
+CACHEABLE = ["fkl", "rkl", "jsd", "sfkl", "srkl", "akl", "dac_kl", "span", "ce"]
+
+
+def cached_rows(teacher_logits: torch.Tensor, top_k: int, value_dtype: str = "float32"):
+    """Teacher logits [B, T, V] -> (packed cache rows [B, T, 2k + 1], their reconstruction head)."""
+    vocab = teacher_logits.shape[-1]
+    encoding = CacheEncoding(top_k, vocab, value_dtype)
+    flat = torch.log_softmax(teacher_logits.reshape(-1, vocab).float(), -1)
+    ids, stored, tail = encoding.encode(flat)
+    rows = pack_rows(torch.as_tensor(ids.astype(np.int64)), encoding.decode_values(stored), torch.as_tensor(tail))
+    return rows.reshape(*teacher_logits.shape[:-1], -1), TopKReconstruction(vocab, top_k)
+
+
+def loss_and_grad(recipe, student_logits, teacher: LogitSource, labels, extras, **kwargs):
+    torch.manual_seed(0)  # the same DAC-KL sub-network for the live and the cached run
+    loss_fn = build_loss(recipe, **kwargs)
+    s = student_logits.clone().requires_grad_(True)
+    value = loss_fn.forward_sources(LogitSource(s), teacher, labels, **extras)
+    value.backward()
+    return value.detach(), s.grad
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def test_full_vocabulary_float32_round_trip_is_exact():
+    _, t, _ = random_logits(0, 6, 40)
+    logprobs = torch.log_softmax(t.reshape(-1, 40).float(), -1)
+    rows, head = cached_rows(t, 40)
+    torch.testing.assert_close(torch.log_softmax(head(rows.reshape(-1, 81)), -1), logprobs, rtol=0, atol=1e-6)
+    assert reconstruction_kl(logprobs, CacheEncoding(40, 40, "float32")).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize(("dtype", "bound"), [("uint8", 1 / 16), ("float16", 2**-11), ("bfloat16", 2**-8)])
+def test_value_rounding_stays_within_the_dtype_step(dtype, bound):
+    logprobs = -torch.rand(50, 30) * 20  # log-probabilities in (-20, 0]
+    encoding = CacheEncoding(30, 30, dtype)
+    decoded = encoding.decode_values(encoding._quantise(logprobs).numpy())
+    error = (decoded - logprobs).abs()
+    limit = bound if dtype == "uint8" else bound * logprobs.abs()  # absolute step vs relative rounding
+    assert (error <= limit + 1e-7).all()
+    assert CacheEncoding(30, 30, dtype).bytes_per_token == 30 * (2 + {"uint8": 1}.get(dtype, 2)) + 4
+
+
+def test_tail_mass_is_kept_and_spread_evenly():
+    _, t, _ = random_logits(1, 4, 20)
+    rows, head = cached_rows(t, 5)
+    logprobs = torch.log_softmax(t.reshape(-1, 20).float(), -1)
+    rebuilt = torch.log_softmax(head(rows.reshape(-1, 11)), -1)
+    top_ids = logprobs.topk(5, -1).indices
+    torch.testing.assert_close(rebuilt.gather(-1, top_ids), logprobs.gather(-1, top_ids), rtol=0, atol=1e-6)
+    tail = rebuilt.scatter(-1, top_ids, float("nan"))
+    tail_values = tail[~tail.isnan()].reshape(-1, 15)
+    assert torch.allclose(tail_values, tail_values[:, :1].expand_as(tail_values))  # flat
+    true_tail = logprobs.exp().sum(-1) - logprobs.gather(-1, top_ids).exp().sum(-1)
+    torch.testing.assert_close(tail_values.exp().sum(-1), true_tail, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- the loss from a cache vs the live teacher
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("term", CACHEABLE)
+def test_cache_with_k_equal_vocabulary_gives_the_live_loss_and_gradients(term, temperature):
+    s, t, labels = random_logits(3, 7, 24)
+    s, t = s.float(), t.float()
+    extras = {"span_ids": torch.arange(14).reshape(2, 7) // 3} if term == "span" else {}
+    kwargs = {} if term == "ce" else {"temperature": temperature}
+    live, live_grad = loss_and_grad(term, s, LogitSource(t), labels, extras, **kwargs)
+    rows, head = cached_rows(t, 24)
+    cached, cached_grad = loss_and_grad(term, s, LogitSource(rows, head), labels, extras, **kwargs)
+    assert live.abs() > 0
+    torch.testing.assert_close(cached, live, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(cached_grad, live_grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("value_dtype", ["uint8", "float16"])
+def test_small_k_forward_kl_gradient_error_is_bounded_by_the_reconstruction_kl(value_dtype):
+    """d FKL / d student logits = q - p per token, so the cached gradient differs from the live one by p_hat - p,
+    whose L1 norm is at most sqrt(2 KL(p || p_hat)) (Pinsker) for every token."""
+    s, t, labels = random_logits(4, 9, 64)
+    s, t = s.float(), t.float()
+    labels[:] = 0  # every position is a response token: per-token gradients are N * (row gradient)
+    n = labels.numel()
+    _, live_grad = loss_and_grad("fkl", s, LogitSource(t), labels, {})
+    rows, head = cached_rows(t, 8, value_dtype)
+    _, cached_grad = loss_and_grad("fkl", s, LogitSource(rows, head), labels, {})
+    kl = reconstruction_kl(torch.log_softmax(t.reshape(-1, 64), -1), CacheEncoding(8, 64, value_dtype))
+    gap = (cached_grad - live_grad).reshape(-1, 64).abs().sum(-1) * n
+    assert (gap > 1e-3).all()  # k = 8 of 64 really is lossy here
+    assert (gap <= (2 * kl).sqrt() + 1e-5).all()
+
+
+# ---------------------------------------------------------------- the whole path on tiny models
+
+
+@pytest.fixture
+def cache_dir(tmp_path, tokenizer, teacher, train_dataset):
+    return cache_teacher(teacher, tokenizer, train_dataset, tmp_path / "cache", top_k=8, shard_size=10, progress=False)
+
+
+def test_cache_folder_reads_with_plain_datasets_and_holds_what_the_manifest_says(cache_dir, tokenizer, train_dataset):
+    manifest = json.loads((cache_dir / "teacher_cache.json").read_text())
+    assert manifest["complete"] and [s["rows"] for s in manifest["shards"]] == [10, 10, 4]
+    assert manifest["encoding"]["bytes_per_token"] == 8 * 3 + 4
+    plain = load_dataset("parquet", data_dir=str(cache_dir / "data"), split="train")
+    assert len(plain) == len(train_dataset)
+    row = plain[0]
+    response = sum(label != -100 for label in row["labels"][1:])
+    assert len(row["teacher_log_tail"]) == response and len(row["teacher_ids"]) == 8 * response
+    assert sum(s["tokens"] for s in manifest["shards"]) == sum(len(r) for r in plain["teacher_log_tail"])
+
+
+def test_training_from_a_full_cache_matches_the_live_teacher(tmp_path, tokenizer, train_dataset):
+    def run(teacher_model, dataset):
+        student, _ = make_pair(len(tokenizer), teacher_hidden=64)
+        args = make_args(tmp_path, kd_loss="0.5*ce+0.5*akl", max_steps=4)
+        trainer = DistillationTrainer(
+            model=student, teacher_model=teacher_model, args=args, train_dataset=dataset, processing_class=tokenizer
+        )
+        trainer.train()
+        return trainer
+
+    _, teacher = make_pair(len(tokenizer), teacher_hidden=64)
+    folder = cache_teacher(
+        teacher, tokenizer, train_dataset, tmp_path / "c", top_k=len(tokenizer), value_dtype="float32", progress=False
+    )
+    live = run(teacher, train_dataset)
+    cached = run(None, load_teacher_cache(folder, teacher=teacher))
+    assert cached.teacher_model is None
+    np.testing.assert_allclose(train_losses(cached), train_losses(live), rtol=1e-5)
+    for a, b in zip(cached.model.parameters(), live.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def _teacher_kl(student, teacher, batch):
+    with torch.no_grad():
+        s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    mask = batch["labels"][:, 1:] != -100
+    log_p, log_q = torch.log_softmax(t[mask], -1), torch.log_softmax(s[mask], -1)
+    return float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+
+
+def test_cache_train_save_resume_is_exact_and_learns_the_teacher(tmp_path, tokenizer, teacher, cache_dir):
+    cache = load_teacher_cache(cache_dir)
+
+    def run(max_steps, resume=None):
+        student = make_model(len(tokenizer), hidden=32, layers=1, seed=1)
+        args = make_args(
+            tmp_path, kd_loss="fkl", max_steps=8, save_strategy="steps", save_steps=4, output_dir=str(tmp_path / "o")
+        )
+        trainer = DistillationTrainer(
+            model=student, teacher_model=None, args=args, train_dataset=cache, processing_class=tokenizer
+        )
+        trainer.args.max_steps = max_steps
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    full = run(8)
+    batch = full.data_collator([cache[i] for i in range(len(cache))])
+    before = _teacher_kl(make_model(len(tokenizer), hidden=32, layers=1, seed=1), teacher, batch)
+    assert _teacher_kl(full.model, teacher, batch) < 0.7 * before  # top-8 of 29 tokens is enough to learn from
+    resumed = run(8, resume=str(tmp_path / "o" / "checkpoint-4"))
+    for (name, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_interrupted_caching_resumes_keeping_written_shards(tmp_path, tokenizer, teacher, train_dataset, monkeypatch):
+    from hf_kd.teacher_cache import writer
+
+    reference = cache_teacher(
+        teacher, tokenizer, train_dataset, tmp_path / "ref", top_k=4, shard_size=10, progress=False
+    )
+    real_write = writer._ShardWriter.write
+    calls = []
+
+    def failing_write(self, path):
+        calls.append(path.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_write(self, path)
+
+    monkeypatch.setattr(writer._ShardWriter, "write", failing_write)
+    with pytest.raises(KeyboardInterrupt):
+        cache_teacher(teacher, tokenizer, train_dataset, tmp_path / "c", top_k=4, shard_size=10, progress=False)
+    with pytest.raises(ValueError, match="incomplete"):
+        load_teacher_cache(tmp_path / "c")
+    first = (tmp_path / "c" / "data" / "train-00000.parquet").stat().st_mtime_ns
+    cache_teacher(teacher, tokenizer, train_dataset, tmp_path / "c", top_k=4, shard_size=10, progress=False)
+    assert calls == ["train-00000.parquet", "train-00001.parquet", "train-00001.parquet", "train-00002.parquet"]
+    assert (tmp_path / "c" / "data" / "train-00000.parquet").stat().st_mtime_ns == first
+    resumed = json.loads((tmp_path / "c" / "teacher_cache.json").read_text())
+    expected = json.loads((reference / "teacher_cache.json").read_text())
+    assert [s["sha256"] for s in resumed["shards"]] == [s["sha256"] for s in expected["shards"]]
+    with pytest.raises(ValueError, match="other settings"):
+        cache_teacher(teacher, tokenizer, train_dataset, tmp_path / "c", top_k=5, shard_size=10, progress=False)
+
+
+def test_cli_cache_teacher(tmp_path, tokenizer, teacher, train_dataset):
+    teacher.save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    train_dataset.to_json(tmp_path / "data.jsonl")
+    argv = ["--teacher", str(tmp_path / "teacher"), "--dataset", str(tmp_path / "data.jsonl")]
+    argv += ["--output_dir", str(tmp_path / "cache"), "--top_k", "6", "--value_dtype", "float16", "--max_samples", "5"]
+    assert hf_kd.cli.main(["cache-teacher", *argv]) == 0
+    cache = load_teacher_cache(tmp_path / "cache", teacher=teacher, top_k=6, temperature=1.0)
+    assert len(cache) == 5
+
+
+# ---------------------------------------------------------------- errors
+
+
+def _trainer(tmp_path, tokenizer, dataset, model=None, **overrides):
+    model = model if model is not None else make_model(len(tokenizer), hidden=32, layers=1, seed=1)
+    args = make_args(tmp_path, **{"kd_loss": "fkl", **overrides})
+    return DistillationTrainer(
+        model=model, teacher_model=None, args=args, train_dataset=dataset, processing_class=tokenizer
+    )
+
+
+def test_bild_is_refused_from_a_cache_with_the_alternatives(tmp_path, tokenizer, cache_dir):
+    with pytest.raises(ValueError, match=r"'bild' needs the teacher's logits at the student's own top-k.*fkl, rkl"):
+        _trainer(tmp_path, tokenizer, load_teacher_cache(cache_dir), kd_loss="0.5*ce+0.5*bild")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"lmbda": 0.5}, "on-policy"),
+        ({"seq_kd": True}, "seq_kd"),
+        ({"scrg_corrections": 1, "lmbda": 1.0}, "SCRG"),
+        ({"bridge": "dskd"}, "dskd bridge"),
+    ],
+)
+def test_what_needs_a_live_teacher_is_refused(tmp_path, tokenizer, cache_dir, overrides, message):
+    with pytest.raises(ValueError, match=f"no teacher in memory, but .*{message}"):
+        _trainer(tmp_path, tokenizer, load_teacher_cache(cache_dir), **overrides)
+
+
+def test_a_cache_of_another_tokenizer_or_vocabulary_is_refused(tmp_path, tokenizer, cache_dir):
+    cache = load_teacher_cache(cache_dir)
+    other = make_tokenizer(extra_words=["zebra"])  # one new token: ids mean other things
+    with pytest.raises(ValueError, match="vocabulary differs from the student's"):
+        _trainer(tmp_path, other, cache, model=make_model(len(other), hidden=32, layers=1, seed=1))
+    with pytest.raises(ValueError, match=f"over {len(tokenizer)} entries but the student.s head has 40"):
+        _trainer(tmp_path, tokenizer, cache, model=make_model(40, hidden=32, layers=1, seed=1))
+
+
+def test_a_cache_that_does_not_match_expectations_is_refused(tokenizer, teacher, cache_dir):
+    other_teacher = make_model(len(tokenizer), hidden=64, layers=2, seed=5)
+    with pytest.raises(ValueError, match="other teacher weights"):
+        load_teacher_cache(cache_dir, teacher=other_teacher)
+    with pytest.raises(ValueError, match="built with teacher"):
+        load_teacher_cache(cache_dir, teacher="someone/another-teacher")
+    with pytest.raises(ValueError, match="top-8 entries, not top-16"):
+        load_teacher_cache(cache_dir, top_k=16)
+    with pytest.raises(ValueError, match="temperature 1.0, not 2.0"):
+        load_teacher_cache(cache_dir, temperature=2.0)
+    assert len(load_teacher_cache(cache_dir, teacher=teacher, top_k=8, temperature=1.0)) == 24
+
+
+def test_truncated_or_altered_shards_are_refused(cache_dir):
+    shard = cache_dir / "data" / "train-00001.parquet"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-100])
+    with pytest.raises(ValueError, match="train-00001.parquet has .* bytes instead of .*truncated"):
+        load_teacher_cache(cache_dir)
+    shard.write_bytes(data[:500] + bytes([data[500] ^ 1]) + data[501:])
+    with pytest.raises(ValueError, match="does not match its sha256"):
+        load_teacher_cache(cache_dir)
+    shard.unlink()
+    with pytest.raises(ValueError, match="is missing"):
+        load_teacher_cache(cache_dir)
+
+
+def test_cache_read_without_its_manifest_is_refused(tmp_path, tokenizer, cache_dir):
+    plain = load_dataset("parquet", data_dir=str(cache_dir / "data"), split="train")
+    with pytest.raises(ValueError, match="no manifest .* hf_kd.load_teacher_cache"):
+        _trainer(tmp_path, tokenizer, plain)
+    with pytest.raises(TypeError, match="load_teacher_cache"):
+        _trainer(tmp_path, tokenizer, str(cache_dir))
+
+
+def test_no_teacher_and_no_cache_is_refused(tmp_path, tokenizer, train_dataset):
+    with pytest.raises(ValueError, match="or a teacher cache as train_dataset"):
+        _trainer(tmp_path, tokenizer, train_dataset)
+
+
+def test_corrupt_rows_are_refused_by_the_collator(cache_dir):
+    cache = load_teacher_cache(cache_dir)
+    from hf_kd.teacher_cache import TeacherCacheCollator, cache_manifest
+
+    collator = TeacherCacheCollator(cache_manifest(cache), pad_token_id=0)
+    example = dict(cache[0])
+    example["teacher_log_tail"] = example["teacher_log_tail"][:-1]
+    with pytest.raises(ValueError, match="corrupt"):
+        collator([example])
+    assert math.isfinite(float(collator([cache[0], cache[1]])["teacher_rows"].sum()))
