@@ -1,0 +1,363 @@
+"""Offline teacher: what a cached teacher costs (bytes per token), loses (reconstruction KL) and saves (time, memory).
+
+On the real SmolLM2-135M-Instruct teacher and the bundled conversations (hf_kd/data):
+
+1. fidelity: the teacher's next-token distributions on ``--tokens`` response tokens, encoded with top-k
+   ids + k stored log-probabilities + the log tail mass (hf_kd.teacher_cache.encoding) for several k and value
+   dtypes; bytes per token of the encoding and KL(p || p_hat) between the full distribution and the
+   reconstructed one (top-k plus a flat tail), at temperature 1 and, through the reconstruction, at 2.
+2. disk: ``hf_kd.cache_teacher`` on the same conversations; Parquet bytes on disk per response token (the
+   token ids and labels of every example included).
+3. speed: one training step of the same recipe (fkl, off-policy, fused loss) with the live teacher and from
+   the cache, for SmolLM2-135M-Instruct -> its 10-layer student; each in a fresh process, so its peak resident
+   memory is its own.
+4. quality (``--quality``): the student trained from a top-k cache with the cpu budget of
+   benchmarks/quality.py (row ``fkl``), scored the same way; the live-teacher row is run alongside.
+
+Usage::
+
+    python benchmarks/teacher_cache.py                       # 1-3, a few minutes on 2 CPU cores
+    python benchmarks/teacher_cache.py --quality             # and 4 (two training runs, ~15 min on CPU)
+
+Results: ``benchmarks/results/teacher_cache.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+for _key, _value in {
+    "HF_HUB_OFFLINE": "1",
+    "TRL_EXPERIMENTAL_SILENCE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed_memory import environment  # noqa: E402
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+TEACHER = "smollm2-135m-instruct"
+KS = (8, 16, 32, 64, 128, 256)
+VALUE_DTYPES = ("float32", "float16", "bfloat16", "uint8")
+DISK_SETTINGS = ((32, "uint8"), (64, "uint8"), (64, "float16"), (128, "uint8"))
+DEFAULT_SETTING = (64, "uint8")
+
+
+def _conversations(count: int):
+    from hf_kd.data import load_bundled_dataset
+
+    data = load_bundled_dataset("train")
+    return data.select(range(min(count, len(data))))
+
+
+def fidelity(tokens: int, max_length: int) -> tuple[list[dict[str, Any]], int, Any]:
+    """Bytes/token and reconstruction KL for every (k, value dtype), on at least ``tokens`` response tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl.experimental.utils import DataCollatorForChatML
+
+    from hf_kd.assets import load_real_model
+    from hf_kd.teacher_cache import CacheEncoding, reconstruction_kl
+    from hf_kd.teacher_cache.encoding import TopKReconstruction, pack_rows
+
+    path = load_real_model(TEACHER)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    collator = DataCollatorForChatML(tokenizer=tokenizer, max_length=max_length)
+    rows, used = [], 0
+    data = _conversations(10_000)
+    with torch.no_grad():
+        while sum(r.shape[0] for r in rows) < tokens:
+            batch = collator([data[i] for i in range(used, used + 4)])
+            used += 4
+            logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            rows.append(logits[batch["labels"][:, 1:] != -100].float())
+    logits = torch.cat(rows)[:tokens]
+    vocab = logits.shape[-1]
+    results = []
+    for temperature in (1.0, 2.0):
+        logprobs = torch.log_softmax(logits, -1)  # what the cache stores (temperature 1)
+        target = torch.log_softmax(logits / temperature, -1)  # what a term at this temperature wants
+        for k in KS:
+            for dtype in VALUE_DTYPES:
+                encoding = CacheEncoding(k, vocab, dtype)
+                if temperature == 1.0:
+                    kl = reconstruction_kl(logprobs, encoding)
+                else:
+                    ids, stored, tail = encoding.encode(logprobs)
+                    packed = pack_rows(
+                        torch.as_tensor(ids.astype("int64")), encoding.decode_values(stored), torch.as_tensor(tail)
+                    )
+                    rebuilt = torch.log_softmax(TopKReconstruction(vocab, k)(packed) / temperature, -1)
+                    kl = (target.exp() * (target - rebuilt)).sum(-1)
+                results.append(
+                    {
+                        "temperature": temperature,
+                        "top_k": k,
+                        "value_dtype": dtype,
+                        "bytes_per_token": encoding.bytes_per_token,
+                        "kl_mean": float(kl.mean()),
+                        "kl_median": float(kl.median()),
+                        "kl_max": float(kl.max()),
+                    }
+                )
+    top1_mass = float(torch.softmax(logits, -1).max(-1).values.mean())
+    return results, logits.shape[0], {"conversations_read": used, "mean_top1_probability": top1_mass}
+
+
+def disk(conversations: int, max_length: int, workdir: Path) -> list[dict[str, Any]]:
+    """``cache_teacher`` for each of DISK_SETTINGS: Parquet bytes per response token and caching time."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_kd import cache_teacher
+    from hf_kd.assets import load_real_model
+
+    path = load_real_model(TEACHER)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    teacher = AutoModelForCausalLM.from_pretrained(path)
+    data = _conversations(conversations)
+    results = []
+    for k, dtype in DISK_SETTINGS:
+        folder = workdir / f"cache-{k}-{dtype}"
+        started = time.perf_counter()
+        cache_teacher(
+            teacher, tokenizer, data, folder, top_k=k, value_dtype=dtype, max_length=max_length, progress=False
+        )
+        manifest = json.loads((folder / "teacher_cache.json").read_text())
+        tokens = sum(s["tokens"] for s in manifest["shards"])
+        size = sum(s["bytes"] for s in manifest["shards"])
+        results.append(
+            {
+                "top_k": k,
+                "value_dtype": dtype,
+                "encoding_bytes_per_token": manifest["encoding"]["bytes_per_token"],
+                "parquet_bytes_per_response_token": size / tokens,
+                "examples": len(data),
+                "response_tokens": tokens,
+                "cache_seconds": time.perf_counter() - started,
+                "folder": str(folder),
+            }
+        )
+    return results
+
+
+def speed_child(mode: str, student_dir: str, cache_dir: str, steps: int, batch: int, max_length: int) -> dict:
+    """One run in this process: ``steps`` training steps (the first a warm-up), live teacher or cache."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    from hf_kd import DistillationConfig, DistillationTrainer, load_teacher_cache
+    from hf_kd.assets import load_real_model
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    tokenizer = AutoTokenizer.from_pretrained(student_dir)
+    student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
+    if mode == "live":
+        teacher = AutoModelForCausalLM.from_pretrained(load_real_model(TEACHER), dtype=torch.float32)
+        data = _conversations(steps * batch)
+    else:
+        teacher, data = None, load_teacher_cache(cache_dir)
+        data = data.select(range(min(steps * batch, len(data))))
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *args, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *args, **kwargs):
+            times.append(time.perf_counter() - self.start)
+
+    args = DistillationConfig(
+        output_dir=tempfile.mkdtemp(prefix="kd_cache_speed_"),
+        kd_loss="fkl",
+        lmbda=0.0,
+        max_steps=steps,
+        per_device_train_batch_size=batch,
+        max_length=max_length,
+        learning_rate=1e-5,
+        use_cpu=not torch.cuda.is_available(),
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, args=args, train_dataset=data, processing_class=tokenizer
+    )
+    trainer.add_callback(Clock())
+    trainer.train()
+    measured = times[1:]
+    return {
+        "mode": mode,
+        "steps_measured": len(measured),
+        "step_seconds_mean": sum(measured) / len(measured),
+        "step_seconds": measured,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def speed(cache_dir: Path, workdir: Path, steps: int, batch: int, max_length: int) -> list[dict[str, Any]]:
+    from hf_kd.assets import load_real_model, make_layer_pruned_student
+
+    student_dir = workdir / "student"
+    if not student_dir.exists():
+        make_layer_pruned_student(load_real_model(TEACHER), 10, student_dir)
+    results = []
+    for mode in ("live", "cache"):
+        argv = [sys.executable, __file__, "--speed-child", mode, str(student_dir), str(cache_dir)]
+        argv += ["--steps", str(steps), "--batch", str(batch), "--max-length", str(max_length)]
+        output = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+        results.append(json.loads(output.strip().splitlines()[-1]))
+    return results
+
+
+def quality(workdir: Path, threads: int) -> list[dict[str, Any]]:
+    """The ``fkl`` row of benchmarks/quality.py's cpu budget, from the live teacher and from a top-k cache."""
+    import quality as q
+
+    from hf_kd import cache_teacher, load_teacher_cache
+    from hf_kd.data import load_bundled_dataset
+
+    budget = q.BUDGETS["cpu"]
+    records = []
+    for source in ("live", "cache"):
+        spec = q.RunSpec(method="fkl", seed=0, budget=budget, threads=threads)
+        pair = q.load_real_pair(spec)
+        train = load_bundled_dataset("train")
+        if source == "cache":
+            k, dtype = DEFAULT_SETTING
+            folder = workdir / "quality-cache"
+            cache_teacher(
+                pair.teacher,
+                pair.tokenizer,
+                train,
+                folder,
+                top_k=k,
+                value_dtype=dtype,
+                max_length=budget.max_length,
+                progress=False,
+            )
+            train = load_teacher_cache(folder)
+            pair = q.Pair(pair.student, pair.tokenizer, None, pair.kl_teacher)
+        record = q.run_method(spec, pair, train, load_bundled_dataset("heldout"))
+        record.pop("predictions")
+        records.append({"source": source, **record})
+    return records
+
+
+def render(results: dict[str, Any]) -> str:
+    lines = [
+        "# Teacher cache: bytes, fidelity, speed",
+        "",
+        "Generated by `benchmarks/teacher_cache.py`; every number is measured.",
+        "",
+        f"- Command: `{results['command']}`",
+        "- Machine: {cpu}, {cpu_count} CPU cores, {threads} thread(s); torch {torch}, transformers {transformers}, "
+        "trl {trl}".format(**results["environment"]),
+        f"- Teacher: SmolLM2-135M-Instruct (V = 49152), bundled conversations, {results['fidelity_tokens']} "
+        "response tokens for the fidelity table (mean top-1 probability "
+        f"{results['fidelity_info']['mean_top1_probability']:.3f}).",
+        "- Encoding: per response token k ids (uint16 here) + k log-probabilities in the value dtype + the log tail "
+        "mass (float32). Reconstruction: top-k exact, the tail mass spread evenly over the other V - k tokens.",
+        "- Reference points: DistillKit stores about 300 B/token at its recommended setting and about 114 B at its "
+        "budget setting; plain top-k with int32 ids and bf16 values costs 6 B x k.",
+        "",
+        "## Bytes per token vs reconstruction KL(p || p_hat), nats per token",
+        "",
+        "| k | value dtype | bytes/token | KL mean (T=1) | KL median (T=1) | KL max (T=1) | KL mean (T=2) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    at2 = {(r["top_k"], r["value_dtype"]): r for r in results["fidelity"] if r["temperature"] == 2.0}
+    for r in results["fidelity"]:
+        if r["temperature"] != 1.0:
+            continue
+        t2 = at2[(r["top_k"], r["value_dtype"])]
+        lines.append(
+            f"| {r['top_k']} | {r['value_dtype']} | {r['bytes_per_token']} | {r['kl_mean']:.4f} | "
+            f"{r['kl_median']:.4f} | {r['kl_max']:.3f} | {t2['kl_mean']:.4f} |"
+        )
+    lines += ["", "## On disk (Parquet, `hf_kd.cache_teacher`)", ""]
+    lines += ["| k | value dtype | encoding B/token | Parquet B/response token | examples | tokens | cache s |"]
+    lines += ["|---|---|---|---|---|---|---|"]
+    for r in results["disk"]:
+        lines.append(
+            f"| {r['top_k']} | {r['value_dtype']} | {r['encoding_bytes_per_token']} | "
+            f"{r['parquet_bytes_per_response_token']:.1f} | {r['examples']} | {r['response_tokens']} | "
+            f"{r['cache_seconds']:.1f} |"
+        )
+    lines += ["", "## One training step, live teacher vs cache (fkl, fused loss, off-policy)", ""]
+    lines += ["| teacher | step s (mean) | steps measured | peak RSS MiB | threads |", "|---|---|---|---|---|"]
+    for r in results["speed"]:
+        lines.append(
+            f"| {r['mode']} | {r['step_seconds_mean']:.2f} | {r['steps_measured']} | {r['peak_rss_mib']:.0f} | "
+            f"{r['threads']} |"
+        )
+    if results.get("quality"):
+        lines += ["", "## Quality: the `fkl` row of benchmarks/quality.py (cpu budget, seed 0)", ""]
+        lines += ["| teacher | Rouge-L | ± SE | KL(teacher‖student) | train s |", "|---|---|---|---|---|"]
+        for r in results["quality"]:
+            lines.append(
+                f"| {r['source']} | {r['rouge_l']:.2f} | {r['rouge_l_se']:.2f} | {r['kl']:.3f} | {r['train_s']:.0f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=400, help="Response tokens of the fidelity table.")
+    parser.add_argument("--conversations", type=int, default=64, help="Conversations cached for the disk table.")
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=4, help="Training steps per speed run (the first is warm-up).")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quality", action="store_true")
+    parser.add_argument("--speed-child", nargs=3, metavar=("MODE", "STUDENT", "CACHE"), help=argparse.SUPPRESS)
+    parser.add_argument("--render", type=Path, help="Rewrite the markdown of an existing results JSON.")
+    args = parser.parse_args()
+    if args.speed_child:
+        print(json.dumps(speed_child(*args.speed_child, args.steps, args.batch, args.max_length)))
+        return
+    if args.render:
+        args.render.with_suffix(".md").write_text(render(json.loads(args.render.read_text())))
+        return
+    import torch
+
+    torch.set_num_threads(args.threads)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    workdir = Path(tempfile.mkdtemp(prefix="kd_teacher_cache_"))
+    results: dict[str, Any] = {"command": "python benchmarks/teacher_cache.py " + " ".join(sys.argv[1:])}
+    results["environment"] = environment() | {"threads": args.threads}
+    RESULTS_DIR.mkdir(exist_ok=True)
+    out = RESULTS_DIR / "teacher_cache.json"
+
+    def save() -> None:  # after every part, so an interrupted run keeps what it measured
+        out.write_text(json.dumps(results, indent=2) + "\n")
+
+    results["fidelity"], results["fidelity_tokens"], results["fidelity_info"] = fidelity(args.tokens, args.max_length)
+    save()
+    results["disk"] = disk(args.conversations, args.max_length, workdir)
+    save()
+    default = next(r for r in results["disk"] if (r["top_k"], r["value_dtype"]) == DEFAULT_SETTING)
+    results["speed"] = speed(Path(default["folder"]), workdir, args.steps, args.batch, args.max_length)
+    save()
+    if args.quality:
+        results["quality"] = quality(workdir, args.threads)
+        save()
+    out.with_suffix(".md").write_text(render(results))
+    print(out.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
