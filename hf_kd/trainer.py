@@ -3,6 +3,7 @@
 The batch travels: collate -> rollout (dataset, student with probability lmbda, or teacher under seq_kd;
 then the generation callbacks, e.g. SCRG) -> both forwards (teacher frozen, under no_grad) -> loss from
 the last hidden states through the heads, chunk by chunk (or through the DSKD bridge) -> log each term.
+From a teacher cache there is no rollout and no teacher forward: the teacher rows come with the batch.
 """
 
 from __future__ import annotations
@@ -91,6 +92,9 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
         teacher_processing_class: the teacher's tokenizer when it differs from the student's (requires
             `bridge="dskd"`); each model then tokenizes the same conversation with its own chat template.
         generation_callbacks: [`GenerationCallback`]s called after every on-policy/seq-kd generation.
+
+    With `teacher_model=None` and a teacher cache as `train_dataset` (`hf_kd.load_teacher_cache`), training is
+    off-policy from the cached top-k distributions, with no teacher in memory (see `hf_kd.teacher_cache`).
     """
 
     _tag_names = ["trl", "gkd", "hf_kd", "knowledge-distillation"]
