@@ -19,14 +19,15 @@ from hf_kd.teacher_cache.encoding import pack_rows
 CACHEABLE = ["fkl", "rkl", "jsd", "sfkl", "srkl", "akl", "dac_kl", "span", "ce"]
 
 
-def cached_rows(teacher_logits: torch.Tensor, top_k: int, value_dtype: str = "float32"):
-    """Teacher logits [B, T, V] -> (packed cache rows [B, T, 2k + 1], their reconstruction head)."""
+def cached_rows(teacher_logits: torch.Tensor, top_k: int, value_dtype: str = "float32", temperature: float = 1.0):
+    """Teacher logits [B, T, V] -> (packed cache rows [B, T, 2k + 1], their reconstruction head), cached at
+    ``temperature``."""
     vocab = teacher_logits.shape[-1]
     encoding = CacheEncoding(top_k, vocab, value_dtype)
-    flat = torch.log_softmax(teacher_logits.reshape(-1, vocab).float(), -1)
+    flat = torch.log_softmax(teacher_logits.reshape(-1, vocab).float() / temperature, -1)
     ids, stored, tail = encoding.encode(flat)
     rows = pack_rows(torch.as_tensor(ids.astype(np.int64)), encoding.decode_values(stored), torch.as_tensor(tail))
-    return rows.reshape(*teacher_logits.shape[:-1], -1), TopKReconstruction(vocab, top_k)
+    return rows.reshape(*teacher_logits.shape[:-1], -1), TopKReconstruction(vocab, top_k, temperature)
 
 
 def loss_and_grad(recipe, student_logits, teacher: LogitSource, labels, extras, **kwargs):
@@ -77,15 +78,15 @@ def test_tail_mass_is_kept_and_spread_evenly():
 # ---------------------------------------------------------------- the loss from a cache vs the live teacher
 
 
-@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize(("temperature", "cache_temperature"), [(1.0, 1.0), (2.0, 1.0), (2.0, 2.0)])
 @pytest.mark.parametrize("term", CACHEABLE)
-def test_cache_with_k_equal_vocabulary_gives_the_live_loss_and_gradients(term, temperature):
+def test_cache_with_k_equal_vocabulary_gives_the_live_loss_and_gradients(term, temperature, cache_temperature):
     s, t, labels = random_logits(3, 7, 24)
     s, t = s.float(), t.float()
     extras = {"span_ids": torch.arange(14).reshape(2, 7) // 3} if term == "span" else {}
     kwargs = {} if term == "ce" else {"temperature": temperature}
     live, live_grad = loss_and_grad(term, s, LogitSource(t), labels, extras, **kwargs)
-    rows, head = cached_rows(t, 24)
+    rows, head = cached_rows(t, 24, temperature=cache_temperature)
     cached, cached_grad = loss_and_grad(term, s, LogitSource(rows, head), labels, extras, **kwargs)
     assert live.abs() > 0
     torch.testing.assert_close(cached, live, rtol=1e-5, atol=1e-7)
@@ -263,6 +264,17 @@ def test_a_cache_of_another_tokenizer_or_vocabulary_is_refused(tmp_path, tokeniz
         _trainer(tmp_path, other, cache, model=make_model(len(other), hidden=32, layers=1, seed=1))
     with pytest.raises(ValueError, match=f"over {len(tokenizer)} entries but the student.s head has 40"):
         _trainer(tmp_path, tokenizer, cache, model=make_model(40, hidden=32, layers=1, seed=1))
+
+
+def test_a_term_at_another_temperature_than_the_cache_is_refused(tmp_path, tokenizer, teacher, train_dataset):
+    cache = load_teacher_cache(
+        cache_teacher(teacher, tokenizer, train_dataset, tmp_path / "t2", top_k=8, temperature=2.0, progress=False)
+    )
+    with pytest.raises(ValueError, match=r"'akl' runs at temperature 1.0 but .* at 2.0.*temperature=1.0"):
+        _trainer(tmp_path, tokenizer, cache, kd_loss="ce+akl")
+    trainer = _trainer(tmp_path, tokenizer, cache, kd_loss="ce+akl", kd_temperature=2.0, max_steps=2)
+    trainer.train()  # the reconstruction multiplies the stored log-probs back by 2, the term divides by 2
+    assert trainer.cache_reconstruction.temperature == 2.0
 
 
 def test_a_cache_that_does_not_match_expectations_is_refused(tokenizer, teacher, cache_dir):

@@ -49,7 +49,16 @@ def check_cache_matches_run(
             f"The teacher cache holds distributions over {vocab_size} entries but the student's head has "
             f"{student_vocab}: distill from a cache of a teacher with the student's vocabulary size."
         )
+    cache_temperature = manifest["temperature"]
     for term in terms:
+        temperature = getattr(term, "temperature", cache_temperature)
+        if term.teacher_needs == "distribution" and temperature != cache_temperature:
+            raise ValueError(
+                f"Loss term '{term.name}' runs at temperature {temperature} but the teacher cache stores the teacher "
+                f"at {cache_temperature}: the top-k would rescale exactly but the flat tail would not (its mass at "
+                f"another temperature is far off, see benchmarks/teacher_cache.py). Rebuild the cache with "
+                f"cache_teacher(..., temperature={temperature}), or set kd_temperature={cache_temperature}."
+            )
         if term.teacher_needs == "logits_at_student_top_k":
             raise ValueError(
                 f"Loss term '{term.name}' needs the teacher's logits at the student's own top-k tokens, which a "
