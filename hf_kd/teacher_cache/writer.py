@@ -160,6 +160,8 @@ def cache_teacher(
         raise ValueError(f"temperature must be > 0, got {temperature}.")
     if batch_size < 1 or shard_size < 1:
         raise ValueError(f"batch_size and shard_size must be >= 1, got {batch_size} and {shard_size}.")
+    if len(dataset) == 0:
+        raise ValueError("The dataset is empty: nothing to cache.")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     teacher = _load_teacher(teacher_model, device, dtype)
     vocab_size = teacher.config.get_text_config().vocab_size
@@ -199,8 +201,6 @@ def cache_teacher(
         shards.append(writer.write(folder / "data" / f"train-{index:05d}.parquet"))
         write_manifest(folder, {**identity, "shards": shards, "complete": index + 1 == num_shards})
     bar.close()
-    if num_shards == 0:
-        raise ValueError("The dataset is empty: nothing to cache.")
     return folder
 
 
