@@ -57,9 +57,11 @@ def _load_teacher(teacher_model: nn.Module | str, device: torch.device, dtype: t
     return teacher_model.to(device).eval()
 
 
-def _list_column(flat: np.ndarray, counts: list[int], dtype: pa.DataType) -> pa.Array:
+def _list_column(flat: np.ndarray, counts: list[int], dtype: str) -> pa.Array:
+    """One list per example, ``counts[i]`` items each, from the concatenated ``flat`` values (as ``dtype``)."""
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=dtype))
+    values = pa.array(flat.astype(dtype), type=pa.from_numpy_dtype(dtype))
+    return pa.ListArray.from_arrays(pa.array(offsets), values)
 
 
 class _ShardWriter:
@@ -82,15 +84,13 @@ class _ShardWriter:
         flat = {name: np.concatenate(parts) if parts else np.zeros(0) for name, parts in self.columns.items()}
         table = pa.table(
             {
-                "input_ids": _list_column(flat["input_ids"].astype(np.int32), counts, pa.int32()),
-                "labels": _list_column(flat["labels"].astype(np.int32), counts, pa.int32()),
-                "teacher_ids": _list_column(
-                    flat["ids"], [n * enc.top_k for n in tokens], pa.from_numpy_dtype(enc.id_dtype)
-                ),
+                "input_ids": _list_column(flat["input_ids"], counts, "int32"),
+                "labels": _list_column(flat["labels"], counts, "int32"),
+                "teacher_ids": _list_column(flat["ids"], [n * enc.top_k for n in tokens], enc.id_dtype),
                 "teacher_values": _list_column(
-                    flat["values"], [n * enc.top_k for n in tokens], pa.from_numpy_dtype(enc.stored_value_dtype)
+                    flat["values"], [n * enc.top_k for n in tokens], enc.stored_value_dtype
                 ),
-                "teacher_log_tail": _list_column(flat["tail"].astype(np.float32), tokens, pa.float32()),
+                "teacher_log_tail": _list_column(flat["tail"], tokens, "float32"),
             }
         )
         partial = path.with_name(path.name + ".partial")
