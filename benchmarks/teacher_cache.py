@@ -35,15 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-for _key, _value in {
-    "HF_HUB_OFFLINE": "1",
-    "TRL_EXPERIMENTAL_SILENCE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}.items():
-    os.environ.setdefault(_key, _value)
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed_memory import environment  # noqa: E402
+from harness import environment  # noqa: E402  (offline defaults, shared with the other benchmarks)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TEACHER = "smollm2-135m-instruct"
