@@ -1,9 +1,11 @@
-"""DAC-KL against a direct reference computation, its band guards, gradients and chunking."""
+"""DAC-KL against a direct reference computation, its band guards, its signal on confident teachers, gradients
+and chunking."""
 
 import pytest
 import torch
 from tiny import random_logits
 
+from hf_kd import DistillationConfig
 from hf_kd.losses import build_loss
 from hf_kd.losses.dac_kl import DACKL
 
@@ -32,8 +34,9 @@ def _reference(term: DACKL, s, t, labels):
     upto = before + p_top
     w = torch.sigmoid(term.sharpness * (upto - lo)) * torch.sigmoid(term.sharpness * (hi - before))
     w[..., 0] = 1.0
-    pt, qt = w * p_top, w * q_top
-    pt, qt = pt / pt.sum(-1, keepdim=True), qt / qt.sum(-1, keepdim=True)
+    pt, qt = w * p_top, w * q_top  # no renormalisation: the mass left out goes to one outside bucket
+    pt = torch.cat([pt, 1 - pt.sum(-1, keepdim=True)], -1)
+    qt = torch.cat([qt, 1 - qt.sum(-1, keepdim=True)], -1)
     per = (pt * (pt / qt).log()).sum(-1) if term.direction == "forward" else (qt * (qt / pt).log()).sum(-1)
     mask = labels != -100
     return per[mask].sum() / mask.sum()
@@ -74,7 +77,7 @@ def test_band_never_empty_narrowest_setting_keeps_min_mass_and_top1():
     term = DACKL(top_m=8, min_mass=0.5, sharpness=1e4).double()
     _set_bounds(term, -1e4, -1e4)  # hi -> min_mass, lo -> 0: the smallest band the parameterisation allows
     p = torch.tensor([[0.3, 0.25, 0.2, 0.1, 0.05, 0.04, 0.03, 0.02, 0.01]], dtype=torch.float64)
-    _, top_lp, log_w = term.band_weights(p.log())
+    _, top_lp, log_w, _ = term.band_weights(p.log())
     w = log_w.exp()
     assert w[0, 0] == 1.0
     # [lo, hi] = [0, 0.5] overlaps entries 0 (mass 0-0.3) and 1 (0.3-0.55); nothing else
@@ -96,8 +99,9 @@ def test_band_skips_head_but_keeps_top1_and_at_least_min_mass():
     assert (w[0, 2:] * p[0, 2:8]).sum() >= 0.4 - 0.01  # the band itself (top-M mass beyond 0.55 is 0.45)
 
 
-def test_band_never_everything():
-    """Widest setting: the teacher's least likely entries (beyond the top-M, at least one) are never compared."""
+def test_band_never_everything_and_mass_beyond_it_is_one_bucket():
+    """Widest setting: the teacher's least likely entries (beyond the top-M, at least one) are never compared one by
+    one; they form the outside bucket, so only their total student mass matters (not how it is spread)."""
     g = torch.Generator().manual_seed(3)
     s = torch.randn(1, 4, V, generator=g, dtype=torch.float64, requires_grad=True)
     t = torch.randn(1, 4, V, generator=g, dtype=torch.float64)
@@ -105,15 +109,56 @@ def test_band_never_everything():
     for top_m, outside in [(5, V - 5), (40, 1)]:
         loss = build_loss("dac_kl", top_m=top_m, min_mass=0.2).double()
         _set_bounds(loss.terms[0], 1e4, -1e4)  # hi -> 1, lo -> 0: keep every candidate entry
-        s.grad = None
-        value = loss(s, t, labels)
-        value.backward()
+        value = loss(s, t, labels).detach()
         dropped = t.argsort(-1)[..., :outside]
-        assert s.grad.gather(-1, dropped).abs().max() < 1e-14  # exactly zero up to rounding
+        shuffled = s.detach().clone()
+        shuffled.scatter_(-1, dropped, s.detach().gather(-1, dropped.flip(-1)))  # spread differently, same total
+        torch.testing.assert_close(loss(shuffled, t, labels), value)
         moved = s.detach().scatter_add(-1, dropped, torch.full(dropped.shape, 3.0, dtype=s.dtype))
-        torch.testing.assert_close(loss(moved, t, labels), value.detach())  # those logits do not matter
-        kept = t.argsort(-1, descending=True)[..., : V - outside]
-        assert (s.grad.gather(-1, kept).abs().sum(-1) > 0).all()
+        assert loss(moved, t, labels) > value + 0.1  # misplaced mass is penalised, not renormalised away
+
+
+def confident_case(vocab: int = 50, rows: int = 8):
+    """Teacher: top-1 0.95 on token 0; student: 0.99 on token 7. The common case of an instruct teacher."""
+    p = torch.full((vocab,), 0.05 / (vocab - 1))
+    p[0] = 0.95
+    q = torch.full((vocab,), 0.01 / (vocab - 1))
+    q[7] = 0.99
+    return q.log().expand(1, rows, vocab), p.log().expand(1, rows, vocab), torch.zeros(1, rows, dtype=torch.long)
+
+
+def test_confident_teacher_keeps_signal_at_init_and_after_the_subnetwork_trains():
+    """A renormalised band is the top-1 alone here (KL 0 whatever the student does); the outside bucket keeps DAC-KL
+    at least half of FKL, and training the sub-network alone on the loss (default lr) cannot lower it below that."""
+    s, t, labels = confident_case()
+    fkl = build_loss("fkl")(s, t, labels)
+    torch.manual_seed(0)
+    loss = build_loss("dac_kl")
+    assert loss(s, t, labels) >= 0.5 * fkl
+    optimizer = torch.optim.Adam(loss.parameters(), lr=DistillationConfig(output_dir="x").dac_kl_lr)
+    for _ in range(300):
+        optimizer.zero_grad()
+        loss(s, t, labels).backward()
+        optimizer.step()
+    assert loss(s, t, labels) >= 0.5 * fkl
+
+
+@pytest.mark.parametrize("a,b", [(-1e4, -1e4), (1e4, 1e4), (1e4, -1e4), (0.0, 0.0), (2.0, -3.0)])
+def test_bounded_by_top1_binary_kl_and_full_kl(batch, a, b):
+    """Data-processing bounds (module docstring): KL(top-1 vs rest) <= DAC-KL <= FKL per token, for every band."""
+    s, t, labels = batch
+    loss = build_loss("dac_kl", top_m=6, min_mass=0.3, sharpness=30.0).double()
+    _set_bounds(loss.terms[0], a, b)
+    fkl = build_loss("fkl").double()
+    keep = labels != -100
+    for s_r, t_r in zip(s[keep], t[keep]):  # one token at a time
+        s_r, t_r, l_r = s_r.view(1, 1, -1), t_r.view(1, 1, -1), torch.zeros(1, 1, dtype=torch.long)
+        p, q = t_r.softmax(-1), s_r.softmax(-1)
+        top = p.argmax(-1, keepdim=True)
+        p1, q1 = p.gather(-1, top), q.gather(-1, top)
+        binary = (p1 * (p1 / q1).log() + (1 - p1) * ((1 - p1) / (1 - q1)).log()).sum()
+        value = loss(s_r, t_r, l_r)
+        assert binary - 1e-12 <= value <= fkl(s_r, t_r, l_r) + 1e-12
 
 
 def test_gradients_reach_student_and_subnetwork_not_teacher(batch):
