@@ -17,11 +17,11 @@ def test_hand_computed_single_pair():
     s = torch.tensor([0.0, math.log(3.0)], dtype=torch.float64).expand(1, 2, 2)
     labels = torch.zeros(1, 2, dtype=torch.long)
     spans = torch.zeros(1, 2, dtype=torch.long)
-    # c_t = [.25, .25], c_s = [.0625, .5625]: squared distance .1875^2 + .3125^2 = .1328125
+    # c_t = [.25, .25], c_s = [.0625, .5625]: squared distance .1875^2 + .3125^2 = .1328125; one pair, two tokens
     squared = build_loss("span", squared=True)(s, t, labels, span_ids=spans)
-    assert squared.item() == pytest.approx(0.1328125, abs=1e-15)
+    assert squared.item() == pytest.approx(0.1328125 / 2, abs=1e-15)
     plain = build_loss("span")(s, t, labels, span_ids=spans)
-    assert plain.item() == pytest.approx(math.sqrt(0.1328125), abs=1e-15)
+    assert plain.item() == pytest.approx(math.sqrt(0.1328125) / 2, abs=1e-15)
 
 
 @pytest.fixture
@@ -44,7 +44,7 @@ def _reference(s, t, labels, span_ids, temperature=1.0, squared=False):
                 pairs.append((b, k))
                 sq = ((p[b, k] * p[b, k + 1] - q[b, k] * q[b, k + 1]) ** 2).sum()
                 total = total + (sq if squared else sq.sqrt())
-    return total / len(pairs), pairs
+    return total / (labels != -100).sum(), pairs  # per response token, like every term (see hf_kd.losses.span)
 
 
 @pytest.mark.parametrize("kw", [{}, {"squared": True}, {"temperature": 2.0}])
@@ -55,6 +55,18 @@ def test_exact_value_and_pairs(batch, kw):
     assert pairs == [(0, 2), (0, 3), (1, 0), (1, 1), (1, 3)]
     got = build_loss("span", **kw)(s, t, labels, span_ids=span_ids)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+def test_divided_by_num_items_in_batch_like_token_terms(batch):
+    """Under accumulation the engine divides every term, pairwise ones included, by the global token count."""
+    s, t, labels, span_ids = batch
+    loss = build_loss("span+fkl")
+    local = int((labels != -100).sum())
+    loss(s, t, labels, span_ids=span_ids)
+    alone = dict(loss.last_values)
+    loss(s, t, labels, num_items_in_batch=torch.tensor(4 * local), span_ids=span_ids)
+    for name in ("span", "fkl"):
+        torch.testing.assert_close(loss.last_values[name], alone[name] / 4)
 
 
 def test_zero_for_identical_and_no_pairs(batch):

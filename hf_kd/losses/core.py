@@ -12,8 +12,10 @@ teacher row of logits. The engine owns everything else:
   (as in Liger-Kernel's fused linear losses) and the chunk's activations are freed;
 * fused heads: a side may be given as hidden states plus its head (``LogitSource(hidden, head)``), in
   which case logits are only ever built one chunk at a time;
-* reduction: each term is summed and divided by its count (tokens, or ``num_items_in_batch`` under
-  gradient accumulation, as TRL does).
+* reduction: each term is summed and divided by the count of tokens (``num_items_in_batch`` under
+  gradient accumulation, summed over the micro-batches and processes, as TRL does). Pairwise terms are
+  divided by it too: a per-pair mean would need a pair count gathered the same way, and without it the
+  weight of such a term grows with the accumulation steps and the process count.
 """
 
 from __future__ import annotations
@@ -128,7 +130,8 @@ class TokenLoss(nn.Module):
     """Base class of every loss term: subclasses write only their formula in ``per_token``.
 
     ``per_token(rows)`` returns one value per row ([n]); for ``pairwise`` terms one value per row k
-    for the pair (k, k+1), zero where ``rows.pair_mask`` is False, and the term is averaged over pairs.
+    for the pair (k, k+1), zero where ``rows.pair_mask`` is False. Every term is summed and divided by the
+    token count (``num_items_in_batch`` under accumulation), pairwise ones included.
 
     ``teacher_needs`` says what the term reads of the teacher, which decides whether it can train from a
     teacher cache (``hf_kd.teacher_cache``): "distribution" (teacher log-probs; from a cache, the top-k
@@ -224,10 +227,10 @@ class LossEngine:
             sel_extras[key] = value.reshape(-1)[index]
         lookahead = any(t.pairwise for t in self.terms)
         pair_mask = _pair_mask(index, sel_extras) if lookahead else None
+        # Pairwise terms too are divided by the token count: it is the one count the Trainer gathers over the
+        # accumulated micro-batches and the processes, so every term gives the same update at any split.
         n_tokens = float(num_items_in_batch) if num_items_in_batch is not None else float(index.numel())
-        counts = []
-        for term in self.terms:
-            counts.append(float(pair_mask.sum()) if term.pairwise else n_tokens)
+        counts = [n_tokens] * len(self.terms)
         chunk = self.chunk_size or default_chunk_size(max(_vocab_size(student), _vocab_size(teacher)))
         return _Plan(index, flat_labels[index], sel_extras, pair_mask, counts, chunk, lookahead)
 

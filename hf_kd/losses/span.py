@@ -3,9 +3,15 @@
 The response is cut into spans (sentences, see ``hf_kd.spans.span_ids_for_batch``); for every pair of
 adjacent positions (k, k+1) inside one span the correlation is the elementwise product of their
 probability vectors, c_k = p_k * p_{k+1} (teacher) and c~_k = q_k * q_{k+1} (student), both at the
-term's temperature. The loss is the L2 distance ||c_k - c~_k||_2 averaged over pairs (the engine
-divides by the pair count). Pairs never cross a span boundary or a masked position (the engine's
-``pair_mask``).
+term's temperature. The loss is the L2 distance ||c_k - c~_k||_2 summed over pairs and divided by the
+number of response tokens, like every term of the engine. Pairs never cross a span boundary or a
+masked position (the engine's ``pair_mask``).
+
+Per token, not per pair: the paper's mean over pairs would need a pair count gathered over the
+accumulated micro-batches and the processes; divided by the local pair count instead, the term's
+weight grew with accumulation steps x processes (one SGD step at batch 8 x 1 and 4 x 2 differed by
+100%). A sequence of n tokens in s spans has n - s pairs, so the two normalisations differ by the
+factor (n - s) / n, close to 1 for sentences of many tokens.
 
 The paper says "L2 distance"; ``squared=False`` (default) takes it literally, ``squared=True`` uses
 the squared distance (smoother, but its values are tiny since every entry of c is at most 1).
