@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES_DIR = ROOT / "examples"
@@ -20,15 +21,17 @@ NUM_EXAMPLES = 64  # hf_kd.smoke's dataset size
 RECORDER = Path(__file__).resolve().parent / "shard_recorder.py"
 
 
-@pytest.fixture(scope="module")
-def two_rank_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("two_rank") / "out"
+def launch(out: Path, *flags: str, processes: int = 2) -> Path:
+    """The shard-recording distillation script on the smoke recipe: two gloo ranks through `accelerate launch`, or
+    one plain process."""
+    launcher = [sys.executable]
+    if processes == 2:
+        launcher += ["-m", "accelerate.commands.accelerate_cli", "launch", "--config_file", str(ACCELERATE_CONFIG)]
     command = [
-        *(sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch"),
-        *("--config_file", str(ACCELERATE_CONFIG)),
+        *launcher,
         str(RECORDER),
         *("--config", str(EXAMPLES_DIR / "recipes" / "smoke.yaml")),
-        *("--max_steps", str(MAX_STEPS), "--per_device_train_batch_size", str(BATCH_SIZE)),
+        *flags,
         *("--output_dir", str(out)),
     ]
     # This checkout's hf_kd (a script's own folder, not the working directory, leads sys.path); conftest has set
@@ -36,10 +39,14 @@ def two_rank_run(tmp_path_factory) -> Path:
     python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": python_path}
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, (
-        f"accelerate launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    )
+    assert proc.returncode == 0, f"{command} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return out
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("two_rank") / "out"
+    return launch(out, "--max_steps", str(MAX_STEPS), "--per_device_train_batch_size", str(BATCH_SIZE))
 
 
 def read_records(out: Path) -> list[dict]:
@@ -76,3 +83,23 @@ def test_ranks_end_with_the_same_student_and_save_it(two_rank_run):
 
     saved = AutoModelForCausalLM.from_pretrained(two_rank_run)
     assert parameter_digest(saved) == records[0]["student_digest"]
+
+
+def test_two_ranks_update_like_one_process_with_the_global_batch(tmp_path):
+    """2 ranks x 2 examples and 1 process x 4 examples take the same SGD steps, for a recipe with the pairwise span
+    term (off-policy, so both runs see the same sequences; dropout is off)."""
+    flags = ["--kd_loss", "ce+dac_kl+span", "--span_segmenter", "punct", "--lmbda", "0", "--optim", "sgd"]
+    flags += ["--learning_rate", "2.0", "--dac_kl_lr", "2.0", "--lr_scheduler_type", "constant", "--max_steps", "2"]
+    ranks = launch(tmp_path / "ranks", *flags, "--per_device_train_batch_size", "2")
+    single = launch(tmp_path / "single", *flags, "--per_device_train_batch_size", "4", processes=1)
+    rank_ids = [set(r["example_ids"]) for r in read_records(ranks)]
+    (single_ids,) = [set(r["example_ids"]) for r in read_records(single)]
+    assert rank_ids[0] | rank_ids[1] == single_ids and not rank_ids[0] & rank_ids[1]  # one global batch, split
+
+    from safetensors.torch import load_file
+
+    for name in ("model.safetensors", "hf_kd_modules.safetensors"):
+        got, want = load_file(ranks / name), load_file(single / name)
+        assert got.keys() == want.keys()
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=f"{name}: {key}")
