@@ -179,9 +179,12 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
         self._check_sharding()
         self._setup_teacher(teacher_model)
         self._setup_generation()
-        self.loss_fn = build_loss(args.kd_loss, chunk_size=args.loss_chunk_size, **args.loss_build_kwargs())
-        self.loss_fn.to(self.args.device)
-        if self.teacher_cache is not None:
+        # Under the DSKD bridge the bridge builds (and owns) the recipe's terms: no second, unused copy here.
+        self.loss_fn = None
+        if args.bridge is None:
+            self.loss_fn = build_loss(args.kd_loss, chunk_size=args.loss_chunk_size, **args.loss_build_kwargs())
+            self.loss_fn.to(self.args.device)
+        if self.teacher_cache is not None:  # a cache never comes with a bridge (refused above)
             check_cache_matches_run(self.teacher_cache, self.model, processing_class, list(self.loss_fn.terms))
             encoding = self.teacher_cache["encoding"]
             self.cache_reconstruction = TopKReconstruction(
@@ -281,6 +284,19 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
             if params and not any(p is q for g in optimizer.param_groups for q in g["params"] for p in params):
                 optimizer.add_param_group({"params": params, "lr": lrs[name], "weight_decay": 0.0})
         return optimizer
+
+    def _clip_grad_norm(self, model: nn.Module) -> torch.Tensor:
+        """Clip to `max_grad_norm` by one global norm over the student and the helper modules, as if they were one
+        model (the Trainer alone would clip the student only). Under DeepSpeed, FSDP or mixed device meshes the
+        student is clipped by the Trainer's own means and the helpers by their own norm."""
+        helpers = [p for m in self.distillation_modules().values() for p in m.parameters() if p.grad is not None]
+        if not helpers:
+            return super()._clip_grad_norm(model)
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled or self._has_mixed_mesh_grads(model):
+            norm = super()._clip_grad_norm(model)
+            torch.nn.utils.clip_grad_norm_(helpers, self.args.max_grad_norm)
+            return norm
+        return self.accelerator.clip_grad_norm_([*model.parameters(), *helpers], self.args.max_grad_norm)
 
     # ------------------------------------------------------------------ rollout
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
