@@ -6,12 +6,15 @@ a plain rule (a sentence ends after ``.``, ``!`` or ``?``, optionally followed b
 brackets, and whitespace; a newline also ends one); any callable ``text -> list of sentence start
 offsets`` may be passed instead.
 
-Mapping sentences back to tokens does not rely on offset mappings (slow tokenizers have none, and a
-re-tokenization of decoded text need not reproduce the same tokens): each prefix of the response is
-decoded, and token i covers the characters between the decoded lengths of prefixes i-1 and i. A
-prefix that ends inside a multi-byte character (byte-level BPE) decodes to a replacement character;
-only its common prefix with the full decoded text counts, so that character goes to the token that
-completes it.
+Mapping sentences back to tokens does not re-tokenize the decoded text (a re-tokenization need not
+reproduce the same tokens, so offset mappings of a fresh encoding are not used): the response is
+decoded once, token by token, with the fast tokenizer's streaming decoder (``tokenizers``'
+``DecodeStream``, linear in the length), and token i covers the characters it adds. A token that ends
+inside a multi-byte character (byte-level BPE) adds nothing; the character goes to the token that
+completes it. When no streaming decoder exists (slow tokenizers), or its text differs from the plain
+decode, each prefix is decoded instead (quadratic) and token i covers the characters between the
+decoded lengths of prefixes i-1 and i (only their common prefix with the full text counts), which
+gives the same offsets.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import re
 from collections.abc import Callable
 
 import torch
+from tokenizers.decoders import DecodeStream
 from transformers import PreTrainedTokenizerBase
 
 from .losses.core import IGNORE_INDEX
@@ -52,8 +56,23 @@ def sentence_starts(text: str, segmenter: Segmenter = "pysbd", language: str = "
     return sorted({0, *starts})
 
 
-def token_char_ends(ids: list[int], tokenizer: PreTrainedTokenizerBase) -> tuple[str, list[int]]:
-    """(decoded text, end offset of each token in it); special tokens have zero width."""
+def _streamed_char_ends(ids: list[int], tokenizer: PreTrainedTokenizerBase) -> tuple[str, list[int]] | None:
+    """(text, end offsets) from one streaming decode; None when the tokenizer has no streaming decoder."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is None:
+        return None
+    stream = DecodeStream(skip_special_tokens=True)
+    pieces, ends, length = [], [], 0
+    for token in ids:
+        piece = stream.step(backend, token) or ""
+        pieces.append(piece)
+        length += len(piece)
+        ends.append(length)
+    return "".join(pieces), ends
+
+
+def _prefix_char_ends(ids: list[int], tokenizer: PreTrainedTokenizerBase) -> tuple[str, list[int]]:
+    """(text, end offsets) by decoding every prefix: quadratic, for tokenizers without a streaming decoder."""
     prefixes = tokenizer.batch_decode(
         [ids[: i + 1] for i in range(len(ids))], skip_special_tokens=True, clean_up_tokenization_spaces=False
     )
@@ -63,6 +82,16 @@ def token_char_ends(ids: list[int], tokenizer: PreTrainedTokenizerBase) -> tuple
         last = max(last, len(os.path.commonprefix([prefix, text])))
         ends.append(last)
     return text, ends
+
+
+def token_char_ends(ids: list[int], tokenizer: PreTrainedTokenizerBase) -> tuple[str, list[int]]:
+    """(decoded text, end offset of each token in it); special tokens have zero width."""
+    streamed = _streamed_char_ends(ids, tokenizer)
+    if streamed is not None:
+        text = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        if streamed[0] == text:
+            return streamed
+    return _prefix_char_ends(ids, tokenizer)
 
 
 def _runs(positions: list[int]) -> list[list[int]]:

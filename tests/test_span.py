@@ -118,7 +118,13 @@ def test_chunk_boundaries_splitting_pairs(batch, chunk):
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
-from hf_kd.spans import sentence_starts, span_ids_for_batch, token_char_ends  # noqa: E402
+from hf_kd.spans import (  # noqa: E402
+    _prefix_char_ends,
+    _streamed_char_ends,
+    sentence_starts,
+    span_ids_for_batch,
+    token_char_ends,
+)
 
 
 @pytest.fixture(scope="module")
@@ -209,3 +215,50 @@ def test_word_level_tokenizer(wordlevel):
     spans = span_ids_for_batch(ids, ids.clone(), wordlevel)
     # decoded "Hi there . How are you ? Fine": pysbd sentences "Hi there . ", "How are you ? ", "Fine"
     assert spans.tolist() == [[0, 0, 0, 1, 1, 1, 1, 2]]
+
+
+def _metaspace():
+    """A SentencePiece-style tokenizer (Metaspace, "▁" for spaces, a leading space stripped on decoding)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=["<pad>", "<eos>"])
+    tok.train_from_iterator(["Hi there. How are you? Fine. Dr. Smith is here. Ask me."] * 3, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+
+
+@pytest.mark.parametrize("kind", ["bpe", "wordlevel", "metaspace"])
+def test_streamed_offsets_equal_prefix_decoding(bpe, wordlevel, kind):
+    """The linear streaming decode gives exactly the offsets of decoding every prefix (the former method)."""
+    tok = {"bpe": bpe, "wordlevel": wordlevel, "metaspace": _metaspace()}[kind]
+    texts = ["Hi there . How are you ? Fine", "Fine", "Café ☕ ok. Dr. Smith is here.", "Ask me. Hi there."]
+    g = torch.Generator().manual_seed(0)
+    for text in texts:
+        ids = tok(text)["input_ids"]
+        with_special = [*ids[:1], tok.eos_token_id, *ids[1:], tok.pad_token_id]
+        words = text.split()
+        shuffled = tok(" ".join(words[i] for i in torch.randperm(len(words), generator=g).tolist()))["input_ids"]
+        for seq in (ids, with_special, shuffled):
+            streamed = _streamed_char_ends(seq, tok)
+            assert streamed is not None and streamed == _prefix_char_ends(seq, tok), (kind, seq)
+            assert token_char_ends(seq, tok) == streamed
+
+
+def test_segmentation_decodes_linearly(bpe):
+    """A response of n tokens is decoded once (n ids in all), not prefix by prefix (n (n + 1) / 2 ids)."""
+    ids = bpe(" ".join(["Hi there. How are you? Fine."] * 30))["input_ids"]
+    decoded = []
+    for name in ("decode", "batch_decode"):
+        original = getattr(bpe, name)
+
+        def counting(seqs, *args, _original=original, _name=name, **kwargs):
+            decoded.append(len(seqs) if _name == "decode" else sum(len(x) for x in seqs))
+            return _original(seqs, *args, **kwargs)
+
+        setattr(bpe, name, counting)
+    try:
+        spans = span_ids_for_batch(torch.tensor([ids]), torch.tensor([ids]), bpe, segmenter="punct")
+    finally:
+        del bpe.decode, bpe.batch_decode
+    assert len(ids) > 200 and sum(decoded) <= len(ids)
+    assert spans.max() + 1 == 90  # three sentences per repetition
