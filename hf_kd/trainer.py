@@ -27,7 +27,7 @@ from trl.trainer.utils import disable_dropout_in_model
 
 from .config import DistillationConfig
 from .hub import MODULES_FILE, DistillationHubMixin
-from .losses import build_loss
+from .losses import DistillationLoss, build_loss
 from .losses.core import LogitSource
 from .model_loading import init_kwargs
 from .rollout import GeneratedBatch, GenerationCallback, GenerationContext
@@ -190,6 +190,7 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
             self.cache_reconstruction = TopKReconstruction(
                 encoding["vocab_size"], encoding["top_k"], self.teacher_cache["temperature"]
             )
+        self._reference_loss, self._generated_loss = self._split_reference_terms()
         self.bridge = None
         if args.bridge == "dskd":
             from .bridge.dskd import DSKDBridge
@@ -270,6 +271,24 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
         eos = getattr(self.model.generation_config, "eos_token_id", None)
         self.generation_config.eos_token_id = eos if eos is not None else self.processing_class.eos_token_id
 
+    def _split_reference_terms(self) -> tuple[DistillationLoss | None, DistillationLoss | None]:
+        """(the recipe's `ce` term, the other terms), each as a loss sharing the recipe's term modules.
+
+        On generated steps the SFT term belongs to the dataset's reference answers, not to the generated (student
+        or SCRG-corrected) sequences: imitating its own samples teaches the student nothing (MGSR's L_SFT, and
+        the SFT term of a mixed recipe). `compute_loss` runs `ce` on the reference batch and the other terms on the
+        generated one; this costs one more forward and backward of the student (and a teacher forward) on
+        generated steps. None, None when the recipe has no `ce` term."""
+        if self.loss_fn is None or "ce" not in [t.name for t in self.loss_fn.terms]:
+            return None, None
+        chunk = self.args.loss_chunk_size
+        pairs = list(zip(self.loss_fn.terms, self.loss_fn.weights))
+        ce = [(t, w) for t, w in pairs if t.name == "ce"]
+        others = [(t, w) for t, w in pairs if t.name != "ce"]
+        reference = DistillationLoss([t for t, _ in ce], [w for _, w in ce], chunk)
+        generated = DistillationLoss([t for t, _ in others], [w for _, w in others], chunk) if others else None
+        return reference, generated
+
     def distillation_modules(self) -> dict[str, nn.Module]:
         """Trainable helper modules beside the student (DAC-KL sub-network, DSKD projectors)."""
         modules = {"loss": self.loss_fn, "bridge": self.bridge}
@@ -307,7 +326,10 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
         """
         source = "student" if random.random() < self.lmbda else ("teacher" if self.seq_kd else None)
         if source is not None:
+            reference = {key: inputs[key] for key in ("input_ids", "attention_mask", "labels")}
             inputs = self._rollout(model, inputs, source)
+            if self._reference_loss is not None:
+                inputs["reference"], inputs["reference_num_items"] = reference, num_items_in_batch
             count = (inputs["labels"][:, 1:] != -100).sum()
             num_items_in_batch = count.clamp_min(1) * self.current_gradient_accumulation_steps
             self._normalised_locally = True
@@ -370,22 +392,39 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
     ):
         if self.bridge is not None:
             loss, terms = self.bridge.compute_loss(model, self.teacher_model, inputs, num_items_in_batch)
+            loss, outputs = loss * self._process_scale(num_items_in_batch), None
+        elif "reference" in inputs:  # a generated step: ce on the reference answers (see _split_reference_terms)
+            ref_items = inputs["reference_num_items"]
+            loss, terms, _ = self._logit_space_loss(model, inputs["reference"], ref_items, self._reference_loss)
+            loss = loss * self._process_scale(ref_items, normalised_locally=False)
             outputs = None
+            if self._generated_loss is not None:
+                generated, more_terms, outputs = self._logit_space_loss(
+                    model, inputs, num_items_in_batch, self._generated_loss
+                )
+                loss, terms = loss + generated * self._process_scale(num_items_in_batch), {**terms, **more_terms}
         else:
             loss, terms, outputs = self._logit_space_loss(model, inputs, num_items_in_batch)
-        if (
-            num_items_in_batch is not None
-            and not self._normalised_locally
-            and self.args.average_tokens_across_devices
-            and self.accelerator.num_processes > 1
-        ):
-            loss = loss * self.accelerator.num_processes  # num_items_in_batch was summed over processes
+            loss = loss * self._process_scale(num_items_in_batch)
         mode = "train" if model.training else "eval"
         for name, value in terms.items():
             self._metrics[mode][f"loss/{name}"].append(float(value))
         return (loss, outputs) if return_outputs else loss
 
-    def _logit_space_loss(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any):
+    def _process_scale(self, num_items_in_batch: Any, normalised_locally: bool | None = None) -> int:
+        """The process count when `num_items_in_batch` was summed over processes (DDP then averages), else 1."""
+        local = self._normalised_locally if normalised_locally is None else normalised_locally
+        summed = num_items_in_batch is not None and not local and self.args.average_tokens_across_devices
+        return self.accelerator.num_processes if summed else 1
+
+    def _logit_space_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        num_items_in_batch: Any,
+        loss_fn: DistillationLoss | None = None,
+    ):
+        loss_fn = loss_fn or self.loss_fn
         fused = self.args.fused_loss
         forward_kwargs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
         if fused:
@@ -400,12 +439,12 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
                 teacher_out = self.teacher_model(**forward_kwargs)
             teacher = self._logit_source(teacher_out, self.teacher_model if fused else None)
         labels = inputs["labels"][:, 1:]
-        extras = self._loss_extras(inputs)
+        extras = self._loss_extras(inputs, loss_fn)
         models = [model] if self.teacher_cache is not None else [model, self.teacher_model]
         heads = [self.accelerator.unwrap_model(m).get_output_embeddings() for m in models] if fused else []
         with gathered(*heads):  # sharded (FSDP2/ZeRO-3) heads are whole for the loss only
-            loss = self.loss_fn.forward_sources(student, teacher, labels, num_items_in_batch, **extras)
-        return loss, self.loss_fn.last_values, student_out
+            loss = loss_fn.forward_sources(student, teacher, labels, num_items_in_batch, **extras)
+        return loss, loss_fn.last_values, student_out
 
     def _logit_source(self, outputs: Any, fused_model: nn.Module | None) -> LogitSource:
         """One side's rows aligned with the shifted labels: last hidden states + head (fused), or logits."""
@@ -413,8 +452,8 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
             return LogitSource(outputs.logits[:, :-1])
         return LogitSource(outputs.hidden_states[-1][:, :-1], output_head(self.accelerator.unwrap_model(fused_model)))
 
-    def _loss_extras(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
-        needed = {key for term in self.loss_fn.terms for key in term.requires}
+    def _loss_extras(self, inputs: dict[str, Any], loss_fn: DistillationLoss) -> dict[str, torch.Tensor]:
+        needed = {key for term in loss_fn.terms for key in term.requires}
         extras = {}
         if "span_ids" in needed:
             from .spans import span_ids_for_batch

@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 from tiny import make_args, train_losses
 
@@ -39,3 +40,26 @@ def test_mgsr_recipe_trains(tmp_path, tokenizer, student, teacher, train_dataset
     # the DAC-KL sub-network was trained (its own parameter group)
     changed = [not torch.equal(band_before[k], v) for k, v in dac.band.state_dict().items()]
     assert all(changed)
+
+
+@pytest.mark.parametrize("recipe", ["ce+dac_kl+span", "ce"])
+def test_generated_steps_take_ce_on_the_references(tmp_path, tokenizer, student, teacher, train_dataset, recipe):
+    """With lmbda = 1 (and SCRG) every step trains on generated sequences; the SFT term is still the student's
+    cross-entropy on the dataset's reference answers, the other terms are on the generated sequence."""
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=make_args(tmp_path, kd_loss=recipe, lmbda=1.0, scrg_corrections=1, per_device_train_batch_size=4),
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    count = (batch["labels"][:, 1:] != -100).sum()
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop otherwise
+    trainer.training_step(trainer.model, batch, count)
+    with torch.no_grad():
+        logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten())
+    torch.testing.assert_close(torch.tensor(trainer._metrics["train"]["loss/ce"][-1]), expected, rtol=1e-5, atol=1e-6)
+    logged = {key for key, values in trainer._metrics["train"].items() if key.startswith("loss/") and values}
+    assert logged == {f"loss/{name}" for name in recipe.split("+")}
