@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from hf_kd.hub import MODULES_FILE
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES_DIR = ROOT / "examples"
 ACCELERATE_CONFIG = EXAMPLES_DIR / "accelerate" / "cpu_2rank.yaml"
@@ -98,7 +100,7 @@ def test_two_ranks_update_like_one_process_with_the_global_batch(tmp_path):
 
     from safetensors.torch import load_file
 
-    for name in ("model.safetensors", "hf_kd_modules.safetensors"):
+    for name in ("model.safetensors", MODULES_FILE):
         got, want = load_file(ranks / name), load_file(single / name)
         assert got.keys() == want.keys()
         for key in want:
