@@ -26,6 +26,7 @@ from trl.trainer.sft_trainer import SFTTrainer
 from trl.trainer.utils import disable_dropout_in_model
 
 from .config import DistillationConfig
+from .heads import output_head, padded_token_ids, real_vocab_size, verify_output_head
 from .hub import MODULES_FILE, DistillationHubMixin
 from .losses import DistillationLoss, build_loss
 from .losses.core import LogitSource
@@ -37,27 +38,6 @@ from .teacher_cache.run_checks import check_cache_matches_run, check_config_for_
 from .validation import check_dataset, check_lora_targets, check_tokenizer, check_vocabularies
 
 logger = get_logger(__name__)
-
-
-class SoftcappedHead(nn.Module):
-    """An LM head followed by Gemma-style logit soft-capping: cap * tanh(logits / cap)."""
-
-    def __init__(self, head: nn.Module, cap: float):
-        super().__init__()
-        self.head, self.cap = head, cap
-        self.weight = head.weight
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.cap * torch.tanh(self.head(hidden) / self.cap)
-
-
-def output_head(model: nn.Module) -> nn.Module:
-    """The module mapping final hidden states to logits (through PEFT/DDP wrappers), with soft-capping if any."""
-    while hasattr(model, "module") and not hasattr(model, "get_output_embeddings"):
-        model = model.module
-    head = model.get_output_embeddings()
-    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-    return SoftcappedHead(head, cap) if cap else head
 
 
 def load_teacher(teacher_model: nn.Module | str | None, args: DistillationConfig) -> nn.Module:
@@ -176,9 +156,15 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
         if peft_config is not None and isinstance(model, str):
             check_lora_targets(self.model, peft_config)
         self.teacher_processing_class = teacher_processing_class
+        # Logits are compared over the tokenizer's real tokens: rows a head is padded with are no token.
+        # (A teacher cache keeps the widths it was written with, checked against the student.)
+        self.vocab_size = None if self.teacher_cache is not None else real_vocab_size(self.model, processing_class)
+        if self.teacher_cache is None and not self.cross_tokenizer:
+            self.vocab_size = min(self.vocab_size, real_vocab_size(teacher_model, processing_class))
+        self._heads_verified = False
         self._check_sharding()
         self._setup_teacher(teacher_model)
-        self._setup_generation()
+        self._setup_generation(teacher_model)
         # Under the DSKD bridge the bridge builds (and owns) the recipe's terms: no second, unused copy here.
         self.loss_fn = None
         if args.bridge is None:
@@ -196,7 +182,8 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
             from .bridge.dskd import DSKDBridge
 
             teacher_tok = teacher_processing_class if self.cross_tokenizer else None
-            self.bridge = DSKDBridge(self.model, self.teacher_model, args, teacher_tok).to(self.args.device)
+            self.bridge = DSKDBridge(self.model, self.teacher_model, args, teacher_tok, processing_class)
+            self.bridge.to(self.args.device)
         self.generation_callbacks = list(generation_callbacks or [])
         if args.scrg_corrections > 0:
             from .rollout.scrg import SCRGCallback
@@ -255,7 +242,7 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
                 "examples/accelerate/fsdp.yaml), DeepSpeed ZeRO-3, or fused_loss=False without a bridge."
             )
 
-    def _setup_generation(self) -> None:
+    def _setup_generation(self, teacher: nn.Module | None) -> None:
         args = self.args
         self.lmbda, self.beta, self.temperature, self.seq_kd = args.lmbda, args.beta, args.temperature, args.seq_kd
         self.generation_kwargs = {
@@ -268,6 +255,10 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
             "pad_token_id": self.processing_class.pad_token_id,
         }
         self.generation_config = GenerationConfig(**self.generation_kwargs)
+        generators = [self.model] if self.cross_tokenizer or teacher is None else [self.model, teacher]
+        padded = padded_token_ids(generators, self.vocab_size) if self.vocab_size is not None else []
+        if padded:  # on-policy, seq-kd and SCRG generations never emit a padded head row
+            self.generation_config.suppress_tokens = padded
         eos = getattr(self.model.generation_config, "eos_token_id", None)
         self.generation_config.eos_token_id = eos if eos is not None else self.processing_class.eos_token_id
 
@@ -443,14 +434,19 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
         models = [model] if self.teacher_cache is not None else [model, self.teacher_model]
         heads = [self.accelerator.unwrap_model(m).get_output_embeddings() for m in models] if fused else []
         with gathered(*heads):  # sharded (FSDP2/ZeRO-3) heads are whole for the loss only
+            if fused and not self._heads_verified:  # the models kept their last position's logits: check them
+                verify_output_head(student.head, student_out)
+                if self.teacher_cache is None:
+                    verify_output_head(teacher.head, teacher_out)
+                self._heads_verified = True
             loss = loss_fn.forward_sources(student, teacher, labels, num_items_in_batch, **extras)
         return loss, loss_fn.last_values, student_out
 
     def _logit_source(self, outputs: Any, fused_model: nn.Module | None) -> LogitSource:
         """One side's rows aligned with the shifted labels: last hidden states + head (fused), or logits."""
         if fused_model is None:
-            return LogitSource(outputs.logits[:, :-1])
-        return LogitSource(outputs.hidden_states[-1][:, :-1], output_head(self.accelerator.unwrap_model(fused_model)))
+            return LogitSource(outputs.logits[:, :-1, : self.vocab_size])
+        return LogitSource(outputs.hidden_states[-1][:, :-1], output_head(fused_model, vocab_size=self.vocab_size))
 
     def _loss_extras(self, inputs: dict[str, Any], loss_fn: DistillationLoss) -> dict[str, torch.Tensor]:
         needed = {key for term in loss_fn.terms for key in term.requires}

@@ -49,10 +49,15 @@ def _vocab_size(model: nn.Module | str) -> int:
 def check_vocabularies(
     student: nn.Module | str, teacher: nn.Module, tokenizer: Any, teacher_tokenizer: Any, bridge: str | None
 ) -> bool:
-    """True when the teacher has its own tokenizer (cross-vocabulary KD); errors where that needs a bridge."""
+    """True when the teacher has its own tokenizer (cross-vocabulary KD); errors where that needs a bridge.
+
+    Heads of different sizes over one tokenizer are accepted (a family pads its heads differently, e.g. Qwen2.5
+    151936 vs 152064 rows for 151665 tokens): the losses then compare the ``len(tokenizer)`` real tokens. hf_kd
+    only knows that the tokenizer is shared when the teacher's is given and has the student's vocabulary.
+    """
     cross = teacher_tokenizer is not None and teacher_tokenizer.get_vocab() != tokenizer.get_vocab()
     s_vocab, t_vocab = _vocab_size(student), _vocab_size(teacher)
-    if (s_vocab != t_vocab or cross) and bridge != "dskd":
+    if cross and bridge != "dskd":
         raise ValueError(
             f"The student (vocab_size {s_vocab}) and the teacher (vocab_size {t_vocab}) do not share a vocabulary, "
             "so their next-token distributions cannot be compared directly. Use the DSKD bridge: "
@@ -61,8 +66,16 @@ def check_vocabularies(
         )
     if s_vocab != t_vocab and teacher_tokenizer is None:
         raise ValueError(
-            f"The teacher's vocabulary ({t_vocab}) differs from the student's ({s_vocab}): pass the teacher's "
-            "tokenizer as DistillationTrainer(..., teacher_processing_class=teacher_tokenizer)."
+            f"The teacher's head has {t_vocab} rows and the student's {s_vocab}: pass the teacher's tokenizer as "
+            "DistillationTrainer(..., teacher_processing_class=teacher_tokenizer). If it has the student's "
+            f"vocabulary (one family whose heads are padded differently) the pair trains as it is, over the "
+            f"tokenizer's {len(tokenizer)} tokens; if not, use the DSKD bridge: DistillationConfig(bridge='dskd')."
+        )
+    if not cross and s_vocab != t_vocab and min(s_vocab, t_vocab) < len(tokenizer):
+        raise ValueError(
+            f"The student's head has {s_vocab} rows and the teacher's {t_vocab}, but their shared tokenizer has "
+            f"{len(tokenizer)} tokens: one head cannot predict every token, so they do not share this tokenizer. "
+            "Pass the teacher's own tokenizer as teacher_processing_class and use DistillationConfig(bridge='dskd')."
         )
     return cross
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from hf_kd.bridge import DSKDBridge, DualTokenizationCollator
-from hf_kd.bridge.dskd import OutputHead
+from hf_kd.heads import output_head
 
 pytestmark = pytest.mark.slow
 
@@ -80,7 +80,7 @@ def test_gemma_to_smollm2_cross_vocabulary_steps():
             output_hidden_states=True,
             logits_to_keep=1,
         )
-    torch.testing.assert_close(OutputHead(teacher, frozen=True)(out.hidden_states[-1][:, -1:]), out.logits)
+    torch.testing.assert_close(output_head(teacher, frozen=True)(out.hidden_states[-1][:, -1:]), out.logits)
 
     args = SimpleNamespace(kd_loss="fkl", kd_temperature=None, kd_rate=0.5, loss_chunk_size=None)
     bridge = DSKDBridge(student, teacher, args, teacher_tokenizer=teacher_tok)

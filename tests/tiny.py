@@ -116,6 +116,50 @@ def make_pair(vocab_size: int, teacher_vocab_size: int | None = None, teacher_hi
     return student, teacher
 
 
+FAMILY_OVERRIDES = {
+    "llama": {},
+    "granite": {"logits_scaling": 8.0},
+    "cohere": {"logit_scale": 0.25},
+    "gemma2": {"final_logit_softcapping": 2.0, "head_dim": 8},
+    "gemma3_text": {"final_logit_softcapping": 2.0, "head_dim": 8},
+    "falcon_h1": {
+        "lm_head_multiplier": 0.3,
+        "mamba_d_ssm": 32,
+        "mamba_n_heads": 4,
+        "mamba_d_head": 8,
+        "mamba_d_state": 8,
+        "mamba_n_groups": 1,
+        "mamba_chunk_size": 8,
+    },
+}
+"""Tiny causal LMs of families that transform logits around their head (Llama as the plain reference)."""
+
+
+def make_family_model(model_type: str, vocab_size: int, seed: int = 0, hidden: int = 32, **config_overrides):
+    """A randomly initialised one-layer causal LM of a transformers family (a key of ``FAMILY_OVERRIDES``), with
+    a wide initialisation so that its logits, and anything done to them, are far from uniform."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    values = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=4,
+        bos_token_id=None,
+    )
+    values.update(FAMILY_OVERRIDES[model_type])
+    values.update(config_overrides)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **values))
+
+
 def chatml_llama(vocab_size: int, seed: int = 0, num_layers: int = 2, **config_overrides) -> LlamaForCausalLM:
     """A `make_model` for `chatml_tokenizer` (bos 2, eos 3, 256 positions), in eval mode."""
     return make_model(

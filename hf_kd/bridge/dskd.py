@@ -17,9 +17,12 @@ With different tokenizers (``teacher_tokenizer`` given) the projected states are
 (:mod:`hf_kd.bridge.cma`) and L_stu is kept only at positions where argmax(logits_t2s) is the target token.
 
 Everything runs through the chunked loss engine with heads applied chunk by chunk, so no [B, T, V] logits exist.
+Each head is the model's own output head as :mod:`hf_kd.heads` defines it: LoRA-adapted when LoRA targets it, with
+the model's logit scaling and soft-capping, cut to the tokenizer's real tokens when the tokenizers are given, and
+checked against the model's own logits on the first call.
 Differences from the official code: the extra ``teacher_temperature`` of the official CMA criterion (default 1.0)
-is not exposed; a model's ``final_logit_softcapping``, if any, is applied to every logit its head produces (the
-official code multiplies by the raw head weight); the projected accuracy ``t2s_acc`` is logged as a fraction.
+is not exposed; heads scale and cap logits as their models do (the official code multiplies by the raw head
+weight); the projected accuracy ``t2s_acc`` is logged as a fraction.
 """
 
 from __future__ import annotations
@@ -29,9 +32,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..heads import output_head, real_vocab_size, unwrap_model, verify_output_head
 from ..losses import IGNORE_INDEX, LogitSource, LossEngine, TokenLoss, TokenRows, build_loss, parse_recipe
 from ..losses.registry import loss_class
 from ..sharding import gathered
@@ -40,53 +43,6 @@ from .tokenization import generated_teacher_inputs
 
 DSKD_DEFAULT_TEMPERATURE = 2.0
 """The KD temperature of the official DSKD scripts, used when ``args.kd_temperature`` is None."""
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside DDP/accelerate wrappers (``.module``); PEFT models are kept, they forward attributes."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
-
-
-class OutputHead:
-    """A model's output head as a callable for the loss engine: ``softcap(h W^T + b)``.
-
-    ``frozen=True`` uses detached weights (the student head in the student-space t2s logits, and the teacher head).
-    Not an ``nn.Module`` on purpose: the engine then only trains what the bridge passes as ``trainable``.
-    """
-
-    def __init__(self, model: nn.Module, frozen: bool):
-        model = unwrap_model(model)
-        head = model.get_output_embeddings()
-        if head is None or getattr(head, "weight", None) is None:
-            raise ValueError(
-                f"{type(model).__name__} has no output embeddings with a weight: DSKD needs a causal LM whose "
-                "get_output_embeddings() returns its vocabulary head."
-            )
-        self.module = head
-        self.frozen = frozen
-        self.softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.module.weight
-
-    def parameters(self) -> list[nn.Parameter]:
-        """Parameters that gradients should reach (none when frozen)."""
-        return [] if self.frozen else [p for p in self.module.parameters() if p.requires_grad]
-
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.frozen:
-            bias = getattr(self.module, "bias", None)
-            logits = F.linear(
-                hidden.to(self.weight.dtype), self.weight.detach(), None if bias is None else bias.detach()
-            )
-        else:
-            logits = self.module(hidden.to(self.weight.dtype))
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
 
 
 class TermSum(TokenLoss):
@@ -137,7 +93,7 @@ class ProjectedAccuracy(TokenLoss):
 
 
 def _hidden_size(model: nn.Module) -> int:
-    return OutputHead(model, frozen=True).weight.shape[-1]
+    return output_head(model).weight.shape[-1]
 
 
 def _divergence_terms(args: Any, temperature: float) -> tuple[list[TokenLoss], list[float]]:
@@ -163,7 +119,8 @@ class DSKDBridge(nn.Module):
 
     ``args`` needs ``kd_loss``, ``kd_temperature``, ``kd_rate`` and ``loss_chunk_size`` (a ``DistillationConfig``);
     ``teacher_tokenizer`` is None when both models share one tokenizer, which selects the same-vocabulary DSKD,
-    and is the teacher's tokenizer otherwise, which selects DSKD-CMA. The projectors are created in float32 on the
+    and is the teacher's tokenizer otherwise, which selects DSKD-CMA. ``tokenizer`` (the student's), when given,
+    limits both heads to the real tokens of their tokenizers. The projectors are created in float32 on the
     student's device.
     """
 
@@ -173,6 +130,7 @@ class DSKDBridge(nn.Module):
         teacher_model: nn.Module,
         args: Any,
         teacher_tokenizer: Any | None = None,
+        tokenizer: Any | None = None,
     ):
         super().__init__()
         d_s, d_t = _hidden_size(student_model), _hidden_size(teacher_model)
@@ -198,6 +156,11 @@ class DSKDBridge(nn.Module):
         self.teacher_engine = LossEngine([self.teacher_kd], [r], chunk_size)
         device = next(unwrap_model(student_model).parameters()).device
         self.to(device=device, dtype=torch.float32)
+        # Heads are compared over the tokenizers' real tokens (padded head rows are no token), when given.
+        self.student_vocab_size = real_vocab_size(student_model, tokenizer) if tokenizer is not None else None
+        teacher_tok = teacher_tokenizer if self.cross_vocab else tokenizer
+        self.teacher_vocab_size = real_vocab_size(teacher_model, teacher_tok) if teacher_tok is not None else None
+        self._heads_verified = False
 
     def _teacher_batch(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not self.cross_vocab:
@@ -274,16 +237,21 @@ class DSKDBridge(nn.Module):
             s2t_hidden = self.s2t(h_s.to(self.s2t.weight.dtype))
 
         with gathered(unwrap_model(model).get_output_embeddings()):  # sharded models: one head at a time
-            student_head = OutputHead(model, frozen=False)
+            student_head = output_head(model, vocab_size=self.student_vocab_size)
+            if not self._heads_verified:  # the model kept its last position's logits: check the rebuilt ones
+                verify_output_head(student_head, s_out)
             student_space = self.student_engine(
                 LogitSource(h_s, student_head),
-                LogitSource(t2s_hidden, OutputHead(model, frozen=True)),
+                LogitSource(t2s_hidden, output_head(model, frozen=True, vocab_size=self.student_vocab_size)),
                 labels,
                 num_items_in_batch,
                 trainable=[*student_head.parameters(), *self.student_kd.parameters()],
             )
         with gathered(unwrap_model(teacher_model).get_output_embeddings()):
-            teacher_head = OutputHead(teacher_model, frozen=True)
+            teacher_head = output_head(teacher_model, frozen=True, vocab_size=self.teacher_vocab_size)
+            if not self._heads_verified:
+                verify_output_head(teacher_head, t_out)
+                self._heads_verified = True
             teacher_space = self.teacher_engine(
                 LogitSource(s2t_hidden, teacher_head), LogitSource(h_t, teacher_head), t_labels, num_items_in_batch
             )
@@ -315,4 +283,4 @@ class DSKDBridge(nn.Module):
         )
 
 
-__all__ = ["DSKD_DEFAULT_TEMPERATURE", "DSKDBridge", "OutputHead", "ProjectedAccuracy", "ProjectedCE", "TermSum"]
+__all__ = ["DSKD_DEFAULT_TEMPERATURE", "DSKDBridge", "ProjectedAccuracy", "ProjectedCE", "TermSum"]

@@ -42,9 +42,9 @@ class LogitSource:
     head: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def head_parameters(self) -> list[torch.nn.Parameter]:
-        if isinstance(self.head, nn.Module):
-            return [p for p in self.head.parameters() if p.requires_grad]
-        return []
+        """The head's trainable parameters: a module's, or what a callable head's ``parameters()`` returns."""
+        parameters = getattr(self.head, "parameters", None)
+        return [p for p in parameters() if p.requires_grad] if callable(parameters) else []
 
 
 def default_chunk_size(vocab_size: int) -> int:
