@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from rouge_score import rouge_scorer
 from transformers import Trainer, TrainerCallback
 
+from .heads import padded_token_ids
+
 logger = logging.getLogger(__name__)
 
 _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
@@ -60,7 +62,7 @@ def generate_answers(
     """Greedy answers (special tokens removed) to chat prompts, in the order given.
 
     Prompts are batched by token length (less padding) with left padding, the layout decoder-only ``generate``
-    needs.
+    needs. Rows a head is padded with (ids from ``len(tokenizer)`` on) are never generated.
     """
     device = next(model.parameters()).device
     texts = [_prompt_text(tokenizer, p) for p in prompts]
@@ -77,6 +79,7 @@ def generate_answers(
             max_new_tokens=max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
+            suppress_tokens=padded_token_ids([model], len(tokenizer)) or None,
         )
         new_tokens = out[:, batch["input_ids"].shape[1] :]
         for row, i in enumerate(index):
@@ -102,7 +105,8 @@ def token_kl(student, teacher, tokenizer, conversations: list[Sequence[dict[str,
     """Mean over answer tokens of KL(teacher || student) in nats, fp32, on the reference conversations.
 
     At each position that predicts an answer token (the answer's own tokens, including the end-of-turn marker),
-    KL = sum_v p_t(v) (log p_t(v) - log p_s(v)); the mean is over all such positions of all conversations.
+    KL = sum_v p_t(v) (log p_t(v) - log p_s(v)) over the tokenizer's tokens v (rows a head is padded with are no
+    token); the mean is over all such positions of all conversations.
     """
     device = next(student.parameters()).device
     teacher_device = next(teacher.parameters()).device
@@ -119,13 +123,15 @@ def token_kl(student, teacher, tokenizer, conversations: list[Sequence[dict[str,
             answer[row, prompt_len - 1 : len(ids) - 1] = True
         s_logits = student(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
         t_logits = teacher(input_ids=input_ids.to(teacher_device), attention_mask=attention.to(teacher_device)).logits
-        if s_logits.shape[-1] != t_logits.shape[-1]:
+        vocab = len(tokenizer)
+        if min(s_logits.shape[-1], t_logits.shape[-1]) < vocab:
             raise ValueError(
-                f"Student and teacher vocabularies differ ({s_logits.shape[-1]} vs {t_logits.shape[-1]}): "
-                "token-level KL needs one shared tokenizer; evaluate without `teacher=`."
+                f"Student and teacher vocabularies differ ({s_logits.shape[-1]} vs {t_logits.shape[-1]} head rows "
+                f"for a tokenizer of {vocab} tokens): token-level KL needs one shared tokenizer; evaluate without "
+                "`teacher=`."
             )
-        s_logp = F.log_softmax(s_logits[answer.to(device)].float(), dim=-1)
-        t_logp = F.log_softmax(t_logits[answer.to(teacher_device)].float(), dim=-1).to(device)
+        s_logp = F.log_softmax(s_logits[answer.to(device)][:, :vocab].float(), dim=-1)
+        t_logp = F.log_softmax(t_logits[answer.to(teacher_device)][:, :vocab].float(), dim=-1).to(device)
         total += (t_logp.exp() * (t_logp - s_logp)).sum().item()
         count += int(answer.sum())
     return total / max(count, 1)

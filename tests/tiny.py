@@ -122,6 +122,16 @@ FAMILY_OVERRIDES = {
     "cohere": {"logit_scale": 0.25},
     "gemma2": {"final_logit_softcapping": 2.0, "head_dim": 8},
     "gemma3_text": {"final_logit_softcapping": 2.0, "head_dim": 8},
+    "minicpm3": {
+        "dim_model_base": 8,
+        "num_key_value_heads": 4,
+        "q_lora_rank": 16,
+        "kv_lora_rank": 16,
+        "qk_nope_head_dim": 8,
+        "qk_rope_head_dim": 8,
+        "v_head_dim": 8,
+    },
+    "hyperclovax": {"logits_scaling": 0.5},
     "falcon_h1": {
         "lm_head_multiplier": 0.3,
         "mamba_d_ssm": 32,

@@ -19,9 +19,9 @@ Choices where the paper is silent:
 * scoring uses one forward of each model over the whole batch, and re-generation one batched
   ``generate`` call over the corrected sequences (left-padded prefixes of different lengths), with
   the trainer's generation config (so the student samples as it does on-policy);
-* teacher and student must share one vocabulary (token ids are exchanged between them); a teacher
-  head padded to more rows than the student's (or the reverse) is compared on the shared rows only.
-  Different tokenizers raise a ValueError.
+* teacher and student must share one vocabulary (token ids are exchanged between them); both are
+  compared over the tokenizer's real tokens only (rows a head is padded with are no token and never
+  chosen). Different tokenizers raise a ValueError.
 """
 
 from __future__ import annotations
@@ -140,7 +140,8 @@ class SCRGCallback(GenerationCallback):
         device = batch.input_ids.device
         s_logits = completion_logits(ctx.student, batch.input_ids, batch.attention_mask, n).to(device)
         t_logits = completion_logits(ctx.teacher, batch.input_ids, batch.attention_mask, n).to(device)
-        kl, teacher_tokens = self._divergence_and_choice(s_logits, t_logits)
+        vocab = min(len(ctx.tokenizer), s_logits.shape[-1], t_logits.shape[-1])
+        kl, teacher_tokens = self._divergence_and_choice(s_logits[..., :vocab], t_logits[..., :vocab])
         completion = batch.input_ids[:, prompt_len:]
         columns = torch.arange(prompt_len, prompt_len + n, device=device)
         candidate = (
@@ -157,18 +158,18 @@ class SCRGCallback(GenerationCallback):
         return fix_rows, offsets + prompt_len, teacher_tokens[fix_rows, offsets]
 
     def _divergence_and_choice(self, s_logits: torch.Tensor, t_logits: torch.Tensor):
-        """KL(p_teacher || p_student) and the teacher's token per position ([B, n] each), over the shared
-        vocabulary rows, computed ``default_chunk_size`` rows at a time in float32."""
-        vocab = min(s_logits.shape[-1], t_logits.shape[-1])
+        """KL(p_teacher || p_student) and the teacher's token per position ([B, n] each), computed
+        ``default_chunk_size`` rows at a time in float32 (both logits of one width)."""
+        vocab = s_logits.shape[-1]
         flat_s, flat_t = s_logits.reshape(-1, s_logits.shape[-1]), t_logits.reshape(-1, t_logits.shape[-1])
         kl = torch.empty(flat_s.shape[0], device=flat_s.device)
         tokens = torch.empty(flat_s.shape[0], dtype=torch.long, device=flat_s.device)
         step = default_chunk_size(vocab)
         for start in range(0, flat_s.shape[0], step):
-            t_chunk = flat_t[start : start + step, :vocab].float()
+            t_chunk = flat_t[start : start + step].float()
             floor = torch.finfo(torch.float32).min  # -inf logits (masked entries) must not give NaN
             log_p = torch.log_softmax(t_chunk, -1).clamp_min(floor)
-            log_q = torch.log_softmax(flat_s[start : start + step, :vocab].float(), -1).clamp_min(floor)
+            log_q = torch.log_softmax(flat_s[start : start + step].float(), -1).clamp_min(floor)
             kl[start : start + step] = kl_rows(log_p, log_q)
             if self.teacher_choice == "argmax":
                 tokens[start : start + step] = log_p.argmax(-1)
