@@ -112,7 +112,8 @@ def test_token_kl_matches_reference_and_is_zero_for_identical_models(tokenizer):
 
 def test_kl_refuses_different_vocabularies(tokenizer):
     student = chatml_llama(len(tokenizer), seed=1)
-    teacher = chatml_llama(len(tokenizer) - 5, seed=2)  # a head that cannot predict every token of the tokenizer
+    teacher = chatml_llama(len(tokenizer), seed=2)
+    teacher.lm_head = torch.nn.Linear(32, len(tokenizer) - 5, bias=False)  # cannot predict every token
     with pytest.raises(ValueError, match="vocabularies differ"):
         token_kl(student, teacher, tokenizer, conversations(), batch_size=2)
 
