@@ -46,7 +46,9 @@ class DistillationConfig(GKDConfig):
         default=True,
         metadata={
             "help": "Compute logits from the last hidden states chunk by chunk inside the loss, so full "
-            "[batch, tokens, vocab] logits never exist. False asks the models for full logits (slower, more memory)."
+            "[batch, tokens, vocab] logits never exist; each model's logit scaling and soft-capping are redone "
+            "(hf_kd.heads) and checked against its own logits on the first step. False asks the models for full "
+            "logits (slower, more memory), for a model whose logits that check rejects."
         },
     )
     loss_chunk_size: int | None = field(
