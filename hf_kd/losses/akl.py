@@ -10,8 +10,9 @@ is always head), the tail the rest; g_head = sum_head e_i, g_tail = sum_tail e_i
 As in the official snippet the weights carry no gradient. The official snippet applies no temperature
 (default 1.0 here); DSKD's copy uses its KD temperature, which ``temperature`` allows.
 Difference from the snippet, exact up to ties: instead of sorting the whole vocabulary, only the top-64
-teacher entries are sorted (rows whose head reaches past them are sorted in full), since
-g_tail = sum_all e - g_head.
+teacher entries are sorted (rows whose head reaches past them take the top 256, 1024, ... until it fits),
+since g_tail = sum_all e - g_head. The gradient is written in closed form (see ``divergences``):
+w (q - p) + (1 - w) q (log q - log p - KL(q || p)).
 From a teacher cache the head is read from the cached top-k (it is exact while the head lies inside it);
 the tail sums are over the reconstructed flat tail.
 """
@@ -21,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from .core import TokenLoss, TokenRows
-from .divergences import kl_rows
+from .divergences import row_dot, softmax_backward, with_gradient
 from .registry import register_loss
 
 
@@ -29,14 +30,21 @@ def akl_head_weight(p: torch.Tensor, q: torch.Tensor, mu: float, start_k: int = 
     """g_head / (g_head + g_tail) per row (p, q: probabilities [n, V], no gradient).
 
     The top-``start_k`` teacher entries settle almost every row; the rare rows whose head reaches past them
-    (near-uniform teachers) are sorted in full, on their own.
+    (flat teachers) are retried on their own with a 4x longer prefix, up to the whole vocabulary.
     """
-    error_total = (p - q).abs().sum(-1)
-    head_error = _head_error(p, q, mu, min(start_k, p.shape[-1]))
-    open_rows = head_error.isnan().nonzero().squeeze(-1)
-    if open_rows.numel():
-        head_error[open_rows] = _head_error(p[open_rows], q[open_rows], mu, p.shape[-1])
-    return head_error / error_total.clamp_min(torch.finfo(p.dtype).tiny)
+    return _head_error_prefix(p, q, mu, start_k) / (p - q).norm(p=1, dim=-1).clamp_min(torch.finfo(p.dtype).tiny)
+
+
+def _head_error_prefix(p: torch.Tensor, q: torch.Tensor, mu: float, start_k: int) -> torch.Tensor:
+    vocab = p.shape[-1]
+    head_error = _head_error(p, q, mu, min(start_k, vocab))
+    open_rows, k = head_error.isnan().nonzero().squeeze(-1), start_k
+    while open_rows.numel():
+        k = min(4 * k, vocab)
+        retry = _head_error(p[open_rows], q[open_rows], mu, k)
+        head_error[open_rows] = retry
+        open_rows = open_rows[retry.isnan()]
+    return head_error
 
 
 def _head_error(p: torch.Tensor, q: torch.Tensor, mu: float, k: int) -> torch.Tensor:
@@ -63,7 +71,15 @@ class AdaptiveKL(TokenLoss):
 
     def per_token(self, rows: TokenRows) -> torch.Tensor:
         t = self.temperature
-        log_p, log_q = rows.teacher_logprobs(t), rows.student_logprobs(t)
+        p, q = rows.detached_probs("t", t), rows.detached_probs("s", t)
         with torch.no_grad():
-            w_head = akl_head_weight(rows.teacher_probs(t), rows.student_probs(t).detach(), self.mu)
-        return w_head * kl_rows(log_p, log_q) + (1 - w_head) * kl_rows(log_q, log_p)
+            w_head = akl_head_weight(p, q, self.mu).unsqueeze(-1)
+            log_ratio = rows.detached_logprobs("s", t) - rows.detached_logprobs("t", t)  # log q - log p
+            rkl = row_dot(q, log_ratio)
+            value = torch.lerp(rkl, -row_dot(p, log_ratio), w_head.squeeze(-1))
+
+        def grad() -> torch.Tensor:
+            fkl_grad = torch.sub(q, p).mul_(w_head)
+            return softmax_backward(q, log_ratio, rkl).mul_(1 - w_head).add_(fkl_grad)
+
+        return with_gradient(rows.student_logits(t), value, grad)

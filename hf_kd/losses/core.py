@@ -54,7 +54,9 @@ def default_chunk_size(vocab_size: int) -> int:
 
 def _safe_log_softmax(logits: torch.Tensor) -> torch.Tensor:
     # Clamp -inf to the most negative finite number: p * (log p - log q) stays finite where p == 0.
-    return torch.log_softmax(logits, dim=-1).clamp(min=torch.finfo(logits.dtype).min)
+    log_probs = torch.log_softmax(logits, dim=-1)
+    floor = torch.finfo(logits.dtype).min
+    return log_probs.clamp(min=floor) if log_probs.requires_grad else log_probs.clamp_(min=floor)
 
 
 class TokenRows:
@@ -96,6 +98,21 @@ class TokenRows:
 
     def _probs_all(self, side: str, temperature: float) -> torch.Tensor:
         return self._get(("p", side, temperature), lambda: self._logprobs_all(side, temperature).exp())
+
+    def detached_logprobs(self, side: str, temperature: float = 1.0) -> torch.Tensor:
+        """Log-probabilities of ``side`` ("s" or "t") without a graph, for terms that write their own gradient."""
+
+        def make() -> torch.Tensor:
+            if ("lp", side, temperature) in self._cache:
+                return self._cache[("lp", side, temperature)].detach()
+            with torch.no_grad():
+                return _safe_log_softmax(self._scaled(side, temperature))
+
+        return self._get(("lp-const", side, temperature), make)[: self.n]
+
+    def detached_probs(self, side: str, temperature: float = 1.0) -> torch.Tensor:
+        """Probabilities of ``side`` ("s" or "t") without a graph (see ``detached_logprobs``)."""
+        return self._get(("p-const", side, temperature), lambda: self.detached_logprobs(side, temperature).exp())
 
     def student_logits(self, temperature: float = 1.0) -> torch.Tensor:
         return self._scaled("s", temperature)[: self.n]

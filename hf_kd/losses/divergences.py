@@ -1,6 +1,14 @@
 """Token-level divergences every KD library has: FKL, RKL, GKD's generalized JSD, skew KL, and CE.
 
-Notation: p is the teacher distribution, q the student's, both at the term's temperature.
+Notation: p is the teacher distribution, q the student's, both at the term's temperature, z the student's
+logits at that temperature.
+
+Speed: the divergences are computed without autograd. Each term forms its per-row value and its gradient with
+respect to z in closed form from the (cached, detached) log-probabilities, and ``with_gradient`` attaches that
+gradient to z. This saves the dozen [rows, V] temporaries autograd would record and replay per chunk. The
+closed forms all follow from dq_v/dz_u = q_v (1[u = v] - q_u): a row value f(q) with a_v = df/dq_v has
+df/dz = q (a - <q, a>). Where a logit is -inf the gradient there is 0 (q = 0); the autograd reference of the
+clamped formula may differ at those entries only.
 
 From a teacher cache (``hf_kd.teacher_cache``) p is the reconstructed distribution: the cached top-k
 probabilities and the remaining mass spread evenly over the other tokens. Every term here then computes
@@ -9,8 +17,6 @@ the same formula on it; the error against the live teacher is bounded through KL
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -23,9 +29,92 @@ def kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
-def log_mixture(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Tensor:
-    """log(weight_a * a + (1 - weight_a) * b), computed in log space."""
-    return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
+def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_v a[:, v] * b[:, v] in one pass, without an [n, V] temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+class _AnalyticGradient(torch.autograd.Function):
+    """Identity on ``value`` whose gradient with respect to ``logits`` is ``grad`` (one row of it per value)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, value: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(grad)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_value: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_value.unsqueeze(-1).to(grad.dtype), None, None
+
+
+def with_gradient(logits: torch.Tensor, value: torch.Tensor, grad_fn) -> torch.Tensor:
+    """``value`` ([n], no graph) carrying d value / d logits = ``grad_fn()`` ([n, V]) back to ``logits``.
+
+    ``grad_fn`` is only called when ``logits`` needs a gradient, so no-grad evaluation skips the gradient.
+    """
+    if not (torch.is_grad_enabled() and logits.requires_grad):
+        return value
+    with torch.no_grad():
+        grad = grad_fn()
+    return _AnalyticGradient.apply(logits, value, grad)
+
+
+def softmax_backward(q: torch.Tensor, a: torch.Tensor, q_dot_a: torch.Tensor | None = None) -> torch.Tensor:
+    """q (a - <q, a>): the gradient with respect to the logits of f(q) with df/dq = a ([n, V]); overwrites ``a``.
+
+    Formed as q a - q <q, a> so that entries with q = 0 stay 0 even where a is near the float limit.
+    """
+    q_dot_a = row_dot(q, a) if q_dot_a is None else q_dot_a
+    return a.mul_(q).addcmul_(q, q_dot_a.unsqueeze(-1), value=-1.0)
+
+
+def forward_kl(rows: TokenRows, t: float) -> torch.Tensor:
+    """KL(p || q) per row, with gradient q - p."""
+    log_p, log_q = rows.detached_logprobs("t", t), rows.detached_logprobs("s", t)
+    value = row_dot(rows.detached_probs("t", t), log_p - log_q)
+    return with_gradient(rows.student_logits(t), value, lambda: rows.detached_probs("s", t) - rows.detached_probs("t", t))
+
+
+def reverse_kl(rows: TokenRows, t: float) -> torch.Tensor:
+    """KL(q || p) per row, with gradient q (log q - log p - KL)."""
+    q = rows.detached_probs("s", t)
+    log_ratio = rows.detached_logprobs("s", t) - rows.detached_logprobs("t", t)
+    value = row_dot(q, log_ratio)
+    return with_gradient(rows.student_logits(t), value, lambda: softmax_backward(q, log_ratio, value))
+
+
+def mixture_kl(rows: TokenRows, t: float, beta: float, weight_p: float, weight_q: float) -> torch.Tensor:
+    """weight_p KL(p || m) + weight_q KL(q || m) per row, m = beta p + (1 - beta) q (0 < beta < 1).
+
+    df/dq_v = weight_q (log q_v - log m_v + 1) - (weight_p p_v + weight_q q_v) (1 - beta) / m_v, so that
+    GKD's JSD (weight_p = beta, weight_q = 1 - beta) has the gradient (1 - beta) q (log q - log m - KL(q || m)).
+    The mixture is formed in probability space (one lerp and one log instead of a log-space logaddexp);
+    entries where both p and q underflow get log m clamped to the most negative finite number (they add 0).
+    """
+    p, q = rows.detached_probs("t", t), rows.detached_probs("s", t)
+    jsd = weight_p == beta and weight_q == 1 - beta  # GKD's JSD: the p / m terms of the gradient cancel
+    m = torch.lerp(q, p, beta)
+    log_m = (m.log_() if jsd else m.log()).clamp_(min=torch.finfo(m.dtype).min)
+    value = torch.zeros_like(log_m[:, 0])
+    q_gap = kl_qm = None
+    if weight_q:
+        q_gap = rows.detached_logprobs("s", t) - log_m
+        kl_qm = row_dot(q, q_gap)
+        value.add_(kl_qm, alpha=weight_q)
+    if weight_p:
+        value.add_(row_dot(p, rows.detached_logprobs("t", t) - log_m), alpha=weight_p)
+
+    def grad() -> torch.Tensor:
+        if jsd:
+            return softmax_backward(q, q_gap, kl_qm).mul_(weight_q)
+        a = torch.lerp(q, p, weight_p / (weight_p + weight_q)).div_(m.clamp_min_(torch.finfo(m.dtype).tiny))
+        a.mul_(-(1 - beta) * (weight_p + weight_q))
+        if weight_q:
+            a.add_(q_gap.add_(1.0), alpha=weight_q)
+        return softmax_backward(q, a)
+
+    return with_gradient(rows.student_logits(t), value, grad)
 
 
 @register_loss("fkl")
@@ -37,8 +126,7 @@ class ForwardKL(TokenLoss):
         self.temperature = temperature
 
     def per_token(self, rows: TokenRows) -> torch.Tensor:
-        t = self.temperature
-        return kl_rows(rows.teacher_logprobs(t), rows.student_logprobs(t))
+        return forward_kl(rows, self.temperature)
 
 
 @register_loss("rkl")
@@ -50,8 +138,7 @@ class ReverseKL(TokenLoss):
         self.temperature = temperature
 
     def per_token(self, rows: TokenRows) -> torch.Tensor:
-        t = self.temperature
-        return kl_rows(rows.student_logprobs(t), rows.teacher_logprobs(t))
+        return reverse_kl(rows, self.temperature)
 
 
 @register_loss("jsd")
@@ -71,13 +158,11 @@ class GeneralizedJSD(TokenLoss):
 
     def per_token(self, rows: TokenRows) -> torch.Tensor:
         t, beta = self.temperature, self.beta
-        log_p, log_q = rows.teacher_logprobs(t), rows.student_logprobs(t)
         if beta == 0.0:
-            return kl_rows(log_p, log_q)
+            return forward_kl(rows, t)
         if beta == 1.0:
-            return kl_rows(log_q, log_p)
-        log_m = log_mixture(log_p, log_q, beta)
-        return beta * kl_rows(log_p, log_m) + (1 - beta) * kl_rows(log_q, log_m)
+            return reverse_kl(rows, t)
+        return mixture_kl(rows, t, beta, weight_p=beta, weight_q=1 - beta)
 
 
 @register_loss("sfkl")
@@ -92,9 +177,7 @@ class SkewForwardKL(TokenLoss):
         self.temperature = temperature
 
     def per_token(self, rows: TokenRows) -> torch.Tensor:
-        t = self.temperature
-        log_p, log_q = rows.teacher_logprobs(t), rows.student_logprobs(t)
-        return kl_rows(log_p, log_mixture(log_p, log_q, self.alpha))
+        return mixture_kl(rows, self.temperature, self.alpha, weight_p=1.0, weight_q=0.0)
 
 
 @register_loss("srkl")
@@ -109,9 +192,7 @@ class SkewReverseKL(TokenLoss):
         self.temperature = temperature
 
     def per_token(self, rows: TokenRows) -> torch.Tensor:
-        t = self.temperature
-        log_p, log_q = rows.teacher_logprobs(t), rows.student_logprobs(t)
-        return kl_rows(log_q, log_mixture(log_q, log_p, self.alpha))
+        return mixture_kl(rows, self.temperature, 1 - self.alpha, weight_p=0.0, weight_q=1.0)
 
 
 @register_loss("ce")
