@@ -71,9 +71,9 @@ def softmax_backward(q: torch.Tensor, a: torch.Tensor, q_dot_a: torch.Tensor | N
 
 def forward_kl(rows: TokenRows, t: float) -> torch.Tensor:
     """KL(p || q) per row, with gradient q - p."""
-    log_p, log_q = rows.detached_logprobs("t", t), rows.detached_logprobs("s", t)
-    value = row_dot(rows.detached_probs("t", t), log_p - log_q)
-    return with_gradient(rows.student_logits(t), value, lambda: rows.detached_probs("s", t) - rows.detached_probs("t", t))
+    p, q = rows.detached_probs("t", t), rows.detached_probs("s", t)
+    value = row_dot(p, rows.detached_logprobs("t", t) - rows.detached_logprobs("s", t))
+    return with_gradient(rows.student_logits(t), value, lambda: q - p)
 
 
 def reverse_kl(rows: TokenRows, t: float) -> torch.Tensor:
