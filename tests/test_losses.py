@@ -123,11 +123,10 @@ def test_akl_topk_search_equals_full_sort():
     from hf_kd.losses.akl import akl_head_weight
 
     g = torch.Generator().manual_seed(1)
-    flat = torch.zeros(3, 500, dtype=torch.float64)  # near-uniform: the head spans far more than 64 entries
-    flat[1] = torch.randn(500, generator=g, dtype=torch.float64) * 0.05
-    flat[2] = torch.randn(500, generator=g, dtype=torch.float64) * 5
-    p = F.softmax(flat + 1e-9 * torch.arange(500), -1)
-    q = F.softmax(torch.randn(3, 500, generator=g, dtype=torch.float64), -1)
+    # rows whose head spans all, about 1/2, about 1/20 of the entries (far more than 64), and a peaked one
+    flat = torch.randn(4, 3000, generator=g, dtype=torch.float64) * torch.tensor([[0.0], [0.05], [2.0], [5.0]])
+    p = F.softmax(flat + 1e-9 * torch.arange(3000), -1)
+    q = F.softmax(torch.randn(4, 3000, generator=g, dtype=torch.float64), -1)
     p_sorted, idx = p.sort(-1, descending=True)
     err = (p_sorted - q.gather(-1, idx)).abs()
     head = p_sorted.cumsum(-1) <= 0.5
@@ -158,6 +157,78 @@ def test_akl_gradient_treats_weights_as_constants(batch):
     ref = _masked_mean(w * _kl(t, s2) + (1 - w) * _kl(s2, t), labels)
     ref.backward()
     torch.testing.assert_close(s.grad, s2.grad)
+
+
+@pytest.mark.parametrize(
+    "name,kw",
+    [
+        ("fkl", {"temperature": 2.0}),
+        ("rkl", {"temperature": 0.7}),
+        ("jsd", {"beta": 0.1}),
+        ("jsd", {"beta": 0.9, "temperature": 2.0}),
+        ("sfkl", {"alpha": 0.3}),
+        ("srkl", {"alpha": 0.3, "temperature": 1.5}),
+    ],
+)
+def test_closed_form_gradients_equal_autograd_reference(batch, name, kw):
+    """The terms write their gradient by hand; it must equal autograd through the plain formula."""
+    s, t, labels = batch
+    x, y = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    build_loss(name, chunk_size=4, **kw)(x, t, labels).backward()
+    if name == "jsd":
+        from trl.experimental.gkd import GKDTrainer
+
+        ref = GKDTrainer.generalized_jsd_loss(y, t, labels, beta=kw["beta"], temperature=kw.get("temperature", 1.0))
+    else:
+        ref = _reference(name, y, t, labels, **kw)
+    ref.backward()
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("recipe", ["0.5*ce+0.5*jsd", "akl", "bild", "srkl"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_linear_heads_equal_full_logits(recipe, bias):
+    """Hidden states + nn.Linear heads (the head gradient written by hand, chunk by chunk) against autograd on
+    full logits: same value, same gradients for the student's hidden states, head weight and bias."""
+    g = torch.Generator().manual_seed(3)
+    head_s, head_t = torch.nn.Linear(5, V, bias=bias).double(), torch.nn.Linear(7, V, bias=bias).double()
+    hs, ht = torch.randn(2, 6, 5, generator=g, dtype=torch.float64), torch.randn(2, 6, 7, generator=g).double()
+    labels = torch.randint(0, V, (2, 6), generator=g)
+    labels[0, :2] = -100
+    results = []
+    for fused, chunk in ((False, None), (True, 1), (True, 4), (True, None)):
+        head_s.zero_grad(set_to_none=True)
+        x = hs.clone().requires_grad_(True)
+        loss = build_loss(recipe, chunk_size=chunk)
+        value = loss.forward_fused(x, head_s, ht, head_t, labels) if fused else loss(head_s(x), head_t(ht), labels)
+        value.backward()
+        results.append([value.detach(), x.grad, *(p.grad for p in head_s.parameters())])
+    assert head_t.weight.grad is None or not head_t.weight.grad.any()  # teacher accessors are detached
+    for got in results[1:]:
+        for a, b in zip(got, results[0]):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_linear_head_bf16_and_masked_rows():
+    """A bf16 head: logits are formed in bf16 and computed in fp32 as with full logits; masked rows get zero
+    gradient and change nothing."""
+    g = torch.Generator().manual_seed(4)
+    head_s, head_t = torch.nn.Linear(8, 32, bias=False).bfloat16(), torch.nn.Linear(8, 32, bias=False).bfloat16()
+    hs, ht = torch.randn(1, 9, 8, generator=g).bfloat16(), torch.randn(1, 9, 8, generator=g).bfloat16()
+    labels = torch.randint(0, 32, (1, 9), generator=g)
+    labels[0, 4:6] = -100
+    results = []
+    for fused in (False, True):
+        head_s.zero_grad(set_to_none=True)
+        x = hs.clone().requires_grad_(True)
+        loss = build_loss("jsd", chunk_size=3)
+        value = loss.forward_fused(x, head_s, ht, head_t, labels) if fused else loss(head_s(x), head_t(ht), labels)
+        value.backward()
+        assert value.dtype == torch.float32
+        results.append((value.detach(), x.grad.float(), head_s.weight.grad.float()))
+        assert not x.grad[0, 4:6].any()
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-4)
 
 
 @pytest.mark.parametrize("recipe", ["jsd", "akl", "bild", "0.5*ce+0.5*fkl", "sfkl"])

@@ -261,17 +261,14 @@ class LossEngine:
             end = min(start + plan.chunk_size, n_rows)
             stop = min(end + 1, n_rows) if plan.lookahead else end
             idx = plan.index[start:stop]
-            s_in = flat_s[idx]
-            t_in = flat_t[idx]
-            if grad_targets:
-                s_in = s_in.detach().requires_grad_(flat_s.requires_grad)
-                t_in = t_in.detach().requires_grad_(flat_t.requires_grad)
+            sides = [
+                _ChunkSide(source, flat[idx], j, grad_targets)
+                for j, (source, flat) in enumerate([(student, flat_s), (teacher, flat_t)])
+            ]
             with torch.enable_grad() if grad_targets else torch.no_grad():
-                s_logits = _compute_logits(student, s_in)
-                t_logits = _compute_logits(teacher, t_in)
                 rows = TokenRows(
-                    s_logits,
-                    t_logits,
+                    sides[0].logits,
+                    sides[1].logits,
                     plan.labels[start:end],
                     {k: v[start:end] for k, v in plan.extras.items()},
                     end - start,
@@ -283,8 +280,9 @@ class LossEngine:
                     sums[i] += value.detach().double()
                     contrib = value * (weight / count) if count > 0 else value * 0.0
                     chunk_total = contrib if chunk_total is None else chunk_total + contrib
+            del rows  # the chunk's cached [rows, V] temporaries
             if grad_targets and chunk_total is not None and chunk_total.requires_grad:
-                inputs = [s_in, t_in, *grad_targets[2:]]
+                inputs = [*(side.grad_input for side in sides), *grad_targets[2:]]
                 wanted = [x for x in inputs if x.requires_grad]
                 got = iter(torch.autograd.grad(chunk_total, wanted, allow_unused=True))
                 for j, x in enumerate(inputs):
@@ -292,15 +290,15 @@ class LossEngine:
                     if g is None:
                         continue
                     if j < 2:
+                        g = sides[j].backward(g, grads)
+                        if g is None:
+                            continue
                         full = grads[j]
                         if full is None:
                             full = grads[j] = torch.zeros_like(grad_targets[j])
                         full.index_add_(0, idx, g.to(full.dtype))
                     else:
-                        if grads[j] is None:
-                            grads[j] = g
-                        else:
-                            grads[j].add_(g)  # in place: a head gradient is [V, d]
+                        _accumulate(grads, j, g)
         for j, target in enumerate(grad_targets):
             if grads[j] is None and target.requires_grad:  # e.g. no selected rows: a zero gradient, not None
                 grads[j] = torch.zeros_like(target)
@@ -326,6 +324,62 @@ def _vocab_size(source: LogitSource) -> int:
 def _compute_logits(source: LogitSource, rows: torch.Tensor) -> torch.Tensor:
     logits = rows if source.head is None else source.head(rows)
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def _accumulate(grads: list, j: int, g: torch.Tensor) -> None:
+    if grads[j] is None:
+        grads[j] = g
+    else:
+        grads[j].add_(g)  # in place: a head gradient is [V, d]
+
+
+class _ChunkSide:
+    """One side (student or teacher) of a chunk: its input rows and logits, and how its gradient flows back.
+
+    A plain ``nn.Linear`` head is applied outside autograd and its logits become a leaf; ``backward`` then
+    writes the head's gradient by hand, accumulating dW += g^T x in place (``addmm_``) instead of letting
+    autograd allocate a fresh [V, d] gradient per chunk and add it. Other heads (and logits given directly)
+    stay in the autograd graph.
+    """
+
+    def __init__(self, source: LogitSource, rows: torch.Tensor, position: int, grad_targets: Sequence[torch.Tensor]):
+        flat = grad_targets[position] if grad_targets else rows
+        self.rows = rows.detach().requires_grad_(flat.requires_grad) if grad_targets else rows
+        self.head = source.head if grad_targets and type(source.head) is nn.Linear else None
+        if self.head is None:
+            with torch.enable_grad() if grad_targets else torch.no_grad():
+                self.logits = _compute_logits(source, self.rows)
+            self.grad_input = self.rows
+            return
+        ids = [id(t) for t in grad_targets[2:]]
+        self.param_slots = [
+            (2 + ids.index(id(p)) if id(p) in ids else None, p)
+            for p in (self.head.weight, self.head.bias)
+            if p is not None and p.requires_grad
+        ]
+        with torch.no_grad():
+            self.logits = _compute_logits(source, self.rows)
+        self.logits.requires_grad_(self.rows.requires_grad or any(j is not None for j, _ in self.param_slots))
+        self.grad_input = self.logits
+
+    def backward(self, grad: torch.Tensor, grads: list) -> torch.Tensor | None:
+        """The gradient for this side's input rows; head gradients go straight into ``grads``."""
+        if self.head is None:
+            return grad
+        weight = self.head.weight
+        grad = grad.to(weight.dtype)
+        for j, param in self.param_slots:
+            if j is None:
+                continue
+            if param is weight:
+                x = self.rows.detach().to(weight.dtype)
+                if grads[j] is None:
+                    grads[j] = torch.mm(grad.t(), x)
+                else:
+                    grads[j].addmm_(grad.t(), x)
+            else:
+                _accumulate(grads, j, grad.sum(0))
+        return grad @ weight if self.rows.requires_grad else None
 
 
 class _ChunkedLoss(torch.autograd.Function):
