@@ -15,6 +15,14 @@ Usage::
     python benchmarks/speed_memory.py --preset full           # real SmolLM2 shapes, on a GPU (bf16)
 
 Results go to ``benchmarks/results/speed_memory_<preset>.json`` and ``.md``; see ``benchmarks/README.md``.
+
+``--loss-side`` times the loss side alone instead (no model bodies, no trainer): on ``--rows`` response rows of
+random hidden states, the student head forward and backward, the teacher head forward and the divergence, for
+every hf_kd term, TRL 1.16's fused ``ChunkedDivergenceFunction`` (generalized JSD, beta 0.5) and the head
+matmuls alone (the floor). Each round runs every configuration once, in a fresh subprocess (so its peak memory
+is its own), and rounds interleave the configurations, so a load change on a shared machine hits all alike::
+
+    python benchmarks/speed_memory.py --loss-side --vocabs 151936 262144 --threads 1 --rounds 3
 """
 
 from __future__ import annotations
@@ -42,6 +50,8 @@ TRL_METHODS = ("trl", "trl-liger")
 HF_KD_METHODS = ("jsd", "akl", "bild", "dac_kl+span", "dskd")
 REFERENCE_METHODS = ("student-fb", "teacher-f", "heads")
 ALL_METHODS = TRL_METHODS + HF_KD_METHODS + REFERENCE_METHODS
+LOSS_SIDE_TERMS = ("fkl", "rkl", "jsd", "sfkl", "srkl", "akl", "bild", "dac_kl")
+LOSS_SIDE_METHODS = ("floor", "trl-chunked", *LOSS_SIDE_TERMS)
 DEFAULT_PEAK_TFLOPS = 989.0  # H100 SXM dense bf16 tensor-core peak (NVIDIA datasheet, without sparsity)
 
 
@@ -267,7 +277,7 @@ class MemoryMeter:
 class StepTimer:
     """Times steps and starts the memory meter before the first measured step (a ``TrainerCallback``)."""
 
-    def __init__(self, spec: RunSpec):
+    def __init__(self, spec: RunSpec | LossSideSpec):
         self.spec = spec
         self.meter = MemoryMeter(spec.device)
         self.times: list[float] = []
@@ -459,12 +469,218 @@ def run_config(spec: RunSpec) -> dict[str, Any]:
     return result
 
 
-def _describe(spec: RunSpec) -> dict[str, Any]:
+def _describe(spec: RunSpec | LossSideSpec) -> dict[str, Any]:
+    if isinstance(spec, LossSideSpec):
+        return {"method": spec.method, "vocab": spec.vocab, "rows": spec.rows}
     return {"method": spec.method, "vocab": spec.vocab, "seq": spec.seq, "batch": spec.batch}
 
 
+# ---------------------------------------------------------------------------------------------- loss side
+@dataclass
+class LossSideSpec:
+    """One loss-side configuration: ``rows`` response rows through both heads and one divergence."""
+
+    method: str
+    vocab: int
+    rows: int = 384
+    student_hidden: int = SMOLLM2_135M.hidden
+    teacher_hidden: int = SMOLLM2_360M.hidden
+    warmup: int = 1
+    steps: int = 1
+    device: str = "cpu"
+    threads: int = 2
+    seed: int = 0
+    chunk_size: int | None = None
+    teacher_scale: float = 6.0
+
+
+def _loss_side_inputs(spec: LossSideSpec):
+    """Seeded heads (bias-free nn.Linear, default init) and hidden states; the teacher's are scaled so that its
+    distributions are peaked like a trained LM's (about half the mass in the top 64) rather than flat."""
+    import torch
+
+    torch.manual_seed(spec.seed)
+    head_s = torch.nn.Linear(spec.student_hidden, spec.vocab, bias=False).to(spec.device)
+    head_t = torch.nn.Linear(spec.teacher_hidden, spec.vocab, bias=False).to(spec.device).requires_grad_(False)
+    g = torch.Generator().manual_seed(spec.seed)
+    h_s = (torch.randn(spec.rows, spec.student_hidden, generator=g) * 3).to(spec.device)
+    h_t = (torch.randn(spec.rows, spec.teacher_hidden, generator=g) * spec.teacher_scale).to(spec.device)
+    labels = torch.randint(0, spec.vocab, (spec.rows,), generator=g).to(spec.device)
+    return head_s, head_t, h_s, h_t, labels
+
+
+def _loss_side_step(spec: LossSideSpec, head_s, head_t, h_s, h_t, labels):
+    """One step's function: returns the loss value (or None for the floor), gradients left on ``head_s``/``x``."""
+    import torch
+
+    if spec.method == "floor":
+        upstream = torch.ones(spec.rows, spec.vocab, device=spec.device)
+
+        def step():
+            x = h_s.clone().requires_grad_(True)
+            head_s(x).backward(upstream)
+            with torch.no_grad():
+                head_t(h_t)
+
+        return step
+    if spec.method == "trl-chunked":
+        from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+        def step():
+            x = h_s.clone().requires_grad_(True)
+            divergence, _ = ChunkedDivergenceFunction.apply(x, head_s.weight, None, h_t, head_t.weight, None, 0.5)
+            loss = divergence.mean()
+            loss.backward()
+            return loss.item()
+
+        return step
+    from hf_kd.losses import build_loss
+
+    loss_fn = build_loss(spec.method, chunk_size=spec.chunk_size).to(spec.device)
+
+    def step():
+        x = h_s.clone().requires_grad_(True)
+        loss = loss_fn.forward_fused(x[None], head_s, h_t[None], head_t, labels[None])
+        loss.backward()
+        return loss.item()
+
+    return step
+
+
+def run_loss_side(spec: LossSideSpec) -> dict[str, Any]:
+    """Times one loss-side configuration in this process (seconds, MiB, minor page faults per step)."""
+    import resource
+
+    import torch
+
+    torch.set_num_threads(spec.threads)
+    result = {"method": spec.method, "vocab": spec.vocab, "rows": spec.rows}
+    if spec.method in LOSS_SIDE_TERMS:
+        from hf_kd.losses import LOSS_REGISTRY
+
+        if spec.method not in LOSS_REGISTRY:
+            return result | {"skipped": f"loss term {spec.method} is not registered"}
+    inputs = _loss_side_inputs(spec)
+    step = _loss_side_step(spec, *inputs)
+    timer = StepTimer(spec)
+    faults, value = [], None
+    for i in range(spec.warmup + spec.steps):
+        inputs[0].zero_grad(set_to_none=True)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        timer.begin(i)
+        value = step()
+        timer.end(i)
+        if i >= spec.warmup:
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return result | {
+        "step_times_s": timer.times,
+        "cpu_times_s": timer.cpu_times,
+        "peak_mem_mib": timer.peak,
+        "baseline_mem_mib": timer.meter.baseline,
+        "minor_faults": faults,
+        "loss": value,
+    }
+
+
+def merge_rounds(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per (vocab, method) from the rounds' records: median times, largest peak, ratios to the floor,
+    to TRL's chunked kernel and to jsd (on CPU time on a CPU, wall clock on a GPU)."""
+    merged: dict[tuple, dict[str, Any]] = {}
+    for r in records:
+        m = merged.setdefault((r["vocab"], r["method"]), {k: r[k] for k in ("method", "vocab", "rows")})
+        if "step_times_s" not in r:
+            m.setdefault("errors", []).append(r.get("skipped") or r.get("error"))
+            continue
+        for key in ("step_times_s", "cpu_times_s", "minor_faults"):
+            m.setdefault(key, []).extend(r[key])
+        m["peak_mem_mib"] = max(m.get("peak_mem_mib", 0.0), r["peak_mem_mib"])
+        m["loss"] = r["loss"]
+    for m in merged.values():
+        if "step_times_s" in m:
+            m["step_time_s"] = statistics.median(m["step_times_s"])
+            m["cpu_time_s"] = statistics.median(m["cpu_times_s"])
+            m["minor_faults_per_step"] = statistics.median(m["minor_faults"])
+    for (vocab, _), m in merged.items():
+        for ref in ("floor", "trl-chunked", "jsd"):
+            other = merged.get((vocab, ref))
+            if "step_time_s" in m and other and "step_time_s" in other:
+                m[f"x_{ref}"] = m["cpu_time_s"] / other["cpu_time_s"]
+                m[f"wall_x_{ref}"] = m["step_time_s"] / other["step_time_s"]
+                m[f"peak_x_{ref}"] = m["peak_mem_mib"] / other["peak_mem_mib"]
+    return list(merged.values())
+
+
+def loss_side_table(results: list[dict[str, Any]]) -> str:
+    """The merged loss-side records as a markdown table."""
+    head = ["vocab", "method", "CPU s", "wall s", "×floor", "×TRL", "×jsd", "peak MiB", "peak ×TRL", "faults/step"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        cells = [str(r["vocab"]), r["method"]]
+        if "step_time_s" not in r:
+            cells += ["; ".join(map(str, r.get("errors", [])))] + ["-"] * (len(head) - 3)
+        else:
+            cells += [
+                _fmt(r["cpu_time_s"], ".2f"),
+                _fmt(r["step_time_s"], ".2f"),
+                _fmt(r.get("x_floor"), ".2f"),
+                _fmt(r.get("x_trl-chunked"), ".2f"),
+                _fmt(r.get("x_jsd"), ".2f"),
+                _fmt(r["peak_mem_mib"], ".0f"),
+                _fmt(r.get("peak_x_trl-chunked"), ".2f"),
+                _fmt(r["minor_faults_per_step"], ".0f"),
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_loss_side_rounds(args: argparse.Namespace, argv: list[str] | None, device: str) -> str:
+    """``--rounds`` rounds over every (vocab, method), each configuration in a fresh subprocess."""
+    records: list[dict[str, Any]] = []
+    methods = args.methods or list(LOSS_SIDE_METHODS)
+    unknown = sorted(set(methods) - set(LOSS_SIDE_METHODS))
+    if unknown:
+        raise SystemExit(f"--loss-side runs {' '.join(LOSS_SIDE_METHODS)}; {unknown} are trainer methods.")
+    tag = args.tag or "loss-side"
+    table = ""
+    for round_index in range(args.rounds):
+        for vocab in args.vocabs or (151936, 262144):
+            for method in methods:
+                spec = LossSideSpec(
+                    method=method,
+                    vocab=vocab,
+                    rows=args.rows,
+                    warmup=1 if args.warmup is None else args.warmup,
+                    steps=args.steps or 1,
+                    device=device,
+                    threads=args.threads,
+                    chunk_size=args.chunk_size,
+                )
+                started = time.perf_counter()
+                record = run_in_subprocess(spec, args.timeout)
+                records.append(record)
+                status = record.get("skipped") or record.get("error") or f"cpu {record['cpu_times_s']}"
+                print(f"[{time.perf_counter() - started:5.0f} s] round {round_index} vocab {vocab} {method}: {status}")
+                sys.stdout.flush()
+                merged = merge_rounds(records)
+                payload = {
+                    "mode": "loss-side",
+                    "device": device,
+                    "dtype": "float32",
+                    "threads": args.threads,
+                    "command": " ".join(["python", "benchmarks/speed_memory.py", *(argv or sys.argv[1:])]),
+                    "environment": environment(),
+                    "results": merged,
+                    "records": records,
+                }
+                args.out_dir.mkdir(parents=True, exist_ok=True)
+                (args.out_dir / f"speed_memory_{tag}.json").write_text(json.dumps(payload, indent=2) + "\n")
+                table = loss_side_table(merged)
+                (args.out_dir / f"speed_memory_{tag}.md").write_text(table)
+    return table
+
+
 # ---------------------------------------------------------------------------------------------- many runs
-def run_in_subprocess(spec: RunSpec, timeout: float) -> dict[str, Any]:
+def run_in_subprocess(spec: RunSpec | LossSideSpec, timeout: float) -> dict[str, Any]:
     """Runs ``spec`` in a fresh Python process (so peak memory is per configuration); errors become a record."""
     record = run_in_fresh_process(Path(__file__).resolve(), spec, spec.threads, timeout)
     return {**_describe(spec), **record} if "error" in record else record
@@ -563,7 +779,7 @@ def build_specs(args: argparse.Namespace, device: str) -> list[RunSpec]:
     specs = []
     for vocab in args.vocabs or preset.vocabs:
         for seq in args.seqs or preset.seqs:
-            for method in args.methods:
+            for method in args.methods or ALL_METHODS:
                 specs.append(
                     RunSpec(
                         method=method,
@@ -587,7 +803,15 @@ def build_specs(args: argparse.Namespace, device: str) -> list[RunSpec]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
-    parser.add_argument("--methods", nargs="+", choices=ALL_METHODS, default=list(ALL_METHODS))
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=sorted({*ALL_METHODS, *LOSS_SIDE_METHODS}),
+        help=f"default: {' '.join(ALL_METHODS)}; with --loss-side: {' '.join(LOSS_SIDE_METHODS)}",
+    )
+    parser.add_argument("--loss-side", action="store_true", help="time the loss side alone (see the module doc)")
+    parser.add_argument("--rows", type=int, default=384, help="response rows for --loss-side")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds for --loss-side")
     parser.add_argument("--vocabs", nargs="+", type=int, help="override the preset's vocabulary sizes")
     parser.add_argument("--seqs", nargs="+", type=int, help="override the preset's sequence lengths")
     parser.add_argument("--batch", type=int, help="override the preset's batch size")
@@ -610,7 +834,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.child:
-        result = run_config(RunSpec.from_dict(json.loads(args.child)))
+        child = json.loads(args.child)  # a LossSideSpec has "rows", a RunSpec "seq"
+        result = run_loss_side(LossSideSpec(**child)) if "rows" in child else run_config(RunSpec.from_dict(child))
         Path(args.child_out).write_text(json.dumps(result))
         return
     if args.render:
@@ -624,6 +849,9 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    if args.loss_side:
+        print(run_loss_side_rounds(args, argv, device))
+        return
     results: list[dict[str, Any]] = []
     for spec in build_specs(args, device):
         started = time.perf_counter()

@@ -71,9 +71,9 @@ def softmax_backward(q: torch.Tensor, a: torch.Tensor, q_dot_a: torch.Tensor | N
 
 def forward_kl(rows: TokenRows, t: float) -> torch.Tensor:
     """KL(p || q) per row, with gradient q - p."""
-    p, q = rows.detached_probs("t", t), rows.detached_probs("s", t)
+    p = rows.detached_probs("t", t)
     value = row_dot(p, rows.detached_logprobs("t", t) - rows.detached_logprobs("s", t))
-    return with_gradient(rows.student_logits(t), value, lambda: q - p)
+    return with_gradient(rows.student_logits(t), value, lambda: rows.detached_probs("s", t) - p)
 
 
 def reverse_kl(rows: TokenRows, t: float) -> torch.Tensor:
