@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import environment, run_in_fresh_process  # noqa: E402  (offline defaults, shared with quality.py)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(RESULTS_DIR.parent.parent))  # time this checkout's hf_kd, not another installed copy
 TRL_METHODS = ("trl", "trl-liger")
 HF_KD_METHODS = ("jsd", "akl", "bild", "dac_kl+span", "dskd")
 REFERENCE_METHODS = ("student-fb", "teacher-f", "heads")

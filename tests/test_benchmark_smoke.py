@@ -55,3 +55,21 @@ def test_ratios_and_table(bench, tmp_path):
     table = bench.markdown_table(results, cuda=False)
     assert table.count("\n") == len(results) + 2
     assert "skipped: needs a GPU" in table
+
+
+def test_loss_side_rows_ratios_and_table(bench):
+    """--loss-side: the floor, TRL's chunked kernel and hf_kd terms run on one tiny shape; TRL's generalized JSD
+    (beta 0.5) and hf_kd's jsd agree on the same rows and heads; the merged records carry the ratios."""
+    records = [
+        bench.run_loss_side(bench.LossSideSpec(method=m, vocab=300, rows=12, student_hidden=8, teacher_hidden=12))
+        for m in ("floor", "trl-chunked", "jsd", "akl")
+    ]
+    for r in records:
+        assert r["step_times_s"][0] > 0 and r["peak_mem_mib"] > 0 and r["minor_faults"][0] >= 0, r["method"]
+    trl, jsd = records[1]["loss"], records[2]["loss"]
+    assert abs(trl - jsd) <= 1e-5 * abs(jsd)
+    merged = bench.merge_rounds(records + [dict(records[2], step_times_s=[1.0], cpu_times_s=[1.0])])
+    by_method = {r["method"]: r for r in merged}
+    assert len(by_method["jsd"]["step_times_s"]) == 2 and by_method["floor"]["x_floor"] == 1.0
+    assert by_method["akl"]["x_trl-chunked"] > 0 and by_method["akl"]["x_jsd"] > 0
+    assert bench.loss_side_table(merged).count("\n") == len(merged) + 2
