@@ -11,7 +11,10 @@ teacher row of logits. The engine owns everything else:
   temporaries exists at once. When gradients are needed, each chunk's gradient is computed right away
   (as in Liger-Kernel's fused linear losses) and the chunk's activations are freed;
 * fused heads: a side may be given as hidden states plus its head (``LogitSource(hidden, head)``), in
-  which case logits are only ever built one chunk at a time;
+  which case logits are only ever built one chunk at a time. A plain ``nn.Linear`` head runs outside
+  autograd and its weight gradient is accumulated in place chunk after chunk (no [V, d] temporary per chunk);
+* gradients: the common divergences attach a closed-form gradient to the student logits
+  (``divergences.with_gradient``) instead of recording their formula for autograd;
 * reduction: each term is summed and divided by the count of tokens (``num_items_in_batch`` under
   gradient accumulation, summed over the micro-batches and processes, as TRL does). Pairwise terms are
   divided by it too: a per-pair mean would need a pair count gathered the same way, and without it the
