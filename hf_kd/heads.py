@@ -29,6 +29,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from .losses.core import LinearForm
+
 MULTIPLY_BY_LOGITS_SCALING = ("hyperclovax", "hyperclovax_vision_v2")
 """Families whose logits are the head's output times ``logits_scaling`` (the other users of it divide)."""
 SCALE_INPUT_BY_LOGITS_SCALING = ("minicpm3",)
@@ -121,6 +123,27 @@ class OutputHead:
         """Parameters that gradients should reach (none when frozen)."""
         return [] if self.frozen else [p for p in self.module.parameters() if p.requires_grad]
 
+    def linear_form(self) -> LinearForm | None:
+        """This head as a :class:`~hf_kd.losses.core.LinearForm` when its module is a plain ``nn.Linear`` (the
+        loss engine then applies it outside autograd, chunk by chunk); None for other modules (e.g. LoRA)."""
+        if type(self.module) is not nn.Linear:
+            return None
+        t = self.transform
+        finish = self._finish if (t.output_scale != 1.0 or t.softcap) else None
+        return LinearForm(
+            self.module.weight, self.module.bias, t.input_scale, self.vocab_size, finish, trainable=not self.frozen
+        )
+
+    def _finish(self, logits: torch.Tensor) -> torch.Tensor:
+        """The model's post-processing of its head's output: logit scale, then soft-cap."""
+        t = self.transform
+        logits = logits.float()  # as precise as the model's own post-processing, whatever its dtype
+        if t.output_scale != 1.0:
+            logits = logits * t.output_scale
+        if t.softcap:
+            logits = torch.tanh(logits / t.softcap) * t.softcap
+        return logits
+
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         t = self.transform
         hidden = hidden.to(self.weight.dtype)
@@ -133,13 +156,7 @@ class OutputHead:
             logits = self.module(hidden)
         if self.vocab_size is not None and self.vocab_size < logits.shape[-1]:
             logits = logits[..., : self.vocab_size]
-        if t.output_scale != 1.0 or t.softcap:
-            logits = logits.float()  # as precise as the model's own post-processing, whatever its dtype
-            if t.output_scale != 1.0:
-                logits = logits * t.output_scale
-            if t.softcap:
-                logits = torch.tanh(logits / t.softcap) * t.softcap
-        return logits
+        return self._finish(logits) if (t.output_scale != 1.0 or t.softcap) else logits
 
 
 def output_head(model: nn.Module, frozen: bool = False, vocab_size: int | None = None) -> OutputHead:

@@ -247,3 +247,16 @@ def test_evaluation_over_real_tokens(tokenizer):
     student.generate = lambda **kw: generated.append(generate(**kw)) or generated[-1]
     generate_answers(student, tokenizer, [c[:1] for c in conversations], 6, batch_size=2)
     assert generated and all(out.max() < len(tokenizer) for out in generated)
+
+
+def test_plain_heads_take_the_engines_linear_path_and_lora_heads_do_not():
+    """The engine applies a plain linear head outside autograd (its scale and soft-cap stay exact, see the family
+    tests above); a LoRA-adapted head keeps the autograd path."""
+    from hf_kd.losses.core import _linear_form
+
+    model = make_family_model("granite", 40)
+    form = _linear_form(output_head(model, vocab_size=37))
+    assert form is not None and form.columns == 37 and form.finish is not None and form.trainable
+    assert not _linear_form(output_head(model, frozen=True)).trainable
+    lora = get_peft_model(model, LoraConfig(r=2, target_modules=["lm_head"]))
+    assert _linear_form(output_head(lora)) is None

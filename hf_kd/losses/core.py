@@ -336,53 +336,87 @@ def _accumulate(grads: list, j: int, g: torch.Tensor) -> None:
         grads[j].add_(g)  # in place: a head gradient is [V, d]
 
 
+@dataclass
+class LinearForm:
+    """A head the engine may apply outside autograd (see ``_ChunkSide``):
+    ``logits = finish((input_scale * h) @ weight[:columns].T + bias[:columns])``, ``finish`` elementwise or None.
+
+    ``nn.Linear`` heads have this form; other heads offer it through a ``linear_form()`` method (``hf_kd.heads``:
+    logit scales and soft-caps after a plain linear layer). ``trainable=False`` keeps gradients off the weights.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    input_scale: float = 1.0
+    columns: int | None = None
+    finish: Callable[[torch.Tensor], torch.Tensor] | None = None
+    trainable: bool = True
+
+
+def _linear_form(head: Callable | None) -> LinearForm | None:
+    if type(head) is nn.Linear:
+        return LinearForm(head.weight, head.bias)
+    form = getattr(head, "linear_form", None)
+    return form() if callable(form) else None
+
+
 class _ChunkSide:
     """One side (student or teacher) of a chunk: its input rows and logits, and how its gradient flows back.
 
-    A plain ``nn.Linear`` head is applied outside autograd and its logits become a leaf; ``backward`` then
-    writes the head's gradient by hand, accumulating dW += g^T x in place (``addmm_``) instead of letting
-    autograd allocate a fresh [V, d] gradient per chunk and add it. Other heads (and logits given directly)
-    stay in the autograd graph.
+    A head of linear form (:class:`LinearForm`) is applied outside autograd: its pre-activation z = x W^T + b
+    becomes a leaf (only an elementwise ``finish`` stays in the graph), and ``backward`` writes the head's
+    gradient by hand, accumulating dW += g^T x in place (``addmm_``) instead of letting autograd allocate a fresh
+    [V, d] gradient per chunk and add it. Other heads (LoRA-adapted ones, say) and logits given directly stay in
+    the autograd graph.
     """
 
     def __init__(self, source: LogitSource, rows: torch.Tensor, position: int, grad_targets: Sequence[torch.Tensor]):
         flat = grad_targets[position] if grad_targets else rows
         self.rows = rows.detach().requires_grad_(flat.requires_grad) if grad_targets else rows
-        self.head = source.head if grad_targets and type(source.head) is nn.Linear else None
-        if self.head is None:
+        self.form = _linear_form(source.head) if grad_targets else None
+        if self.form is None:
             with torch.enable_grad() if grad_targets else torch.no_grad():
                 self.logits = _compute_logits(source, self.rows)
             self.grad_input = self.rows
             return
+        form = self.form
         ids = [id(t) for t in grad_targets[2:]]
+        params = (form.weight, form.bias) if form.trainable else ()
         self.param_slots = [
-            (2 + ids.index(id(p)) if id(p) in ids else None, p)
-            for p in (self.head.weight, self.head.bias)
-            if p is not None and p.requires_grad
+            (2 + ids.index(id(p)) if id(p) in ids else None, p) for p in params if p is not None and p.requires_grad
         ]
+        self.weight = form.weight[: form.columns] if form.columns else form.weight
         with torch.no_grad():
-            self.logits = _compute_logits(source, self.rows)
-        self.logits.requires_grad_(self.rows.requires_grad or any(j is not None for j, _ in self.param_slots))
-        self.grad_input = self.logits
+            self.x = self.rows.detach().to(self.weight.dtype)
+            if form.input_scale != 1.0:
+                self.x = self.x * form.input_scale
+            bias = None if form.bias is None else form.bias[: self.weight.shape[0]]
+            z = torch.nn.functional.linear(self.x, self.weight, bias)
+            z = z.to(torch.promote_types(z.dtype, torch.float32))
+        self.grad_input = z.requires_grad_(self.rows.requires_grad or any(j is not None for j, _ in self.param_slots))
+        with torch.enable_grad():
+            self.logits = form.finish(self.grad_input) if form.finish is not None else self.grad_input
 
     def backward(self, grad: torch.Tensor, grads: list) -> torch.Tensor | None:
         """The gradient for this side's input rows; head gradients go straight into ``grads``."""
-        if self.head is None:
+        if self.form is None:
             return grad
-        weight = self.head.weight
+        weight = self.weight
         grad = grad.to(weight.dtype)
         for j, param in self.param_slots:
             if j is None:
                 continue
-            if param is weight:
-                x = self.rows.detach().to(weight.dtype)
-                if grads[j] is None:
-                    grads[j] = torch.mm(grad.t(), x)
-                else:
-                    grads[j].addmm_(grad.t(), x)
+            if grads[j] is None:
+                grads[j] = torch.zeros_like(param)
+            target = grads[j][: weight.shape[0]]  # rows past ``columns`` (padded vocabulary) get no gradient
+            if param is self.form.weight:
+                target.addmm_(grad.t(), self.x)
             else:
-                _accumulate(grads, j, grad.sum(0))
-        return grad @ weight if self.rows.requires_grad else None
+                target.add_(grad.sum(0))
+        if not self.rows.requires_grad:
+            return None
+        grad_rows = grad @ weight
+        return grad_rows * self.form.input_scale if self.form.input_scale != 1.0 else grad_rows
 
 
 class _ChunkedLoss(torch.autograd.Function):
@@ -403,4 +437,4 @@ class _ChunkedLoss(torch.autograd.Function):
         return (None, None, None, None, None, *grads)
 
 
-__all__ = ["IGNORE_INDEX", "LogitSource", "LossEngine", "TokenLoss", "TokenRows", "default_chunk_size"]
+__all__ = ["IGNORE_INDEX", "LinearForm", "LogitSource", "LossEngine", "TokenLoss", "TokenRows", "default_chunk_size"]
