@@ -1,17 +1,33 @@
-"""DistillationConfig: every knob of hf_kd, as a dataclass with help text (Python, YAML and CLI alike)."""
+"""DistillationConfig: every knob of hf_kd, as a dataclass with help text (Python, YAML and CLI alike).
+
+The options of the loss terms and bridges (``akl_mu``, ``bild_top_k``, ``skew_alpha``, ``dac_kl_lr``,
+``span_segmenter``, ``kd_rate``, ``projector_lr``, ...) are not written here: each term or bridge declares its
+knobs (``hf_kd.knobs.Knob``) and ``MethodKnobs`` turns the registered ones into dataclass fields.
+"""
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 from trl.experimental.gkd import GKDConfig
 
+from .bridge import BRIDGE_REGISTRY, bridge_class
+from .knobs import knob_fields
+from .losses import LOSS_REGISTRY, parse_recipe
+from .losses.registry import loss_class
+
+MethodKnobs = knob_fields(
+    [*LOSS_REGISTRY.values(), *BRIDGE_REGISTRY.values()],
+    "MethodKnobs",
+    skip=[f.name for f in fields(GKDConfig)],  # e.g. `beta`, which the jsd term reads from GKD's own field
+)
+
 
 @dataclass
-class DistillationConfig(GKDConfig):
+class DistillationConfig(MethodKnobs, GKDConfig):
     """Configuration of [`DistillationTrainer`]; extends TRL's `GKDConfig` (lmbda, beta, seq_kd, max_new_tokens,
     temperature keep their GKD meaning). With the defaults a run is GKD: generalized JSD with beta = 0.5.
 
@@ -24,7 +40,7 @@ class DistillationConfig(GKDConfig):
         default="jsd",
         metadata={
             "help": "Loss recipe: one term name or a weighted sum, e.g. 'akl', 'bild', '0.5*ce+0.5*akl', "
-            "'ce+dac_kl+span'. Terms: fkl, rkl, jsd, sfkl, srkl, akl, bild, ce, dac_kl, span."
+            f"'ce+dac_kl+span'. Terms: {', '.join(LOSS_REGISTRY)}."
         },
     )
     kd_temperature: float | None = field(
@@ -35,9 +51,6 @@ class DistillationConfig(GKDConfig):
             "field is the sampling temperature only."
         },
     )
-    akl_mu: float = field(default=0.5, metadata={"help": "AKL head/tail boundary: cumulative teacher probability."})
-    bild_top_k: int = field(default=8, metadata={"help": "BiLD: number of top logits whose differences are used."})
-    skew_alpha: float = field(default=0.1, metadata={"help": "Skew KL (sfkl/srkl) mixing weight alpha."})
     loss_kwargs: dict[str, Any] | None = field(
         default=None,
         metadata={"help": "Extra keyword arguments of the loss terms, e.g. {'dac_kl_top_m': 64}."},
@@ -58,24 +71,17 @@ class DistillationConfig(GKDConfig):
     bridge: str | None = field(
         default=None,
         metadata={
-            "help": "Hidden-state bridge between teacher and student: None, or 'dskd' (Dual-Space KD, arXiv "
-            "2406.17328), required when the vocabularies differ (with `teacher_processing_class`)."
+            "help": "Hidden-state bridge between teacher and student: None, or one of "
+            + ", ".join(f"'{name}' ({cls.paper.citation_line})" for name, cls in BRIDGE_REGISTRY.items())
+            + "; a cross-vocabulary bridge is required when the vocabularies differ (with `teacher_processing_class`)."
         },
     )
-    kd_rate: float = field(
-        default=0.5, metadata={"help": "DSKD: L = (1 - kd_rate) * CE + kd_rate * (L_stu + L_t2s_ce + L_tea)."}
-    )
-    projector_lr: float = field(default=1e-3, metadata={"help": "Learning rate of the DSKD projectors."})
-    dac_kl_lr: float = field(default=1e-3, metadata={"help": "Learning rate of the DAC-KL sub-network (MGSR)."})
     scrg_corrections: int = field(
         default=0,
         metadata={
             "help": "MGSR SCRG: corrections per generated sequence (0 = off, 1 = the paper's default). Each "
             "replaces the student's worst token with the teacher's and lets the student re-generate the rest."
         },
-    )
-    span_segmenter: str = field(
-        default="pysbd", metadata={"help": "Span loss: sentence segmenter, 'pysbd' or 'punct'."}
     )
     bf16: bool | None = field(
         default=None, metadata={"help": "bf16 mixed precision; None = on when CUDA supports it, off on CPU."}
@@ -93,27 +99,21 @@ class DistillationConfig(GKDConfig):
             self.activation_checkpointing = cuda
         if self.use_cpu or not torch.accelerator.is_available():
             self.dataloader_pin_memory = False
-        if self.bridge not in (None, "dskd"):
-            raise ValueError(f"Unknown bridge '{self.bridge}': use None or 'dskd'.")
+        if self.bridge is not None:
+            bridge_class(self.bridge)  # unknown names fail here, listing the known ones
         if self.scrg_corrections < 0:
             raise ValueError(f"scrg_corrections must be >= 0, got {self.scrg_corrections}.")
         super().__post_init__()
 
     def loss_build_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for `build_loss(self.kd_loss, ...)`; each goes only to the terms that take it."""
-        from .losses import parse_recipe
-        from .losses.registry import loss_class
-
-        names = {name for _, name in parse_recipe(self.kd_loss)}
+        """Keyword arguments for `build_loss(self.kd_loss, ...)`: each recipe term's knobs that set a constructor
+        argument (as `<term>_<argument>`), the KD temperature, then `loss_kwargs`."""
+        names = [name for _, name in parse_recipe(self.kd_loss)]
         kwargs: dict[str, Any] = {}
-        if "jsd" in names:
-            kwargs["jsd_beta"] = self.beta
-        if "akl" in names:
-            kwargs["akl_mu"] = self.akl_mu
-        if "bild" in names:
-            kwargs["bild_top_k"] = self.bild_top_k
-        for skew in {"sfkl", "srkl"} & names:
-            kwargs[f"{skew}_alpha"] = self.skew_alpha
+        for name in names:
+            for knob in loss_class(name).knobs:
+                if knob.arg is not None:
+                    kwargs[f"{name}_{knob.arg}"] = getattr(self, knob.field)
         if self.kd_temperature is not None:
             for name in names:
                 if "temperature" in inspect.signature(loss_class(name).__init__).parameters:

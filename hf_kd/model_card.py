@@ -20,7 +20,10 @@ import yaml
 from huggingface_hub import try_to_load_from_cache
 from transformers.utils import logging
 
+from .bridge import BRIDGE_REGISTRY
 from .losses import parse_recipe
+from .losses.registry import loss_class
+from .papers import GKD, MGSR, Paper
 
 logger = logging.get_logger(__name__)
 
@@ -31,91 +34,26 @@ TEMPLATE_FOLDER = "model_cards"
 # ---------------------------------------------------------------- recipe and methods
 
 
-@dataclass(frozen=True)
-class Paper:
-    """A method's paper: title, arXiv id and BibTeX entry."""
-
-    title: str
-    arxiv_id: str
-    bibtex: str
-
-
-PAPERS: dict[str, Paper] = {
-    "GKD": Paper(
-        "On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes",
-        "2306.13649",
-        """@inproceedings{agarwal2024onpolicy,
-  title     = {On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes},
-  author    = {Agarwal, Rishabh and Vieillard, Nino and Zhou, Yongchao and Stanczyk, Piotr and
-               Ramos Garea, Sabela and Geist, Matthieu and Bachem, Olivier},
-  booktitle = {The Twelfth International Conference on Learning Representations (ICLR)},
-  year      = {2024},
-  eprint    = {2306.13649},
-  archivePrefix = {arXiv}
-}""",
-    ),
-    "AKL": Paper(
-        "Rethinking Kullback-Leibler Divergence in Knowledge Distillation for Large Language Models",
-        "2404.02657",
-        """@article{wu2024rethinking,
-  title   = {Rethinking Kullback-Leibler Divergence in Knowledge Distillation for Large Language Models},
-  author  = {Wu, Taiqiang and Tao, Chaofan and Wang, Jiahao and Yang, Runming and Zhao, Zhe and Wong, Ngai},
-  journal = {arXiv preprint arXiv:2404.02657},
-  year    = {2024}
-}""",
-    ),
-    "BiLD": Paper(
-        "BiLD: Bi-directional Logits Difference Loss for Large Language Model Distillation",
-        "2406.13555",
-        """@inproceedings{li2025bild,
-  title     = {{BiLD}: Bi-directional Logits Difference Loss for Large Language Model Distillation},
-  author    = {Li, Minchong and Zhou, Feng and Song, Xiaohui},
-  booktitle = {Proceedings of the 31st International Conference on Computational Linguistics (COLING)},
-  year      = {2025},
-  eprint    = {2406.13555},
-  archivePrefix = {arXiv}
-}""",
-    ),
-    "MGSR": Paper(
-        "Multi-Granularity Semantic Revision for Large Language Model Distillation",
-        "2407.10068",
-        """@inproceedings{liu2026multi,
-  title     = {Multi-Granularity Semantic Revision for Large Language Model Distillation},
-  author    = {Liu, Xiaoyu and Zhang, Yun and Li, Wei and Huang, Xudong and
-               Chen, Hanting and Tang, Yehui and Hu, Jie and Xiong, Zhiwei and Wang, Yunhe},
-  booktitle = {Proceedings of the Annual Meeting of the Association for Computational Linguistics (ACL)},
-  year      = {2026},
-  eprint    = {2407.10068},
-  archivePrefix = {arXiv}
-}""",
-    ),
-    "DSKD": Paper(
-        "Dual-Space Knowledge Distillation for Large Language Models",
-        "2406.17328",
-        """@article{zhang2024dskd,
-  title   = {Dual-Space Knowledge Distillation for Large Language Models},
-  author  = {Zhang, Songming and Zhang, Xue and Sun, Zengkui and Chen, Yufeng and Xu, Jinan},
-  journal = {arXiv preprint arXiv:2406.17328},
-  year    = {2024}
-}""",
-    ),
-}
-
-_METHOD_OF_TERM = {"akl": "AKL", "bild": "BiLD", "dac_kl": "MGSR", "span": "MGSR", "jsd": "GKD"}
+def papers_used(
+    term_names: Iterable[str], bridge: str | None = None, scrg_corrections: int = 0, lmbda: float | None = None
+) -> list[Paper]:
+    """Papers a run used, as their classes declare them: the recipe's terms (in recipe order), the bridge, SCRG
+    (MGSR) and on-policy data (GKD); each paper once."""
+    papers = [loss_class(name).paper for name in term_names]
+    if bridge in BRIDGE_REGISTRY:
+        papers.append(BRIDGE_REGISTRY[bridge].paper)
+    if scrg_corrections > 0:
+        papers.append(MGSR)
+    if lmbda:
+        papers.append(GKD)
+    return list(dict.fromkeys(paper for paper in papers if paper is not None))
 
 
 def methods_used(
     term_names: Iterable[str], bridge: str | None = None, scrg_corrections: int = 0, lmbda: float | None = None
 ) -> list[str]:
-    """Published methods a run used: from its loss terms, a DSKD bridge, SCRG (MGSR) and on-policy data (GKD)."""
-    used = {_METHOD_OF_TERM[name] for name in term_names if name in _METHOD_OF_TERM}
-    if bridge and bridge.lower().startswith("dskd"):
-        used.add("DSKD")
-    if scrg_corrections > 0:
-        used.add("MGSR")
-    if lmbda:
-        used.add("GKD")
-    return [name for name in PAPERS if name in used]
+    """Short names of the published methods a run used (see ``papers_used``)."""
+    return [paper.method for paper in papers_used(term_names, bridge, scrg_corrections, lmbda)]
 
 
 # ---------------------------------------------------------------- card data
@@ -249,9 +187,14 @@ class ModelCardData:
         return parse_recipe(self.recipe)
 
     @property
+    def papers(self) -> list[Paper]:
+        """Papers of the published methods used, as the terms and the bridge declare them (see ``papers_used``)."""
+        return papers_used([name for _, name in self.terms], self.bridge, self.scrg_corrections, self.lmbda)
+
+    @property
     def methods(self) -> list[str]:
-        """Published methods used, in a fixed order (GKD, AKL, BiLD, MGSR, DSKD)."""
-        return methods_used([name for _, name in self.terms], self.bridge, self.scrg_corrections, self.lmbda)
+        """Short names of the published methods used."""
+        return [paper.method for paper in self.papers]
 
     @property
     def library_name(self) -> str:
@@ -384,10 +327,7 @@ def render_model_card(data: ModelCardData, template: str | Path | None = None) -
         results_rows=data.results_rows(),
         helpers_included=data.helpers_included,
         versions=framework_versions(),
-        citations=[
-            (f"{name}: {PAPERS[name].title} (arXiv:{PAPERS[name].arxiv_id})", PAPERS[name].bibtex)
-            for name in data.methods
-        ],
+        citations=[(paper.citation_line, paper.bibtex) for paper in data.papers],
     )
 
 

@@ -25,6 +25,7 @@ from trl.models.utils import prepare_fsdp, unwrap_model_for_generation
 from trl.trainer.sft_trainer import SFTTrainer
 from trl.trainer.utils import disable_dropout_in_model
 
+from .bridge import bridge_class
 from .config import DistillationConfig
 from .heads import output_head, padded_token_ids, real_vocab_size, verify_output_head
 from .hub import MODULES_FILE, DistillationHubMixin
@@ -165,7 +166,7 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
         self._check_sharding()
         self._setup_teacher(teacher_model)
         self._setup_generation(teacher_model)
-        # Under the DSKD bridge the bridge builds (and owns) the recipe's terms: no second, unused copy here.
+        # Under a bridge the bridge builds (and owns) the recipe's terms: no second, unused copy here.
         self.loss_fn = None
         if args.bridge is None:
             self.loss_fn = build_loss(args.kd_loss, chunk_size=args.loss_chunk_size, **args.loss_build_kwargs())
@@ -178,12 +179,10 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
             )
         self._reference_loss, self._generated_loss = self._split_reference_terms()
         self.bridge = None
-        if args.bridge == "dskd":
-            from .bridge.dskd import DSKDBridge
-
+        if args.bridge is not None:
             teacher_tok = teacher_processing_class if self.cross_tokenizer else None
-            self.bridge = DSKDBridge(self.model, self.teacher_model, args, teacher_tok, processing_class)
-            self.bridge.to(self.args.device)
+            bridge = bridge_class(args.bridge)(self.model, self.teacher_model, args, teacher_tok, processing_class)
+            self.bridge = bridge.to(self.args.device)
         self.generation_callbacks = list(generation_callbacks or [])
         if args.scrg_corrections > 0:
             from .rollout.scrg import SCRGCallback
@@ -286,13 +285,20 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
         return {k: m for k, m in modules.items() if m is not None and any(True for _ in m.parameters())}
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
-        """Trainer's optimizer plus one parameter group per helper module, at its own learning rate."""
+        """Trainer's optimizer plus one parameter group per trainable loss term and per bridge, each at the learning
+        rate its class declares (``lr_knob``), without weight decay."""
         optimizer = super().create_optimizer(model)
-        lrs = {"loss": self.args.dac_kl_lr, "bridge": self.args.projector_lr}
-        for name, module in self.distillation_modules().items():
-            params = [p for p in module.parameters() if p.requires_grad]
-            if params and not any(p is q for g in optimizer.param_groups for q in g["params"] for p in params):
-                optimizer.add_param_group({"params": params, "lr": lrs[name], "weight_decay": 0.0})
+        owners = [self.bridge] if self.bridge is not None else list(self.loss_fn.terms)
+        for owner in owners:
+            params = [p for p in owner.parameters() if p.requires_grad]
+            if not params or any(p is q for g in optimizer.param_groups for q in g["params"] for p in params):
+                continue
+            if owner.lr_knob is None:
+                raise ValueError(
+                    f"{type(owner).__name__} has trainable parameters but declares no `lr_knob`: declare the knob "
+                    "that holds their learning rate."
+                )
+            optimizer.add_param_group({"params": params, "lr": getattr(self.args, owner.lr_knob), "weight_decay": 0.0})
         return optimizer
 
     def _clip_grad_norm(self, model: nn.Module) -> torch.Tensor:
@@ -449,16 +455,12 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
         return LogitSource(outputs.hidden_states[-1][:, :-1], output_head(fused_model, vocab_size=self.vocab_size))
 
     def _loss_extras(self, inputs: dict[str, Any], loss_fn: DistillationLoss) -> dict[str, torch.Tensor]:
-        needed = {key for term in loss_fn.terms for key in term.requires}
-        extras = {}
-        if "span_ids" in needed:
-            from .spans import span_ids_for_batch
-
-            span_ids = span_ids_for_batch(
-                inputs["input_ids"], inputs["labels"], self.processing_class, segmenter=self.args.span_segmenter
-            )
-            extras["span_ids"] = span_ids[:, 1:]
-        return extras
+        """The per-token inputs the terms require, built by each term class and shifted with the labels."""
+        extras: dict[str, torch.Tensor] = {}
+        for term in loss_fn.terms:
+            if any(key not in extras for key in term.requires):
+                extras |= type(term).build_inputs(inputs, self.processing_class, self.args)
+        return {key: value[:, 1:] for key, value in extras.items()}
 
     # ------------------------------------------------------------------ checkpoints
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:

@@ -7,6 +7,8 @@ from typing import Any
 from torch import nn
 from transformers import AutoConfig
 
+from .bridge import BRIDGE_REGISTRY, bridge_class
+
 
 def check_tokenizer(tokenizer: Any, what: str, need_template: bool = True) -> None:
     """A tokenizer must exist, have a pad token, and (for chat data) a chat template."""
@@ -46,6 +48,11 @@ def _vocab_size(model: nn.Module | str) -> int:
     return config.get_text_config().vocab_size
 
 
+def _bridge_hint() -> str:
+    """``bridge='dskd'``: the registered bridges that distill across vocabularies, for error messages."""
+    return " or ".join(f"bridge='{name}'" for name, cls in BRIDGE_REGISTRY.items() if cls.cross_vocabulary)
+
+
 def check_vocabularies(
     student: nn.Module | str, teacher: nn.Module, tokenizer: Any, teacher_tokenizer: Any, bridge: str | None
 ) -> bool:
@@ -57,11 +64,11 @@ def check_vocabularies(
     """
     cross = teacher_tokenizer is not None and teacher_tokenizer.get_vocab() != tokenizer.get_vocab()
     s_vocab, t_vocab = _vocab_size(student), _vocab_size(teacher)
-    if cross and bridge != "dskd":
+    if cross and (bridge is None or not bridge_class(bridge).cross_vocabulary):
         raise ValueError(
             f"The student (vocab_size {s_vocab}) and the teacher (vocab_size {t_vocab}) do not share a vocabulary, "
-            "so their next-token distributions cannot be compared directly. Use the DSKD bridge: "
-            "DistillationConfig(bridge='dskd') and DistillationTrainer(..., teacher_processing_class="
+            "so their next-token distributions cannot be compared directly. Use a cross-vocabulary bridge: "
+            f"DistillationConfig({_bridge_hint()}) and DistillationTrainer(..., teacher_processing_class="
             "<the teacher's tokenizer>)."
         )
     if s_vocab != t_vocab and teacher_tokenizer is None:
@@ -69,13 +76,15 @@ def check_vocabularies(
             f"The teacher's head has {t_vocab} rows and the student's {s_vocab}: pass the teacher's tokenizer as "
             "DistillationTrainer(..., teacher_processing_class=teacher_tokenizer). If it has the student's "
             f"vocabulary (one family whose heads are padded differently) the pair trains as it is, over the "
-            f"tokenizer's {len(tokenizer)} tokens; if not, use the DSKD bridge: DistillationConfig(bridge='dskd')."
+            f"tokenizer's {len(tokenizer)} tokens; if not, use a cross-vocabulary bridge: "
+            f"DistillationConfig({_bridge_hint()})."
         )
     if not cross and s_vocab != t_vocab and min(s_vocab, t_vocab) < len(tokenizer):
         raise ValueError(
             f"The student's head has {s_vocab} rows and the teacher's {t_vocab}, but their shared tokenizer has "
             f"{len(tokenizer)} tokens: one head cannot predict every token, so they do not share this tokenizer. "
-            "Pass the teacher's own tokenizer as teacher_processing_class and use DistillationConfig(bridge='dskd')."
+            "Pass the teacher's own tokenizer as teacher_processing_class and use "
+            f"DistillationConfig({_bridge_hint()})."
         )
     return cross
 

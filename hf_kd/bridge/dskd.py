@@ -35,10 +35,13 @@ import torch
 from torch import nn
 
 from ..heads import output_head, real_vocab_size, unwrap_model, verify_output_head
+from ..knobs import Knob
 from ..losses import IGNORE_INDEX, LogitSource, LossEngine, TokenLoss, TokenRows, build_loss, parse_recipe
 from ..losses.registry import loss_class
+from ..papers import Paper
 from ..sharding import gathered
 from .cma import CrossModelAttention, index_embeddings
+from .registry import register_bridge
 from .tokenization import generated_teacher_inputs
 
 DSKD_DEFAULT_TEMPERATURE = 2.0
@@ -114,6 +117,7 @@ def _divergence_terms(args: Any, temperature: float) -> tuple[list[TokenLoss], l
     return list(loss.terms), list(loss.weights)
 
 
+@register_bridge("dskd")
 class DSKDBridge(nn.Module):
     """Projectors of DSKD (and the CMA query projector when vocabularies differ) and the loss that trains them.
 
@@ -123,6 +127,25 @@ class DSKDBridge(nn.Module):
     limits both heads to the real tokens of their tokenizers. The projectors are created in float32 on the
     student's device.
     """
+
+    paper = Paper(
+        "DSKD",
+        "Dual-Space Knowledge Distillation for Large Language Models",
+        "2406.17328",
+        """@article{zhang2024dskd,
+  title   = {Dual-Space Knowledge Distillation for Large Language Models},
+  author  = {Zhang, Songming and Zhang, Xue and Sun, Zengkui and Chen, Yufeng and Xu, Jinan},
+  journal = {arXiv preprint arXiv:2406.17328},
+  year    = {2024}
+}""",
+    )
+    knobs = (
+        Knob("kd_rate", "DSKD: L = (1 - kd_rate) * CE + kd_rate * (L_stu + L_t2s_ce + L_tea).", default=0.5),
+        Knob("projector_lr", "Learning rate of the DSKD projectors.", default=1e-3),
+    )
+    lr_knob = "projector_lr"
+    cross_vocabulary = True
+    default_temperature = DSKD_DEFAULT_TEMPERATURE
 
     def __init__(
         self,
@@ -140,7 +163,7 @@ class DSKDBridge(nn.Module):
         self.cma = CrossModelAttention(d_s, d_t) if self.cross_vocab else None
         kd_temperature = getattr(args, "kd_temperature", None)
         self.temperature = DSKD_DEFAULT_TEMPERATURE if kd_temperature is None else float(kd_temperature)
-        self.kd_rate = float(getattr(args, "kd_rate", 0.5))
+        self.kd_rate = float(args.kd_rate)
         if not 0.0 <= self.kd_rate <= 1.0:
             raise ValueError(f"kd_rate must be in [0, 1], got {self.kd_rate}.")
         terms, weights = _divergence_terms(args, self.temperature)

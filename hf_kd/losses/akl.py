@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from ..knobs import Knob
+from ..papers import Paper
 from .core import TokenLoss, TokenRows
 from .divergences import row_dot, softmax_backward, with_gradient
 from .registry import register_loss
@@ -61,6 +63,19 @@ def _head_error(p: torch.Tensor, q: torch.Tensor, mu: float, k: int) -> torch.Te
 @register_loss("akl")
 class AdaptiveKL(TokenLoss):
     """Adaptive KL: head-error-weighted FKL plus tail-error-weighted RKL (see module docstring)."""
+
+    paper = Paper(
+        "AKL",
+        "Rethinking Kullback-Leibler Divergence in Knowledge Distillation for Large Language Models",
+        "2404.02657",
+        """@article{wu2024rethinking,
+  title   = {Rethinking Kullback-Leibler Divergence in Knowledge Distillation for Large Language Models},
+  author  = {Wu, Taiqiang and Tao, Chaofan and Wang, Jiahao and Yang, Runming and Zhao, Zhe and Wong, Ngai},
+  journal = {arXiv preprint arXiv:2404.02657},
+  year    = {2024}
+}""",
+    )
+    knobs = (Knob("akl_mu", "AKL head/tail boundary: cumulative teacher probability.", arg="mu"),)
 
     def __init__(self, mu: float = 0.5, temperature: float = 1.0):
         super().__init__()

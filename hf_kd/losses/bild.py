@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from ..knobs import Knob
+from ..papers import Paper
 from .core import TokenLoss, TokenRows
 from .divergences import kl_rows
 from .registry import register_loss
@@ -41,6 +43,20 @@ class BiLD(TokenLoss):
     top-k tokens, which a cache of the teacher's own top-k does not hold.
     """
 
+    paper = Paper(
+        "BiLD",
+        "BiLD: Bi-directional Logits Difference Loss for Large Language Model Distillation",
+        "2406.13555",
+        """@inproceedings{li2025bild,
+  title     = {{BiLD}: Bi-directional Logits Difference Loss for Large Language Model Distillation},
+  author    = {Li, Minchong and Zhou, Feng and Song, Xiaohui},
+  booktitle = {Proceedings of the 31st International Conference on Computational Linguistics (COLING)},
+  year      = {2025},
+  eprint    = {2406.13555},
+  archivePrefix = {arXiv}
+}""",
+    )
+    knobs = (Knob("bild_top_k", "BiLD: number of top logits whose differences are used.", arg="top_k"),)
     teacher_needs = "logits_at_student_top_k"
 
     def __init__(self, top_k: int = 8, temperature: float = 3.0):

@@ -25,9 +25,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from ..knobs import Knob
+    from ..papers import Paper
 
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_ELEMENTS = 1 << 23  # 8M float32 elements = 32 MiB per [rows, V] temporary; a term keeps ~12 alive
@@ -147,21 +152,40 @@ class TokenRows:
 
 
 class TokenLoss(nn.Module):
-    """Base class of every loss term: subclasses write only their formula in ``per_token``.
+    """Base class of every loss term: subclasses write their formula in ``per_token`` and declare the rest.
 
     ``per_token(rows)`` returns one value per row ([n]); for ``pairwise`` terms one value per row k
     for the pair (k, k+1), zero where ``rows.pair_mask`` is False. Every term is summed and divided by the
     token count (``num_items_in_batch`` under accumulation), pairwise ones included.
 
-    ``teacher_needs`` says what the term reads of the teacher, which decides whether it can train from a
-    teacher cache (``hf_kd.teacher_cache``): "distribution" (teacher log-probs; from a cache, the top-k
-    plus a flat tail), "nothing", or "logits_at_student_top_k" (refused from a cache).
+    What the rest of hf_kd asks of a term is declared on its class, once:
+
+    * ``paper``: the paper the model card cites when a run uses the term (None for textbook divergences);
+    * ``knobs``: its ``DistillationConfig`` fields (CLI flags, YAML keys), see ``hf_kd.knobs.Knob``;
+    * ``requires`` and ``build_inputs``: the per-token inputs it needs beyond logits and labels, and how a
+      trainer builds them from a batch;
+    * ``lr_knob``: the knob holding the learning rate of its trainable parameters (their own optimizer group);
+      required when the term has parameters;
+    * ``teacher_needs``: what it reads of the teacher, which decides whether it can train from a teacher cache
+      (``hf_kd.teacher_cache``): "distribution" (teacher log-probs; from a cache, the top-k plus a flat tail),
+      "nothing", or "logits_at_student_top_k" (refused from a cache).
     """
 
     name: str = ""
     pairwise: bool = False
+    paper: Paper | None = None
+    knobs: tuple[Knob, ...] = ()
     requires: tuple[str, ...] = ()  # names of per-token extras the term needs (e.g. "span_ids")
+    lr_knob: str | None = None
     teacher_needs: str = "distribution"
+
+    @classmethod
+    def build_inputs(cls, batch: dict[str, Any], tokenizer: Any, options: Any) -> dict[str, torch.Tensor]:
+        """The ``requires`` inputs for a batch: [B, T] tensors aligned with ``batch["input_ids"]`` (the trainer
+        shifts them with the labels). ``options`` is the run's config, read through this term's knobs."""
+        if cls.requires:
+            raise NotImplementedError(f"{cls.__name__} requires {cls.requires} but defines no build_inputs().")
+        return {}
 
     def per_token(self, rows: TokenRows) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must define per_token()")

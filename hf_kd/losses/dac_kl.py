@@ -54,6 +54,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..knobs import Knob
+from ..papers import MGSR
 from .core import TokenLoss, TokenRows
 from .divergences import kl_rows
 from .registry import register_loss
@@ -119,6 +121,10 @@ def clipped_log_vector(
 @register_loss("dac_kl")
 class DACKL(TokenLoss):
     """Distribution adaptive clipping KL with a learned band (see the module docstring)."""
+
+    paper = MGSR
+    knobs = (Knob("dac_kl_lr", "Learning rate of the DAC-KL sub-network (MGSR).", default=1e-3),)
+    lr_knob = "dac_kl_lr"
 
     def __init__(
         self,

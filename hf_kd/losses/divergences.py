@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from ..knobs import Knob
+from ..papers import DISTILLM, GKD
 from .core import TokenLoss, TokenRows
 from .registry import register_loss
 
@@ -149,6 +151,9 @@ class GeneralizedJSD(TokenLoss):
     beta KL(p || m) + (1 - beta) KL(q || m).
     """
 
+    paper = GKD
+    knobs = (Knob("beta", "GKD's generalized JSD interpolation coefficient beta (jsd term).", arg="beta"),)
+
     def __init__(self, beta: float = 0.5, temperature: float = 1.0):
         super().__init__()
         if not 0.0 <= beta <= 1.0:
@@ -169,6 +174,9 @@ class GeneralizedJSD(TokenLoss):
 class SkewForwardKL(TokenLoss):
     """Skew forward KL (DistiLLM, arXiv 2402.03898): KL(p || alpha p + (1 - alpha) q)."""
 
+    paper = DISTILLM
+    knobs = (Knob("skew_alpha", "Skew KL (sfkl/srkl) mixing weight alpha.", arg="alpha"),)
+
     def __init__(self, alpha: float = 0.1, temperature: float = 1.0):
         super().__init__()
         if not 0.0 < alpha < 1.0:
@@ -183,6 +191,9 @@ class SkewForwardKL(TokenLoss):
 @register_loss("srkl")
 class SkewReverseKL(TokenLoss):
     """Skew reverse KL (DistiLLM, arXiv 2402.03898): KL(q || alpha q + (1 - alpha) p)."""
+
+    paper = DISTILLM
+    knobs = SkewForwardKL.knobs
 
     def __init__(self, alpha: float = 0.1, temperature: float = 1.0):
         super().__init__()

@@ -1,9 +1,13 @@
-"""Name -> loss term class. Adding a method is one file and one ``@register_loss`` line."""
+"""Name -> loss term class. Adding a method is one file in this package with one ``@register_loss`` line.
+
+The package imports every module in it (``hf_kd.losses.__init__``), so a new file is found without being listed.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from ..knobs import check_knobs
 from .core import TokenLoss
 
 LOSS_REGISTRY: dict[str, type[TokenLoss]] = {}
@@ -15,6 +19,7 @@ def register_loss(name: str) -> Callable[[type[TokenLoss]], type[TokenLoss]]:
     def decorate(cls: type[TokenLoss]) -> type[TokenLoss]:
         if name in LOSS_REGISTRY and LOSS_REGISTRY[name] is not cls:
             raise ValueError(f"A loss named '{name}' is already registered ({LOSS_REGISTRY[name].__name__}).")
+        check_knobs(cls)
         cls.name = name
         LOSS_REGISTRY[name] = cls
         return cls

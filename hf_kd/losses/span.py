@@ -21,8 +21,12 @@ From a teacher cache the teacher probabilities are the reconstructed ones (top-k
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from ..knobs import Knob
+from ..papers import MGSR
 from .core import TokenLoss, TokenRows
 from .registry import register_loss
 
@@ -32,7 +36,17 @@ class SpanCorrelation(TokenLoss):
     """L2 distance between teacher and student adjacent-token correlations inside spans (Eq. 10)."""
 
     pairwise = True
+    paper = MGSR
+    knobs = (Knob("span_segmenter", "Span loss: sentence segmenter, 'pysbd' or 'punct'.", default="pysbd"),)
     requires = ("span_ids",)
+
+    @classmethod
+    def build_inputs(cls, batch: dict[str, Any], tokenizer: Any, options: Any) -> dict[str, torch.Tensor]:
+        """``span_ids``: the sentence of each response token (``hf_kd.spans``), -1 outside the response."""
+        from ..spans import span_ids_for_batch
+
+        spans = span_ids_for_batch(batch["input_ids"], batch["labels"], tokenizer, segmenter=options.span_segmenter)
+        return {"span_ids": spans}
 
     def __init__(self, squared: bool = False, temperature: float = 1.0):
         super().__init__()
