@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 STUDENT_SOURCE = "smollm2-135m-instruct"
-TEACHERS = {None: STUDENT_SOURCE, "dskd": "gemma-3-270m"}
+CROSS_VOCABULARY_TEACHER = "gemma-3-270m"  # taught through a bridge: a different tokenizer and vocabulary
 
 
 @dataclass
@@ -25,7 +25,8 @@ class DemoSettings:
     bridge: str | None = field(
         default=None,
         metadata={
-            "help": "None: SmolLM2 teaches its own pruned copy; 'dskd': Gemma-3-270m teaches across vocabularies."
+            "help": "None: SmolLM2 teaches its own pruned copy; a bridge name (e.g. 'dskd'): Gemma-3-270m teaches "
+            "across vocabularies through that bridge."
         },
     )
     kd_loss: str = field(default="0.5*ce+0.5*akl", metadata={"help": "Loss recipe (see DistillationConfig.kd_loss)."})
@@ -54,14 +55,18 @@ def run_demo(settings: DemoSettings) -> dict[str, dict]:
 
     from . import DistillationConfig, DistillationTrainer
     from .assets import REAL_MODELS, evenly_spaced_layers, load_real_model, make_layer_pruned_student
+    from .bridge import bridge_class
     from .data import load_bundled_dataset
     from .evaluation import evaluate_student
+
+    if settings.bridge is not None and not bridge_class(settings.bridge).cross_vocabulary:
+        raise ValueError(f"The demo's bridge teaches across vocabularies; '{settings.bridge}' does not.")
 
     torch.manual_seed(settings.seed)
     out = Path(settings.output_dir)
     print("[1/5] Real models from their PyPI packages (converted once, then cached)")
     smollm = load_real_model(STUDENT_SOURCE)
-    teacher_name = TEACHERS[settings.bridge]
+    teacher_name = STUDENT_SOURCE if settings.bridge is None else CROSS_VOCABULARY_TEACHER
     teacher_path = load_real_model(teacher_name)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32)
     teacher_tok = AutoTokenizer.from_pretrained(teacher_path)

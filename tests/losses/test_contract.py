@@ -1,0 +1,172 @@
+"""The contract every registered loss term meets; a new term is tested by registering it.
+
+For every name in ``LOSS_REGISTRY``: zero for identical distributions and positive otherwise, an exact gradient
+(``gradcheck`` in float64), the same value and gradient at any chunk size, masked rows ignored, gradient
+accumulation invariance, bf16 inputs computed in float32, and declarations the rest of hf_kd can read (paper,
+knobs, per-token inputs, optimizer group).
+"""
+
+import dataclasses
+
+import pytest
+import torch
+from tiny import random_logits
+
+from hf_kd import DistillationConfig
+from hf_kd.knobs import Knob
+from hf_kd.losses import IGNORE_INDEX, LOSS_REGISTRY, build_loss
+from hf_kd.model_card import papers_used
+from hf_kd.papers import Paper
+
+V = 11
+NAMES = sorted(LOSS_REGISTRY)
+
+# Terms whose gradient is deliberately not the derivative of their value, and where their gradient is tested.
+NOT_EXACT_GRADIENT = {
+    "akl": "the head/tail weights are detached, as in the official code "
+    "(tests/test_losses.py::test_akl_gradient_treats_weights_as_constants checks the documented gradient)",
+}
+
+
+def _span_ids(labels: torch.Tensor) -> torch.Tensor:
+    """Spans of three positions each, unique per (sequence, span) as hf_kd.spans makes them; -1 outside responses."""
+    rows, length = labels.shape
+    ids = torch.arange(length) // 3 + length * torch.arange(rows).unsqueeze(-1)
+    return torch.where(labels != IGNORE_INDEX, ids, -1)
+
+
+# How the contract test builds each per-token input a term may require (a trainer builds them with build_inputs).
+SYNTHETIC_INPUTS = {"span_ids": _span_ids}
+
+
+def _loss(name: str, chunk_size: int | None = None):
+    torch.manual_seed(0)  # terms with parameters (the DAC-KL band) start from the same initialisation
+    return build_loss(name, chunk_size=chunk_size).double()  # float64 parameters: exact comparisons
+
+
+def _inputs(name: str, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    missing = [key for key in LOSS_REGISTRY[name].requires if key not in SYNTHETIC_INPUTS]
+    assert not missing, f"add a synthetic builder for {missing} to SYNTHETIC_INPUTS"
+    return {key: SYNTHETIC_INPUTS[key](labels) for key in LOSS_REGISTRY[name].requires}
+
+
+def _value_and_grad(loss, s, t, labels, num_items_in_batch=None, **extras):
+    x = s.detach().clone().requires_grad_(True)
+    value = loss(x, t, labels, num_items_in_batch, **extras)
+    value.backward()
+    return value.detach(), x.grad
+
+
+@pytest.fixture
+def batch():
+    return random_logits(seed=3, length=7, vocab_size=V)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_zero_for_identical_positive_otherwise(batch, name):
+    s, t, labels = batch
+    loss, extras = _loss(name), _inputs(name, labels)
+    if LOSS_REGISTRY[name].teacher_needs == "nothing":  # not a divergence (ce): the teacher must not matter
+        torch.testing.assert_close(loss(s, t, labels, **extras), loss(s, -t, labels, **extras))
+        assert loss(s, t, labels, **extras) > 1e-4
+        return
+    assert loss(t, t, labels, **extras).abs() < 1e-12
+    assert loss(s, t, labels, **extras) > 1e-4
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gradcheck(batch, name):
+    s, t, labels = batch
+    s = s[:, :5].clone().requires_grad_(True)
+    t, labels = t[:, :5], labels[:, :5]
+    loss, extras = _loss(name, chunk_size=3), _inputs(name, labels)
+    exact = torch.autograd.gradcheck(lambda x: loss(x, t, labels, **extras), (s,), raise_exception=False)
+    assert exact == (name not in NOT_EXACT_GRADIENT), NOT_EXACT_GRADIENT.get(name, "gradcheck failed")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_chunk_size_invariance(batch, name):
+    s, t, labels = batch
+    extras = _inputs(name, labels)
+    reference = _value_and_grad(_loss(name, chunk_size=1000), s, t, labels, **extras)
+    for chunk in (1, 2, 5):
+        value, grad = _value_and_grad(_loss(name, chunk_size=chunk), s, t, labels, **extras)
+        torch.testing.assert_close(value, reference[0], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(grad, reference[1], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_masked_rows_are_ignored(batch, name):
+    s, t, labels = batch
+    masked = labels == IGNORE_INDEX
+    assert masked.any()
+    extras = _inputs(name, labels)
+    value, grad = _value_and_grad(_loss(name), s, t, labels, **extras)
+    noise = torch.randn(s.shape, generator=torch.Generator().manual_seed(9), dtype=s.dtype) * 50
+    s2 = torch.where(masked.unsqueeze(-1), s + noise, s)
+    t2 = torch.where(masked.unsqueeze(-1), t - noise, t)
+    value2, grad2 = _value_and_grad(_loss(name), s2, t2, labels, **extras)
+    torch.testing.assert_close(value2, value, rtol=1e-10, atol=1e-12)
+    assert grad2[masked].abs().max() == 0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gradient_accumulation_invariance(batch, name):
+    """Two micro-batches, each divided by the whole batch's token count, sum to the whole batch's loss."""
+    s, t, labels = batch
+    extras = _inputs(name, labels)
+    n_items = int((labels != IGNORE_INDEX).sum())
+    value, grad = _value_and_grad(_loss(name), s, t, labels, **extras)
+    halves = []
+    for i in range(2):
+        half_extras = {key: value[i : i + 1] for key, value in extras.items()}
+        halves.append(
+            _value_and_grad(_loss(name), s[i : i + 1], t[i : i + 1], labels[i : i + 1], n_items, **half_extras)
+        )
+    torch.testing.assert_close(halves[0][0] + halves[1][0], value, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.cat([halves[0][1], halves[1][1]]), grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bf16_inputs_are_finite_and_computed_in_float32(batch, name):
+    s, t, labels = batch
+    extras = _inputs(name, labels)
+    s16, t16 = s.bfloat16(), t.bfloat16()
+    got = _loss(name)(s16.requires_grad_(True), t16, labels, **extras)
+    got.backward()
+    reference = _loss(name)(s16.double(), t16.double(), labels, **extras)
+    assert got.dtype == torch.float32 and torch.isfinite(got) and torch.isfinite(s16.grad).all()
+    torch.testing.assert_close(got.double(), reference, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_declarations(name):
+    """Paper, knobs, per-token inputs and optimizer group are declared where the rest of hf_kd reads them."""
+    cls = LOSS_REGISTRY[name]
+    assert cls.paper is None or isinstance(cls.paper, Paper)
+    assert papers_used([name]) == ([cls.paper] if cls.paper else [])  # the model card cites the declared paper
+    assert all(isinstance(knob, Knob) for knob in cls.knobs)
+    if cls.requires:
+        assert cls.build_inputs.__func__ is not LOSS_REGISTRY["fkl"].build_inputs.__func__
+    has_parameters = any(True for _ in _loss(name).parameters())
+    assert (cls.lr_knob is not None) == has_parameters
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_knobs_are_config_fields_that_reach_the_term(tmp_path, name):
+    """Each knob is a DistillationConfig field with help text and the declared default; a constructor knob's
+    value reaches the built term."""
+    cls = LOSS_REGISTRY[name]
+    fields = {f.name: f for f in dataclasses.fields(DistillationConfig)}
+    changed = {}
+    for knob in cls.knobs:
+        assert fields[knob.field].metadata.get("help"), knob.field
+        assert fields[knob.field].default == knob.default_for(cls), knob.field
+        if knob.arg is not None:
+            default = knob.default_for(cls)
+            changed[knob.field] = max(2, default // 2) if isinstance(default, int) else default / 2
+    config = DistillationConfig(output_dir=str(tmp_path), kd_loss=name, **changed)
+    term = build_loss(name, **config.loss_build_kwargs()).terms[0]
+    for knob in cls.knobs:
+        if knob.arg is not None:
+            assert getattr(term, knob.arg) == changed[knob.field], knob.field
