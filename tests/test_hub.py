@@ -531,6 +531,13 @@ def test_method_names_follow_terms_bridge_scrg_and_on_policy_data():
     assert methods_used(["ce"], scrg_corrections=1) == ["MGSR"]
     assert methods_used(["fkl"], lmbda=0.5) == ["GKD"]
     assert methods_used(["fkl", "rkl"]) == []
+    assert methods_used(["sfkl", "srkl"]) == ["DistiLLM"]  # declared by the terms: the card cites them too
+    assert methods_used(["akl", "span"], bridge="dskd", lmbda=0.5) == ["AKL", "MGSR", "DSKD", "GKD"]
+
+
+def test_card_cites_every_paper_the_recipe_declares():
+    card = render_model_card(ModelCardData(recipe="0.5*ce+0.5*sfkl"))
+    assert "arXiv:2402.03898" in card and "@inproceedings{ko2024distillm" in card
 
 
 def test_card_refuses_a_recipe_the_loss_library_cannot_read():

@@ -162,7 +162,7 @@ class DSKDBridge(nn.Module):
         self.s2t = nn.Linear(d_s, d_t)
         self.cma = CrossModelAttention(d_s, d_t) if self.cross_vocab else None
         kd_temperature = getattr(args, "kd_temperature", None)
-        self.temperature = DSKD_DEFAULT_TEMPERATURE if kd_temperature is None else float(kd_temperature)
+        self.temperature = self.default_temperature if kd_temperature is None else float(kd_temperature)
         self.kd_rate = float(args.kd_rate)
         if not 0.0 <= self.kd_rate <= 1.0:
             raise ValueError(f"kd_rate must be in [0, 1], got {self.kd_rate}.")
