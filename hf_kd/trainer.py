@@ -36,7 +36,13 @@ from .rollout import GeneratedBatch, GenerationCallback, GenerationContext
 from .sharding import gathered
 from .teacher_cache import TeacherCacheCollator, TopKReconstruction, cache_manifest
 from .teacher_cache.run_checks import check_cache_matches_run, check_config_for_cache
-from .validation import check_dataset, check_lora_targets, check_tokenizer, check_vocabularies
+from .validation import (
+    check_dataset,
+    check_inherited_options,
+    check_lora_targets,
+    check_tokenizer,
+    check_vocabularies,
+)
 
 logger = get_logger(__name__)
 
@@ -76,6 +82,19 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
 
     With `teacher_model=None` and a teacher cache as `train_dataset` (`hf_kd.load_teacher_cache`), training is
     off-policy from the cached top-k distributions, with no teacher in memory (see `hf_kd.teacher_cache`).
+
+    Inheritance: `GKDTrainer.__init__` is not run (it refuses differing vocabularies); `SFTTrainer.__init__` is,
+    and the GKD set-up is redone here: the chat collator (`DataCollatorForChatML`, datasets left unprepared),
+    `disable_dropout` (student and teacher), the teacher's preparation, `lmbda`/`beta`/`temperature`/`seq_kd`/
+    `max_new_tokens` and the generation config. `training_step` (GKD's rollout) and `compute_loss` (the `kd_loss`
+    recipe) are replaced. Options of the replaced code paths are honoured or refused, never ignored:
+
+    * honoured: `activation_offloading` (the training step runs in SFTTrainer's offloading context), `max_length`
+      (the collators cut conversations), `eos_token`, `use_liger_kernel` (SFTTrainer's set-up patches the
+      models' kernels; its fused linear cross-entropy stays off) and the Trainer's own options;
+    * refused with an error (`hf_kd.validation.check_inherited_options`): `packing`, `padding_free`,
+      `assistant_only_loss`, `completion_only_loss=False`, `pad_to_multiple_of`, `loss_type` other than "nll"
+      and `label_smoothing_factor`, whose code paths (SFT's dataset preparation, collator and loss) never run.
     """
 
     _tag_names = ["trl", "gkd", "hf_kd", "knowledge-distillation"]
@@ -103,6 +122,7 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
             raise ValueError("Pass `args=DistillationConfig(output_dir=...)`.")
         if not isinstance(args, DistillationConfig):
             raise TypeError(f"`args` must be a DistillationConfig, got {type(args).__name__}.")
+        check_inherited_options(args)
         check_tokenizer(processing_class, "processing_class (the student's tokenizer)")
         self.teacher_cache = cache_manifest(train_dataset) if teacher_model is None else None
         check_dataset(train_dataset, "train_dataset")
@@ -331,7 +351,8 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
             num_items_in_batch = count.clamp_min(1) * self.current_gradient_accumulation_steps
             self._normalised_locally = True
         try:
-            loss = Trainer.training_step(self, model, inputs, num_items_in_batch)
+            with self.maybe_activation_offload_context:  # SFTTrainer's `activation_offloading`
+                loss = Trainer.training_step(self, model, inputs, num_items_in_batch)
         finally:
             self._normalised_locally = False
         self._sync_helper_gradients()

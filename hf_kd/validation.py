@@ -89,6 +89,38 @@ def check_vocabularies(
     return cross
 
 
+# SFTConfig options whose SFTTrainer code path DistillationTrainer replaces (its chat collator, its compute_loss):
+# (is the option set to something the trainer cannot honour?, why and what to do instead).
+_REPLACED_SFT_OPTIONS = {
+    "packing": (lambda a: a.packing, "conversations are batched one per row by the chat collator"),
+    "padding_free": (lambda a: a.padding_free, "conversations are padded per batch by the chat collator"),
+    "assistant_only_loss": (
+        lambda a: a.assistant_only_loss,
+        "the loss is on the last assistant message of each conversation (the prompt is masked)",
+    ),
+    "completion_only_loss": (
+        lambda a: a.completion_only_loss is False,
+        "the prompt is always masked: distillation trains on the completion only",
+    ),
+    "pad_to_multiple_of": (lambda a: a.pad_to_multiple_of is not None, "the chat collator pads to the longest row"),
+    "loss_type": (lambda a: a.loss_type != "nll", "the loss is `kd_loss`; add 'ce' to the recipe for an SFT term"),
+    "label_smoothing_factor": (
+        lambda a: a.label_smoothing_factor > 0,
+        "the loss is `kd_loss`, which never reads the Trainer's label smoother",
+    ),
+}
+
+
+def check_inherited_options(args: Any) -> None:
+    """Refuse SFTConfig options that DistillationTrainer would otherwise silently ignore (see its docstring)."""
+    for option, (is_set, reason) in _REPLACED_SFT_OPTIONS.items():
+        if is_set(args):
+            raise ValueError(
+                f"`{option}={getattr(args, option)!r}` is not supported by DistillationTrainer: {reason}. "
+                f"Leave `{option}` at its default."
+            )
+
+
 def check_lora_targets(model: nn.Module, peft_config: Any) -> None:
     """LoRA `target_modules` given as names must match at least one module of the student."""
     targets = getattr(peft_config, "target_modules", None)

@@ -297,3 +297,54 @@ class TestErrors:
 def test_conversations_fixture_is_learnable():
     rows = make_conversations(4)
     assert all(r["messages"][1]["content"].endswith(".") for r in rows)
+
+
+# ---------------------------------------------------------------- inherited options (see the class docstring)
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("packing", True),
+        ("padding_free", True),
+        ("assistant_only_loss", True),
+        ("completion_only_loss", False),
+        ("pad_to_multiple_of", 8),
+        ("loss_type", "dft"),
+        ("label_smoothing_factor", 0.1),
+    ],
+)
+def test_replaced_sft_options_are_refused(tmp_path, tokenizer, student, teacher, train_dataset, option, value):
+    args = make_args(tmp_path, **{option: value})
+    with pytest.raises(ValueError, match=f"`{option}=.*not supported by DistillationTrainer"):
+        DistillationTrainer(
+            model=student, teacher_model=teacher, args=args, train_dataset=train_dataset, processing_class=tokenizer
+        )
+
+
+def test_training_steps_run_in_the_activation_offloading_context(tmp_path, tokenizer, student, teacher, train_dataset):
+    """SFTTrainer's `activation_offloading` wraps its training step in a context; the replaced step enters it too."""
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=make_args(tmp_path, max_steps=2),
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+    )
+    trainer.maybe_activation_offload_context = recorder = _RecordingContext()
+    trainer.train()
+    assert recorder.entered == 2 and recorder.exited == 2
+
+
+class _RecordingContext:
+    """Stands in for SFTTrainer's activation offloading context (re-entered every step) and counts its uses."""
+
+    def __init__(self):
+        self.entered = self.exited = 0
+
+    def __enter__(self):
+        self.entered += 1
+
+    def __exit__(self, *exc):
+        self.exited += 1
+        return False
