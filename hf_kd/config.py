@@ -105,6 +105,16 @@ class DistillationConfig(MethodKnobs, GKDConfig):
             raise ValueError(f"scrg_corrections must be >= 0, got {self.scrg_corrections}.")
         super().__post_init__()
 
+    def knob_value(self, knob_field: str) -> Any:
+        """The value of a term's or bridge's knob; a knob declared after this class was built has no field."""
+        if not hasattr(self, knob_field):
+            raise ValueError(
+                f"'{knob_field}' is not a DistillationConfig field: its term or bridge was registered after hf_kd "
+                "built the config. Put the term in hf_kd/losses (or the bridge in hf_kd/bridge), or reuse an "
+                "existing knob, or pass constructor arguments through `loss_kwargs`."
+            )
+        return getattr(self, knob_field)
+
     def loss_build_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `build_loss(self.kd_loss, ...)`: each recipe term's knobs that set a constructor
         argument (as `<term>_<argument>`), the KD temperature, then `loss_kwargs`."""
@@ -113,7 +123,7 @@ class DistillationConfig(MethodKnobs, GKDConfig):
         for name in names:
             for knob in loss_class(name).knobs:
                 if knob.arg is not None:
-                    kwargs[f"{name}_{knob.arg}"] = getattr(self, knob.field)
+                    kwargs[f"{name}_{knob.arg}"] = self.knob_value(knob.field)
         if self.kd_temperature is not None:
             for name in names:
                 if "temperature" in inspect.signature(loss_class(name).__init__).parameters:

@@ -318,7 +318,8 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
                     f"{type(owner).__name__} has trainable parameters but declares no `lr_knob`: declare the knob "
                     "that holds their learning rate."
                 )
-            optimizer.add_param_group({"params": params, "lr": getattr(self.args, owner.lr_knob), "weight_decay": 0.0})
+            lr = self.args.knob_value(owner.lr_knob)
+            optimizer.add_param_group({"params": params, "lr": lr, "weight_decay": 0.0})
         return optimizer
 
     def _clip_grad_norm(self, model: nn.Module) -> torch.Tensor:

@@ -11,6 +11,7 @@ from torch import nn
 from hf_kd import DistillationTrainer, build_loss
 from hf_kd.hub import MODULES_FILE
 from hf_kd.losses import TokenLoss, register_loss
+from hf_kd.losses.dac_kl import DACKL
 from hf_kd.losses.divergences import kl_rows
 
 DIVERGENCES = ["jsd", "fkl", "rkl", "sfkl", "srkl", "akl", "bild"]
@@ -125,7 +126,12 @@ def test_generated_steps_are_normalised_by_generated_tokens(tmp_path, tokenizer,
 
 @register_loss("scaled_fkl_for_tests")
 class ScaledFKL(TokenLoss):
-    """FKL times a learnable positive scale: a loss with its own trainable parameters."""
+    """FKL times a learnable positive scale: a loss with its own trainable parameters.
+
+    Registered after the config was built, so it reuses an existing knob for its learning rate."""
+
+    knobs = DACKL.knobs
+    lr_knob = "dac_kl_lr"
 
     def __init__(self):
         super().__init__()

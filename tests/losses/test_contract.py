@@ -170,3 +170,8 @@ def test_knobs_are_config_fields_that_reach_the_term(tmp_path, name):
     for knob in cls.knobs:
         if knob.arg is not None:
             assert getattr(term, knob.arg) == changed[knob.field], knob.field
+
+
+def test_a_knob_without_a_config_field_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="'late_knob' is not a DistillationConfig field.*loss_kwargs"):
+        DistillationConfig(output_dir=str(tmp_path)).knob_value("late_knob")
