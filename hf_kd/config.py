@@ -19,6 +19,19 @@ from .knobs import knob_fields
 from .losses import LOSS_REGISTRY, parse_recipe
 from .losses.registry import loss_class
 
+
+def _default_temperatures() -> str:
+    """'1.0 for fkl/rkl/..., 3.0 for bild, 2.0 under the dskd bridge': read from the constructors and bridges."""
+    by_value: dict[float, list[str]] = {}
+    for name, cls in LOSS_REGISTRY.items():
+        parameter = inspect.signature(cls.__init__).parameters.get("temperature")
+        if parameter is not None:
+            by_value.setdefault(parameter.default, []).append(name)
+    parts = [f"{value} for {'/'.join(names)}" for value, names in by_value.items()]
+    parts += [f"{cls.default_temperature} under the {name} bridge" for name, cls in BRIDGE_REGISTRY.items()]
+    return ", ".join(parts)
+
+
 MethodKnobs = knob_fields(
     [*LOSS_REGISTRY.values(), *BRIDGE_REGISTRY.values()],
     "MethodKnobs",
@@ -47,8 +60,7 @@ class DistillationConfig(MethodKnobs, GKDConfig):
         default=None,
         metadata={
             "help": "Softmax temperature of the distillation terms. None keeps each method's paper default "
-            "(1.0 for fkl/rkl/jsd/skew/akl, 3.0 for bild, 2.0 under the DSKD bridge). The GKD `temperature` "
-            "field is the sampling temperature only."
+            f"({_default_temperatures()}). The GKD `temperature` field is the sampling temperature only."
         },
     )
     loss_kwargs: dict[str, Any] | None = field(
