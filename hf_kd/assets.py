@@ -191,6 +191,43 @@ def evenly_spaced_layers(num_layers: int, num_total: int) -> list[int]:
     return [(2 * i * span + steps) // (2 * steps) for i in range(num_layers)]
 
 
+@torch.no_grad()
+def block_influence(model: torch.nn.Module, tokenizer, conversations: list[list[dict[str, str]]], batch_size: int = 8):
+    """Block influence of each decoder layer (ShortGPT, Men et al., arXiv 2403.03853, Eq. 2): 1 - cos(x_in, x_out).
+
+    The cosine similarity between a layer's input and output hidden states is averaged over every non-padding token
+    of ``conversations`` (chat messages, rendered with the tokenizer's chat template). A layer that barely turns
+    its input has a low influence and is the cheapest to drop. Returns a float tensor [num_layers].
+    """
+    if not conversations:
+        raise ValueError("block_influence needs at least one conversation to measure the layers on.")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total = torch.zeros(model.config.num_hidden_layers, dtype=torch.float64)
+    tokens = 0
+    for start in range(0, len(conversations), batch_size):
+        texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations[start : start + batch_size]]
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        hidden = model(**batch, output_hidden_states=True).hidden_states
+        keep = batch["attention_mask"].bool()
+        for layer in range(len(total)):
+            cos = torch.nn.functional.cosine_similarity(hidden[layer][keep], hidden[layer + 1][keep], dim=-1)
+            total[layer] += (1.0 - cos.double()).sum().cpu()
+        tokens += int(keep.sum())
+    model.train(was_training)
+    return (total / tokens).float()
+
+
+def influential_layers(influence: torch.Tensor, num_layers: int) -> list[int]:
+    """The ``num_layers`` layers to keep: the first and the last always, then those of highest block influence."""
+    total = len(influence)
+    if not 2 <= num_layers <= total:
+        raise ValueError(f"num_layers must be between 2 and the teacher's {total} layers, got {num_layers}")
+    middle = sorted(range(1, total - 1), key=lambda i: float(influence[i]), reverse=True)
+    return sorted([0, total - 1, *middle[: num_layers - 2]])
+
+
 def _decoder_layers_prefix(model: torch.nn.Module) -> str:
     """State-dict prefix of the decoder-layer list (``model.layers`` for Llama/Gemma/Qwen-style models)."""
     num = model.config.num_hidden_layers

@@ -7,6 +7,7 @@ Rouge-L is computed locally with the ``rouge_score`` package (Google's reference
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,26 @@ def first_sentence(text: str) -> str:
     """The first sentence of ``text`` (pysbd segmentation), stripped; empty for blank text."""
     text = text.strip()
     return _SEGMENTER.segment(text)[0].strip() if text else ""
+
+
+_WORD = re.compile(r"[a-z0-9']+")
+
+
+def has_repetition_loop(text: str, max_span: int = 12, repeats: int = 3) -> bool:
+    """True when the text repeats a run of words back to back: a span of 2 to ``max_span`` words ``repeats`` times
+    in a row, or one word ``repeats + 1`` times in a row (lower-cased alphanumeric words, punctuation ignored).
+
+    Catches the degenerate greedy loops of small models ("a moment of stillness, a moment of stillness, a moment of
+    stillness"), not legitimate repetition spread over a text.
+    """
+    words = _WORD.findall(text.lower())
+    for span in range(1, max_span + 1):
+        times = repeats + 1 if span == 1 else repeats
+        for start in range(len(words) - span * times + 1):
+            unit = words[start : start + span]
+            if all(words[start + k * span : start + (k + 1) * span] == unit for k in range(1, times)):
+                return True
+    return False
 
 
 def _split_conversation(messages: Sequence[dict[str, str]]) -> tuple[list[dict[str, str]], str]:
@@ -152,7 +173,8 @@ def evaluate_student(
     ``dataset`` is a ``datasets.Dataset`` or a list of such rows; ``max_samples`` keeps the first rows only.
 
     Returns ``rouge_l`` (mean Rouge-L F1 x 100 of greedy answers vs references), ``exact_match`` (percentage of
-    answers whose first sentence equals the reference's), ``num_samples``, and with a teacher sharing the
+    answers whose first sentence equals the reference's), ``loop_rate`` (percentage of answers caught in a
+    repetition loop, :func:`has_repetition_loop`), ``num_samples``, and with a teacher sharing the
     tokenizer, ``kl`` (mean per-token KL(teacher || student) on the references). ``predictions`` is added when
     ``return_predictions`` is set. The model's train/eval mode is restored afterwards.
     """
@@ -173,6 +195,7 @@ def evaluate_student(
             "exact_match": 100.0
             * sum(first_sentence(p) == first_sentence(r) for p, r in zip(predictions, references))
             / len(references),
+            "loop_rate": 100.0 * sum(map(has_repetition_loop, predictions)) / len(predictions),
             "num_samples": len(references),
         }
         if teacher is not None:

@@ -13,7 +13,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM,
 from hf_kd import assets
 from hf_kd.assets import (
     MARKER_FILE,
+    block_influence,
     evenly_spaced_layers,
+    influential_layers,
     load_real_model,
     make_layer_pruned_student,
     prune_layers,
@@ -52,6 +54,30 @@ def batch(vocab_size: int) -> dict[str, torch.Tensor]:
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, :3] = 0  # left padding in the second row
     return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def test_block_influence_ranks_a_pass_through_layer_lowest_and_pruning_drops_it():
+    tokenizer = chatml_tokenizer()
+    model = chatml_llama(len(tokenizer), num_layers=4)
+    with torch.no_grad():  # layer 2 adds nothing to its input: its output equals its input, influence 0
+        model.model.layers[2].self_attn.o_proj.weight.zero_()
+        model.model.layers[2].mlp.down_proj.weight.zero_()
+    question = {"role": "user", "content": "what is the capital of france ?"}
+    chats = [[question, {"role": "assistant", "content": "paris"}]]
+    influence = block_influence(model, tokenizer, chats * 3, batch_size=2)
+    assert influence.shape == (4,)
+    assert influence[2].abs() < 1e-6 and bool((influence[[0, 1, 3]] > 1e-3).all())
+    assert influential_layers(influence, 3) == [0, 1, 3]
+
+
+def test_influential_layers_keeps_first_and_last_then_the_most_influential():
+    influence = torch.tensor([0.9, 0.2, 0.01, 0.5, 0.03, 0.8])
+    assert influential_layers(influence, 2) == [0, 5]
+    assert influential_layers(influence, 4) == [0, 1, 3, 5]
+    with pytest.raises(ValueError, match="between 2 and"):
+        influential_layers(influence, 7)
+    with pytest.raises(ValueError, match="at least one conversation"):
+        block_influence(torch.nn.Linear(1, 1), None, [])
 
 
 def test_pruned_llama_matches_a_hand_built_reference():

@@ -14,6 +14,7 @@ from hf_kd.evaluation import (
     evaluate_student,
     first_sentence,
     generate_answers,
+    has_repetition_loop,
     rouge_l,
     token_kl,
 )
@@ -38,6 +39,16 @@ def test_rouge_l_matches_hand_computation():
     assert rouge_l("a b c d", "a c e") == pytest.approx(100 * 4 / 7)
     assert rouge_l("Paris!", "paris") == pytest.approx(100.0)  # lower-cased, punctuation ignored
     assert rouge_l("london", "paris") == 0.0
+
+
+def test_repetition_loops_are_caught_and_ordinary_text_is_not():
+    assert has_repetition_loop("A moment of peace, A moment of calm, A moment of calm, A moment of calm.")
+    assert has_repetition_loop("The a classic of the a classic of the a classic of the")
+    assert has_repetition_loop("the the the the end")
+    assert not has_repetition_loop("the the the end")  # one word needs four in a row
+    assert not has_repetition_loop("1. Eat well. 2. Sleep well. 3. Exercise well.")
+    assert not has_repetition_loop("Paris is the capital of France. Paris is big. Paris is old.")
+    assert not has_repetition_loop("")
 
 
 def test_first_sentence():
