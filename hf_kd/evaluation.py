@@ -211,7 +211,8 @@ def evaluate_student(
 
 
 class EvaluationCallback(TrainerCallback):
-    """Runs :func:`evaluate_student` every ``eval_steps`` optimizer steps and at the end of training.
+    """Runs :func:`evaluate_student` every ``eval_steps`` optimizer steps and at the end of training (and before
+    the first step with ``at_start``, the starting point of a training curve).
 
     Metrics are logged as ``eval/rouge_l``, ``eval/exact_match``, ``eval/kl`` (with a teacher) and
     ``eval/num_samples``. Pass the trainer (``trainer.add_callback(EvaluationCallback(ds, trainer=trainer))``) so
@@ -229,6 +230,7 @@ class EvaluationCallback(TrainerCallback):
         batch_size: int = 8,
         max_samples: int | None = None,
         prefix: str = "eval/",
+        at_start: bool = False,
     ):
         if eval_steps < 1:
             raise ValueError(f"eval_steps must be >= 1, got {eval_steps}")
@@ -238,6 +240,7 @@ class EvaluationCallback(TrainerCallback):
         self.trainer = trainer
         self.kwargs = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "max_samples": max_samples}
         self.prefix = prefix
+        self.at_start = at_start
         self.history: list[dict[str, float]] = []
         self._last_step: int | None = None
 
@@ -255,6 +258,10 @@ class EvaluationCallback(TrainerCallback):
             Trainer.log(self.trainer, logs)
         else:
             state.log_history.append({**logs, "step": state.global_step})
+
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if self.at_start:
+            self._run(state, model, processing_class)
 
     def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         if state.global_step % self.eval_steps == 0:

@@ -180,6 +180,7 @@ class ModelCardData:
     repo_id: str | None = None
     tags: list[str] = field(default_factory=list)
     helpers_included: bool = False
+    figures: list[str] = field(default_factory=list)
 
     @property
     def terms(self) -> list[tuple[float, str]]:
@@ -225,8 +226,9 @@ class ModelCardData:
         meta["tags"] = self.all_tags()
         return meta
 
-    def results_rows(self) -> list[tuple[str, str, str]]:
-        """(model, Rouge-L, KL) rows of the results table; empty when no known metric was given."""
+    def results_rows(self) -> list[tuple[str, str, str, str, str]]:
+        """(model, Rouge-L, KL, first-sentence EM %, repetition-loop %) rows of the results table; empty when no
+        Rouge-L or KL was given."""
         rows = []
         for key, values in (self.eval_results or {}).items():
             if key not in RESULT_ROWS:
@@ -234,7 +236,8 @@ class ModelCardData:
                 continue
             rouge, kl = _metric(values or {}, _ROUGE_KEYS), _metric(values or {}, _KL_KEYS)
             if rouge is not None or kl is not None:
-                rows.append((RESULT_ROWS[key], _fmt(rouge), _fmt(kl)))
+                extra = [_fmt((values or {}).get(name)) for name in ("exact_match", "loop_rate")]
+                rows.append((RESULT_ROWS[key], _fmt(rouge), _fmt(kl), *extra))
         if self.eval_results and not rows:
             logger.warning(
                 "Model card: evaluation results were given but none has a Rouge-L ('rouge_l') or KL ('kl') value; "
@@ -325,6 +328,7 @@ def render_model_card(data: ModelCardData, template: str | Path | None = None) -
         datasets=data.datasets,
         budget_rows=data.budget.rows(),
         results_rows=data.results_rows(),
+        figures=data.figures,
         helpers_included=data.helpers_included,
         versions=framework_versions(),
         citations=[(paper.citation_line, paper.bibtex) for paper in data.papers],
@@ -376,7 +380,8 @@ def card_data_from_trainer(
 ) -> ModelCardData:
     """Collect a card's contents from a Trainer, its args and its state.
 
-    Reads the optional trainer attributes ``teacher_model`` and ``eval_results`` and the args fields ``kd_loss``,
+    Reads the optional trainer attributes ``teacher_model`` (or the ``teacher_cache`` manifest when training ran
+    from a cache), ``eval_results`` and ``card_figures`` (PNG files beside the card) and the args fields ``kd_loss``,
     ``bridge``, ``scrg_corrections``, ``lmbda``, ``beta``, ``kd_temperature`` and ``temperature`` when they exist.
     """
     args, state = trainer.args, trainer.state
@@ -384,6 +389,8 @@ def card_data_from_trainer(
     teacher = getattr(trainer, "teacher_model", None)
     if teacher is not None and not isinstance(teacher, str):
         teacher = origin_of(trainer.accelerator.unwrap_model(teacher))
+    elif teacher is None and getattr(trainer, "teacher_cache", None):  # trained from an offline teacher cache
+        teacher = trainer.teacher_cache["teacher"].get("name_or_path") or None
     origin = finetuned_from or origin_of(student)
     datasets = dataset_name if dataset_name is not None else getattr(args, "dataset_name", None)
     train_dataset = getattr(trainer, "train_dataset", None)
@@ -419,4 +426,5 @@ def card_data_from_trainer(
         repo_id=trainer.hub_model_id or args.hub_model_id or Path(args.output_dir).absolute().name,
         tags=[tags] if isinstance(tags, str) else list(tags or []),
         helpers_included=helpers_included,
+        figures=list(getattr(trainer, "card_figures", None) or []),
     )

@@ -204,3 +204,14 @@ def test_callback_without_trainer_records_in_state(tokenizer):
     assert state.log_history[0]["eval/rouge_l"] == pytest.approx(callback.history[0]["eval/rouge_l"])
     with pytest.raises(ValueError, match="processing_class"):
         callback.on_train_end(None, TrainerState(), control, model=model, processing_class=None)
+
+
+def test_callback_at_start_scores_step_zero(tokenizer):
+    model = chatml_llama(len(tokenizer), seed=3)
+    held_out = Dataset.from_list([{"messages": c} for c in conversations()])
+    state, control = TrainerState(), TrainerControl()
+    for at_start, expected in ((False, []), (True, [0])):
+        callback = EvaluationCallback(held_out, eval_steps=5, max_new_tokens=4, at_start=at_start)
+        state.log_history = []
+        callback.on_train_begin(None, state, control, model=model, processing_class=tokenizer)
+        assert [entry["step"] for entry in state.log_history] == expected

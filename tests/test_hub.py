@@ -565,3 +565,12 @@ def test_template_is_found_in_the_checkout_and_missing_template_names_the_places
     (packaged / "student.md.j2").write_text("---\n{{ front_matter }}---\n{{ title }}\n")
     assert find_template() == packaged / "student.md.j2"
     assert render_model_card(ModelCardData(model_name="x")).endswith("---\nx\n")
+
+
+def test_card_shows_every_metric_and_the_figures():
+    results = {"rouge_l": 41.5, "kl": 1.25, "exact_match": 30.0, "loop_rate": 5.0}
+    data = ModelCardData(recipe="fkl", eval_results={"student_after": results}, figures=["training_curves.png"])
+    card = render_model_card(data)
+    assert "| 41.5 | 1.25 | 30 | 5 |" in card
+    assert "![training_curves.png](training_curves.png)" in card
+    assert "![" not in render_model_card(ModelCardData(recipe="fkl"))
