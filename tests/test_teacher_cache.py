@@ -185,6 +185,20 @@ def test_cache_train_save_resume_is_exact_and_learns_the_teacher(tmp_path, token
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
+def test_caching_stopped_inside_its_first_shard_resumes(tmp_path, tokenizer, teacher, train_dataset, monkeypatch):
+    from hf_kd.teacher_cache import writer
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(writer, "_encode_batch", stop)
+        with pytest.raises(KeyboardInterrupt):
+            cache_teacher(teacher, tokenizer, train_dataset, tmp_path / "c", top_k=4, progress=False)
+    folder = cache_teacher(teacher, tokenizer, train_dataset, tmp_path / "c", top_k=4, progress=False)
+    assert len(load_teacher_cache(folder)) == len(train_dataset)
+
+
 def test_interrupted_caching_resumes_keeping_written_shards(tmp_path, tokenizer, teacher, train_dataset, monkeypatch):
     from hf_kd.teacher_cache import writer
 

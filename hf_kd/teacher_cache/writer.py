@@ -185,10 +185,12 @@ def cache_teacher(
         },
     }
     folder = Path(output_dir)
+    num_shards = -(-len(dataset) // shard_size)
     shards = _resume(folder, identity)
     (folder / "data").mkdir(parents=True, exist_ok=True)
+    # Written before the first shard too, so that a run stopped inside it resumes instead of finding a foreign folder.
+    write_manifest(folder, {**identity, "shards": shards, "complete": len(shards) == num_shards})
     collator = DataCollatorForChatML(tokenizer=processing_class, max_length=max_length)
-    num_shards = -(-len(dataset) // shard_size)
     bar = tqdm(total=len(dataset), desc="Caching the teacher", unit="ex", disable=not progress)
     bar.update(min(len(shards) * shard_size, len(dataset)))
     for index in range(len(shards), num_shards):
