@@ -55,9 +55,9 @@ class DemoSettings:
     curve_samples: int = field(
         default=16, metadata={"help": "Held-out conversations scored at each point of the training curve."}
     )
-    max_steps: int = field(default=60, metadata={"help": "Optimizer steps."})
+    max_steps: int = field(default=80, metadata={"help": "Optimizer steps."})
     batch_size: int = field(default=4, metadata={"help": "Conversations per step."})
-    learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate (cosine schedule)."})
+    learning_rate: float = field(default=5e-4, metadata={"help": "Peak learning rate (cosine schedule)."})
     max_length: int = field(default=256, metadata={"help": "Tokens per training conversation (longer are cut)."})
     lmbda: float = field(default=0.0, metadata={"help": "Fraction of batches the student generates (on-policy)."})
     eval_samples: int = field(default=40, metadata={"help": "Held-out conversations scored before and after."})
