@@ -1,7 +1,7 @@
 """The `hf-kd` command. Every verb parses dataclass fields into `--field_name value` flags (TRL's TrlParser, an
 HfArgumentParser), each with its help text: `hf-kd <verb> --help` lists them.
 
-hf-kd demo                                            # SmolLM2-135M-Instruct -> a 10-layer student, offline
+hf-kd demo                                            # SmolLM2-135M-Instruct -> a 20-layer student, offline
 hf-kd demo --bridge dskd                              # the same with Gemma-3-270m as a cross-vocabulary teacher
 hf-kd distill --config examples/recipes/akl.yaml      # any recipe; flags override it (--teacher <path>)
 hf-kd evaluate --model <path> --teacher <path> --dataset bundled:heldout
