@@ -139,7 +139,7 @@ def disk(conversations: int, max_length: int, workdir: Path) -> list[dict[str, A
                 "examples": len(data),
                 "response_tokens": tokens,
                 "cache_seconds": time.perf_counter() - started,
-                "folder": str(folder),
+                "folder": folder.name,  # inside the run's temporary work folder
             }
         )
     return results
@@ -365,7 +365,7 @@ def main() -> None:
     results["disk"] = disk(args.conversations, args.max_length, workdir)
     save()
     default = next(r for r in results["disk"] if (r["top_k"], r["value_dtype"]) == DEFAULT_SETTING)
-    results["speed"] = speed(Path(default["folder"]), workdir, args.steps, args.batch, args.max_length)
+    results["speed"] = speed(workdir / default["folder"], workdir, args.steps, args.batch, args.max_length)
     save()
     if args.quality:
         results["quality"] = quality(workdir, args.threads)
