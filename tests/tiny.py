@@ -13,20 +13,15 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from hf_kd import smoke
+from hf_kd.smoke import CHAT_TEMPLATE, NUMBERS, SPECIAL, WORDS  # the counting chat, defined once
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------- tokenizers
 
-NUMBERS = "zero one two three four five six seven eight nine ten eleven twelve".split()
-WORDS = ["count", "from", "to", "please", "then", "stop", "and", "the", "numbers", "after", "."]
-SPECIAL = ["<pad>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>"]
 COUNTING_VOCAB = (*SPECIAL, *NUMBERS, *WORDS)
 """The counting chat vocabulary: "please count from X" -> "X ... Y ." (ids 0 to 4 are the special tokens)."""
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
-)
-
 CHATML_VOCAB = (
     "<pad> <unk> <|im_start|> <|im_end|> "
     "user assistant system the a cat dog sat on mat is what capital of france paris city big small red blue "
@@ -184,16 +179,8 @@ def chatml_llama(vocab_size: int, seed: int = 0, num_layers: int = 2, **config_o
 
 
 def make_conversations(n: int = 24, seed: int = 0) -> list[dict]:
-    """``n`` chat conversations "please count from X" -> "X ... Y .", deterministic for a given seed."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n):
-        start = int(torch.randint(0, 8, (1,), generator=g))
-        length = int(torch.randint(2, 5, (1,), generator=g))
-        prompt = f"please count from {NUMBERS[start]}"
-        answer = " ".join(NUMBERS[start : start + length + 1]) + " ."
-        rows.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]})
-    return rows
+    """``n`` chat conversations "please count from X" -> "X ... Y .", as rows (``hf_kd.smoke`` builds them)."""
+    return smoke.make_conversations(n, seed).to_list()
 
 
 def random_logits(seed: int, length: int, vocab_size: int):
