@@ -46,6 +46,8 @@ from .validation import (
 
 logger = get_logger(__name__)
 
+POSITION_COUNTS = "position_counts"  # batch key: row counts of the terms computed off the response tokens
+
 
 def load_teacher(teacher_model: nn.Module | str | None, args: DistillationConfig) -> nn.Module:
     """The teacher as a model: loaded from a path/id with `teacher_model_init_kwargs` when given as a string."""
@@ -350,6 +352,8 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
                 inputs["reference"], inputs["reference_num_items"] = reference, num_items_in_batch
             count = (inputs["labels"][:, 1:] != -100).sum()
             num_items_in_batch = count.clamp_min(1) * self.current_gradient_accumulation_steps
+            local = self._position_counts([inputs])
+            inputs[POSITION_COUNTS] = {k: v * self.current_gradient_accumulation_steps for k, v in local.items()}
             self._normalised_locally = True
         try:
             with self.maybe_activation_offload_context:  # SFTTrainer's `activation_offloading`
@@ -358,6 +362,28 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
             self._normalised_locally = False
         self._sync_helper_gradients()
         return loss
+
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device) -> tuple[list, Any]:
+        """Trainer's micro-batches of one optimizer step and their token count, plus the row count of every term
+        computed off the response tokens (``TokenLoss.positions``, e.g. ``prompt_fkl``), summed over the
+        micro-batches and gathered over processes like ``num_items_in_batch``; stored in each batch."""
+        batches, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        counts = self._position_counts(batches)
+        if counts and self.args.average_tokens_across_devices and self.args.world_size > 1:
+            counts = {key: self.accelerator.gather(value.to(device)).sum() for key, value in counts.items()}
+        for batch in batches:
+            batch[POSITION_COUNTS] = counts
+        return batches, num_items_in_batch
+
+    def _position_counts(self, batches: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """{positions: number of those rows (after the shift) in ``batches``} for the recipe's positioned terms."""
+        terms = [t for t in self.loss_fn.terms if t.positions is not None] if self.loss_fn is not None else []
+        counts: dict[str, torch.Tensor] = {}
+        for term in terms:
+            if term.positions not in counts:
+                masks = [type(term).build_inputs(b, self.processing_class, self.args)[term.positions] for b in batches]
+                counts[term.positions] = sum(m[:, 1:].sum() for m in masks)
+        return counts
 
     def _rollout(self, model: nn.Module, inputs: dict[str, Any], source: str) -> dict[str, Any]:
         generator = model if source == "student" else self.teacher_model
@@ -467,7 +493,8 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
                 if self.teacher_cache is None:
                     verify_output_head(teacher.head, teacher_out)
                 self._heads_verified = True
-            loss = loss_fn.forward_sources(student, teacher, labels, num_items_in_batch, **extras)
+            counts = inputs.get(POSITION_COUNTS)
+            loss = loss_fn.forward_sources(student, teacher, labels, num_items_in_batch, counts, **extras)
         return loss, loss_fn.last_values, student_out
 
     def _logit_source(self, outputs: Any, fused_model: nn.Module | None) -> LogitSource:

@@ -39,7 +39,7 @@ def one_sgd_step(tmp_path, tokenizer, dataset, recipe: str, batch: int, accumula
     return params
 
 
-@pytest.mark.parametrize("recipe", ["span", "ce+dac_kl+span", "akl"])
+@pytest.mark.parametrize("recipe", ["span", "ce+dac_kl+span", "akl", "bild+prompt_fkl"])
 def test_one_step_same_at_8x1_and_4x2(tmp_path, tokenizer, train_dataset, recipe):
     whole = one_sgd_step(tmp_path, tokenizer, train_dataset, recipe, batch=8, accumulation=1)
     accumulated = one_sgd_step(tmp_path, tokenizer, train_dataset, recipe, batch=4, accumulation=2)

@@ -89,8 +89,8 @@ def test_ranks_end_with_the_same_student_and_save_it(two_rank_run):
 
 def test_two_ranks_update_like_one_process_with_the_global_batch(tmp_path):
     """2 ranks x 2 examples and 1 process x 4 examples take the same SGD steps, for a recipe with the pairwise span
-    term (off-policy, so both runs see the same sequences; dropout is off)."""
-    flags = ["--kd_loss", "ce+dac_kl+span", "--span_segmenter", "punct", "--lmbda", "0", "--optim", "sgd"]
+    term and a term on the prompt positions (off-policy, so both runs see the same sequences; dropout is off)."""
+    flags = ["--kd_loss", "ce+dac_kl+span+prompt_fkl", "--span_segmenter", "punct", "--lmbda", "0", "--optim", "sgd"]
     flags += ["--learning_rate", "2.0", "--dac_kl_lr", "2.0", "--lr_scheduler_type", "constant", "--max_steps", "2"]
     ranks = launch(tmp_path / "ranks", *flags, "--per_device_train_batch_size", "2")
     single = launch(tmp_path / "single", *flags, "--per_device_train_batch_size", "4", processes=1)

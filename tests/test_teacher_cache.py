@@ -230,6 +230,19 @@ def test_interrupted_caching_resumes_keeping_written_shards(tmp_path, tokenizer,
         cache_teacher(teacher, tokenizer, train_dataset, tmp_path / "c", top_k=5, shard_size=10, progress=False)
 
 
+def test_a_finished_cache_is_reused_with_a_copy_of_its_tokenizer(tmp_path, tokenizer, teacher, train_dataset):
+    """The tokenizer is identified by its vocabulary, not its folder: a saved copy reuses the cache."""
+    from transformers import AutoTokenizer
+
+    folder = cache_teacher(teacher, tokenizer, train_dataset, tmp_path / "c", top_k=4, progress=False)
+    written = (folder / "data" / "train-00000.parquet").stat().st_mtime_ns
+    tokenizer.save_pretrained(tmp_path / "copy")
+    copy = AutoTokenizer.from_pretrained(tmp_path / "copy")
+    assert copy.name_or_path != tokenizer.name_or_path
+    cache_teacher(teacher, copy, train_dataset, folder, top_k=4, progress=False)
+    assert (folder / "data" / "train-00000.parquet").stat().st_mtime_ns == written
+
+
 def test_cli_cache_teacher(tmp_path, tokenizer, teacher, train_dataset):
     teacher.save_pretrained(tmp_path / "teacher")
     tokenizer.save_pretrained(tmp_path / "teacher")
@@ -250,6 +263,11 @@ def _trainer(tmp_path, tokenizer, dataset, model=None, **overrides):
     return DistillationTrainer(
         model=model, teacher_model=None, args=args, train_dataset=dataset, processing_class=tokenizer
     )
+
+
+def test_prompt_fkl_is_refused_from_a_cache(tmp_path, tokenizer, cache_dir):
+    with pytest.raises(ValueError, match=r"'prompt_fkl' reads the teacher at the prompt positions.*response tokens"):
+        _trainer(tmp_path, tokenizer, load_teacher_cache(cache_dir), kd_loss="fkl+prompt_fkl")
 
 
 def test_bild_is_refused_from_a_cache_with_the_alternatives(tmp_path, tokenizer, cache_dir):

@@ -4,7 +4,9 @@ Every objective in hf_kd is a per-token (or per adjacent token pair) function of
 teacher row of logits. The engine owns everything else:
 
 * token selection: only positions whose label is not -100 are computed (prompt and padding rows are
-  never projected through a vocabulary head);
+  never projected through a vocabulary head). A term may declare another set of rows (``positions``: the
+  name of a boolean per-token input, e.g. BiLD's prompt positions); each set is selected, chunked and
+  counted on its own;
 * temperature and numerics: logits are cast to (at least) float32 inside, divided by each term's
   temperature, and log-probabilities are clamped so that -inf logits never produce NaN;
 * chunking: rows are processed ``chunk_size`` at a time, so no more than one chunk of [rows, V]
@@ -168,7 +170,10 @@ class TokenLoss(nn.Module):
       required when the term has parameters;
     * ``teacher_needs``: what it reads of the teacher, which decides whether it can train from a teacher cache
       (``hf_kd.teacher_cache``): "distribution" (teacher log-probs; from a cache, the top-k plus a flat tail),
-      "nothing", or "logits_at_student_top_k" (refused from a cache).
+      "nothing", "logits_at_student_top_k" or "prompt_distribution" (both refused from a cache);
+    * ``positions``: None for the response tokens (labels != -100), else the name of a boolean per-token input
+      (listed in ``requires``) selecting the rows the term is computed on. Such a term is divided by the count
+      of its own rows (``position_counts[positions]``, gathered by the trainer like ``num_items_in_batch``).
     """
 
     name: str = ""
@@ -178,6 +183,7 @@ class TokenLoss(nn.Module):
     requires: tuple[str, ...] = ()  # names of per-token extras the term needs (e.g. "span_ids")
     lr_knob: str | None = None
     teacher_needs: str = "distribution"
+    positions: str | None = None
 
     @classmethod
     def build_inputs(cls, batch: dict[str, Any], tokenizer: Any, options: Any) -> dict[str, torch.Tensor]:
@@ -193,6 +199,8 @@ class TokenLoss(nn.Module):
 
 @dataclass
 class _Plan:
+    terms: list[TokenLoss]
+    weights: list[float]
     index: torch.Tensor  # flat positions of selected tokens, [N]
     labels: torch.Tensor  # [N]
     extras: dict[str, torch.Tensor]
@@ -237,52 +245,65 @@ class LossEngine:
         num_items_in_batch: int | torch.Tensor | None = None,
         extras: dict[str, torch.Tensor] | None = None,
         trainable: Sequence[torch.nn.Parameter] = (),
+        position_counts: dict[str, int | torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        plan = self._plan(student, teacher, labels, num_items_in_batch, extras or {})
+        """The weighted loss. Terms computed on other rows than the response tokens (``TokenLoss.positions``) run
+        as their own pass, divided by ``position_counts[positions]`` (default: the local count of those rows)."""
+        extras = extras or {}
+        groups: dict[str | None, list[int]] = {}
+        for i, term in enumerate(self.terms):
+            groups.setdefault(term.positions, []).append(i)
         flat_s = _flatten(student.rows, labels.numel())
         flat_t = _flatten(teacher.rows, labels.numel())
         params = list(dict.fromkeys([*student.head_parameters(), *teacher.head_parameters(), *trainable]))
         needs_grad = torch.is_grad_enabled() and (
             flat_s.requires_grad or flat_t.requires_grad or any(p.requires_grad for p in params)
         )
-        if needs_grad:
-            total = _ChunkedLoss.apply(self, plan, student, teacher, len(params) > 0, flat_s, flat_t, *params)
-        else:
-            with torch.no_grad():
-                total = self._run(plan, student, teacher, flat_s, flat_t, [])[0]
-        self.last_values = {t.name: v for t, v in zip(self.terms, plan.term_values)}
+        total, values = None, {}
+        for positions, members in groups.items():
+            count = num_items_in_batch if positions is None else (position_counts or {}).get(positions)
+            plan = self._plan(student, teacher, labels, count, extras, positions, members)
+            if needs_grad:
+                part = _ChunkedLoss.apply(self, plan, student, teacher, len(params) > 0, flat_s, flat_t, *params)
+            else:
+                with torch.no_grad():
+                    part = self._run(plan, student, teacher, flat_s, flat_t, [])[0]
+            total = part if total is None else total + part
+            values |= {t.name: v for t, v in zip(plan.terms, plan.term_values)}
+        self.last_values = {t.name: values[t.name] for t in self.terms}
         return total
 
-    def _plan(self, student, teacher, labels, num_items_in_batch, extras) -> _Plan:
+    def _plan(self, student, teacher, labels, num_items, extras, positions, members) -> _Plan:
         if student.rows.shape[:-1] != labels.shape or teacher.rows.shape[:-1] != labels.shape:
             raise ValueError(
                 f"Student rows {tuple(student.rows.shape)}, teacher rows {tuple(teacher.rows.shape)} and labels "
                 f"{tuple(labels.shape)} must share their leading dimensions: pass logits (or hidden states) "
                 "already aligned with the labels (position t predicts labels[..., t])."
             )
-        flat_labels = labels.reshape(-1)
-        index = (flat_labels != IGNORE_INDEX).nonzero().squeeze(-1)
-        sel_extras = {}
-        for term in self.terms:
+        terms = [self.terms[i] for i in members]
+        for term in terms:
             for key in term.requires:
                 if key not in extras:
                     raise ValueError(f"Loss term '{term.name}' needs the per-token input '{key}'; pass {key}=...")
-        for key, value in extras.items():
-            sel_extras[key] = value.reshape(-1)[index]
-        lookahead = any(t.pairwise for t in self.terms)
+        flat_labels = labels.reshape(-1)
+        selected = flat_labels != IGNORE_INDEX if positions is None else extras[positions].reshape(-1).bool()
+        index = selected.nonzero().squeeze(-1)
+        sel_extras = {key: value.reshape(-1)[index] for key, value in extras.items()}
+        lookahead = any(t.pairwise for t in terms)
         pair_mask = _pair_mask(index, sel_extras) if lookahead else None
         # Pairwise terms too are divided by the token count: it is the one count the Trainer gathers over the
         # accumulated micro-batches and the processes, so every term gives the same update at any split.
-        n_tokens = float(num_items_in_batch) if num_items_in_batch is not None else float(index.numel())
-        counts = [n_tokens] * len(self.terms)
+        n_tokens = float(num_items) if num_items is not None else float(index.numel())
+        counts = [n_tokens] * len(terms)
         chunk = self.chunk_size or default_chunk_size(max(_vocab_size(student), _vocab_size(teacher)))
-        return _Plan(index, flat_labels[index], sel_extras, pair_mask, counts, chunk, lookahead)
+        weights = [self.weights[i] for i in members]
+        return _Plan(terms, weights, index, flat_labels[index], sel_extras, pair_mask, counts, chunk, lookahead)
 
     def _run(self, plan: _Plan, student, teacher, flat_s, flat_t, grad_targets):
         """One pass over the chunks. Returns (total, grads of ``grad_targets`` or None)."""
         n_rows = plan.index.numel()
         device = flat_s.device
-        sums = [torch.zeros((), device=device, dtype=torch.float64) for _ in self.terms]
+        sums = [torch.zeros((), device=device, dtype=torch.float64) for _ in plan.terms]
         grads = [None] * len(grad_targets)
         for start in range(0, n_rows, plan.chunk_size):
             end = min(start + plan.chunk_size, n_rows)
@@ -302,7 +323,7 @@ class LossEngine:
                     plan.pair_mask[start:end] if plan.pair_mask is not None else None,
                 )
                 chunk_total = None
-                for i, (term, weight, count) in enumerate(zip(self.terms, self.weights, plan.counts)):
+                for i, (term, weight, count) in enumerate(zip(plan.terms, plan.weights, plan.counts)):
                     value = term.per_token(rows).sum()
                     sums[i] += value.detach().double()
                     contrib = value * (weight / count) if count > 0 else value * 0.0
@@ -332,7 +353,7 @@ class LossEngine:
         out_dtype = torch.promote_types(flat_s.dtype, torch.float32)
         values = []
         total = torch.zeros((), device=device, dtype=out_dtype)
-        for s, weight, count in zip(sums, self.weights, plan.counts):
+        for s, weight, count in zip(sums, plan.weights, plan.counts):
             value = (s / count if count > 0 else s * 0).to(out_dtype)
             values.append(value)
             total = total + weight * value

@@ -57,7 +57,9 @@ class DistillationLoss(nn.Module):
     """A recipe, built: ``loss(student_logits, teacher_logits, labels)`` -> scalar.
 
     Logits [B, T, V] are aligned with labels [B, T] (no shifting inside); labels == -100 are ignored.
-    The value is the weighted sum of each term's mean over tokens (or sum / ``num_items_in_batch``).
+    The value is the weighted sum of each term's mean over tokens (or sum / ``num_items_in_batch``); a term
+    computed on other rows (``TokenLoss.positions``, e.g. prompt positions) is divided by
+    ``position_counts[positions]`` when given, else by its local row count.
     ``last_values`` holds each term's value from the latest call, for logging.
     ``forward_fused`` takes hidden states and heads instead of logits and never builds full logits.
     """
@@ -82,10 +84,16 @@ class DistillationLoss(nn.Module):
         teacher_logits: torch.Tensor,
         labels: torch.Tensor,
         num_items_in_batch: int | torch.Tensor | None = None,
+        position_counts: dict[str, int | torch.Tensor] | None = None,
         **extras: torch.Tensor,
     ) -> torch.Tensor:
         return self.forward_sources(
-            LogitSource(student_logits), LogitSource(teacher_logits), labels, num_items_in_batch, **extras
+            LogitSource(student_logits),
+            LogitSource(teacher_logits),
+            labels,
+            num_items_in_batch,
+            position_counts,
+            **extras,
         )
 
     def forward_fused(
@@ -96,6 +104,7 @@ class DistillationLoss(nn.Module):
         teacher_head: nn.Module,
         labels: torch.Tensor,
         num_items_in_batch: int | torch.Tensor | None = None,
+        position_counts: dict[str, int | torch.Tensor] | None = None,
         **extras: torch.Tensor,
     ) -> torch.Tensor:
         """Same value as ``forward(student_head(student_hidden), teacher_head(teacher_hidden), labels)``."""
@@ -104,6 +113,7 @@ class DistillationLoss(nn.Module):
             LogitSource(teacher_hidden, teacher_head),
             labels,
             num_items_in_batch,
+            position_counts,
             **extras,
         )
 
@@ -113,6 +123,7 @@ class DistillationLoss(nn.Module):
         teacher: LogitSource,
         labels: torch.Tensor,
         num_items_in_batch: int | torch.Tensor | None = None,
+        position_counts: dict[str, int | torch.Tensor] | None = None,
         **extras: torch.Tensor,
     ) -> torch.Tensor:
         """The loss from any two sides (logits, hidden states + head, or cached teacher rows + reconstruction)."""
@@ -123,6 +134,7 @@ class DistillationLoss(nn.Module):
             num_items_in_batch,
             extras,
             trainable=[p for p in self.parameters() if p.requires_grad],
+            position_counts=position_counts,
         )
 
 

@@ -59,6 +59,12 @@ def check_cache_matches_run(
                 f"another temperature is far off, see benchmarks/teacher_cache.py). Rebuild the cache with "
                 f"cache_teacher(..., temperature={temperature}), or set kd_temperature={cache_temperature}."
             )
+        if term.teacher_needs == "prompt_distribution":
+            raise ValueError(
+                f"Loss term '{term.name}' reads the teacher at the prompt positions, and a teacher cache stores the "
+                f"teacher at the response tokens only. From a cache drop '{term.name}' from the recipe, or train it "
+                "with a live teacher_model."
+            )
         if term.teacher_needs == "logits_at_student_top_k":
             raise ValueError(
                 f"Loss term '{term.name}' needs the teacher's logits at the student's own top-k tokens, which a "

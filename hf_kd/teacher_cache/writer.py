@@ -206,6 +206,14 @@ def cache_teacher(
     return folder
 
 
+def _comparable(key: str, value: Any) -> Any:
+    """What must match for a folder to be the same cache: the tokenizer by its vocabulary (a copy of it saved in
+    another folder is the same tokenizer), everything else as recorded."""
+    if key == "tokenizer" and isinstance(value, dict):
+        return {k: v for k, v in value.items() if k != "name_or_path"}
+    return value
+
+
 def _resume(folder: Path, identity: dict[str, Any]) -> list[dict[str, Any]]:
     """Shards already written by an interrupted run with the same identity; an error for another cache's folder."""
     if not (folder / MANIFEST_FILE).is_file():
@@ -213,7 +221,9 @@ def _resume(folder: Path, identity: dict[str, Any]) -> list[dict[str, Any]]:
             raise FileExistsError(f"{folder} exists and is not empty: pick a new output_dir for the teacher cache.")
         return []
     manifest = read_manifest(folder)
-    differing = sorted(key for key in identity if manifest.get(key) != identity[key])
+    differing = sorted(
+        key for key in identity if _comparable(key, manifest.get(key)) != _comparable(key, identity[key])
+    )
     if differing:
         raise ValueError(
             f"{folder} holds a teacher cache built with other settings ({', '.join(differing)} differ): pick a "

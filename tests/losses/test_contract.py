@@ -36,7 +36,26 @@ def _span_ids(labels: torch.Tensor) -> torch.Tensor:
 
 
 # How the contract test builds each per-token input a term may require (a trainer builds them with build_inputs).
-SYNTHETIC_INPUTS = {"span_ids": _span_ids}
+# Prompt positions: the ignored rows (random_logits' prompt and padding) plus the first row's third position.
+SYNTHETIC_INPUTS = {
+    "span_ids": _span_ids,
+    "prompt_positions": lambda labels: (
+        (labels == IGNORE_INDEX)
+        | (torch.arange(labels.shape[1]) == 2) & (torch.arange(labels.shape[0]) == 0).unsqueeze(-1)
+    ),
+}
+
+
+def _rows(name: str, labels: torch.Tensor, extras: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The rows the term is computed on: the response tokens, or the per-token input named by ``positions``."""
+    positions = LOSS_REGISTRY[name].positions
+    return labels != IGNORE_INDEX if positions is None else extras[positions]
+
+
+def _counts(name: str, n_items: int) -> dict:
+    """``n_items`` as the normaliser of the term's own rows."""
+    positions = LOSS_REGISTRY[name].positions
+    return {"num_items_in_batch": n_items} if positions is None else {"position_counts": {positions: n_items}}
 
 
 def _loss(name: str, chunk_size: int | None = None):
@@ -50,9 +69,9 @@ def _inputs(name: str, labels: torch.Tensor) -> dict[str, torch.Tensor]:
     return {key: SYNTHETIC_INPUTS[key](labels) for key in LOSS_REGISTRY[name].requires}
 
 
-def _value_and_grad(loss, s, t, labels, num_items_in_batch=None, **extras):
+def _value_and_grad(loss, s, t, labels, **kwargs):
     x = s.detach().clone().requires_grad_(True)
-    value = loss(x, t, labels, num_items_in_batch, **extras)
+    value = loss(x, t, labels, **kwargs)
     value.backward()
     return value.detach(), x.grad
 
@@ -98,9 +117,9 @@ def test_chunk_size_invariance(batch, name):
 @pytest.mark.parametrize("name", NAMES)
 def test_masked_rows_are_ignored(batch, name):
     s, t, labels = batch
-    masked = labels == IGNORE_INDEX
-    assert masked.any()
     extras = _inputs(name, labels)
+    masked = ~_rows(name, labels, extras)
+    assert masked.any()
     value, grad = _value_and_grad(_loss(name), s, t, labels, **extras)
     noise = torch.randn(s.shape, generator=torch.Generator().manual_seed(9), dtype=s.dtype) * 50
     s2 = torch.where(masked.unsqueeze(-1), s + noise, s)
@@ -115,14 +134,12 @@ def test_gradient_accumulation_invariance(batch, name):
     """Two micro-batches, each divided by the whole batch's token count, sum to the whole batch's loss."""
     s, t, labels = batch
     extras = _inputs(name, labels)
-    n_items = int((labels != IGNORE_INDEX).sum())
+    n_items = int(_rows(name, labels, extras).sum())
     value, grad = _value_and_grad(_loss(name), s, t, labels, **extras)
     halves = []
     for i in range(2):
-        half_extras = {key: value[i : i + 1] for key, value in extras.items()}
-        halves.append(
-            _value_and_grad(_loss(name), s[i : i + 1], t[i : i + 1], labels[i : i + 1], n_items, **half_extras)
-        )
+        half = {key: value[i : i + 1] for key, value in extras.items()} | _counts(name, n_items)
+        halves.append(_value_and_grad(_loss(name), s[i : i + 1], t[i : i + 1], labels[i : i + 1], **half))
     torch.testing.assert_close(halves[0][0] + halves[1][0], value, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(torch.cat([halves[0][1], halves[1][1]]), grad, rtol=1e-10, atol=1e-12)
 
