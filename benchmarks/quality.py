@@ -1,26 +1,32 @@
 """Quality of the distillation methods side by side, on a real teacher, a real student and real data.
 
-SmolLM2-135M-Instruct teaches a student made of 10 of its 30 decoder layers (hf_kd.assets) on the bundled
-conversations (hf_kd/data). Every method trains the same student initialisation for the same steps, batch,
-learning-rate schedule and seed; then the student is scored on held-out conversations with
-hf_kd.evaluation.evaluate_student: Rouge-L of greedy answers against the references, first-sentence exact match,
-and the token-level KL(SmolLM2 teacher || student) on the references (every row, the cross-vocabulary run included:
-its student keeps SmolLM2's tokenizer). The teacher and the untrained student are scored for scale.
+SmolLM2-135M-Instruct teaches a student made of 20 of its 30 decoder layers, those of highest block influence
+(hf_kd.assets.student_layers), on the bundled conversations (hf_kd/data). Every method trains the same student
+initialisation for the same steps, batch, learning-rate schedule and seeds; the off-policy rows that can train
+from the offline teacher cache do (built once, the demo's cache), the others run the live teacher. Each student
+is scored on held-out conversations with hf_kd.evaluation.evaluate_student: Rouge-L of greedy answers against the
+references, first-sentence exact match, the share of answers caught in a repetition loop, and the token-level
+KL(SmolLM2 teacher || student) on the references. The teacher and the untrained student are scored for scale.
 
-Rows: SFT on the references, FKL, RKL, TRL's own GKDTrainer (the external baseline), hf_kd's jsd, AKL, BiLD,
-MGSR (ce+dac_kl+span with SCRG on student generations), DSKD with the same vocabulary, and DSKD-CMA with
+Intervals: 95% bootstrap over held-out prompts and seeds (the same prompts for every row); each comparison of two
+rows (the papers' claims) is a paired bootstrap of the difference, resampling prompts jointly.
+
+Rows: SFT on the references, FKL (from the cache and from the live teacher: the cache's fidelity at equal
+budget), RKL, hf_kd's jsd and TRL's own GKDTrainer (off-policy, the external baseline), GKD on-policy
+(jsd, lmbda 0.5), AKL, BiLD as its official trainer runs it (bild + prompt-position FKL), MGSR
+(ce+dac_kl+span with SCRG on student generations), DSKD with the same vocabulary, and DSKD-CMA with
 Gemma-3-270m as the teacher (different vocabulary). Each run is a fresh subprocess with freshly loaded models; its
-record is appended to the JSON file as soon as it finishes, and the markdown table is rewritten from the JSON.
+record (every answer and per-prompt score included) is appended to the JSON as soon as it finishes, so the
+benchmark resumes across sessions; the markdown page and the plot are rewritten from the JSON.
 
 Usage::
 
-    python benchmarks/quality.py --budget cpu                     # all rows, 1 seed, about 30-40 min on 2 free cores
-    python benchmarks/quality.py --budget gpu                     # more steps, every held-out prompt, 3 seeds
-    python benchmarks/quality.py --budget cpu --methods sft akl   # a subset
-    python benchmarks/quality.py --budget cpu --resume            # run only the rows missing from the JSON
+    python benchmarks/quality.py --budget cpu                         # every row, 3 seeds (hours on 2 CPU cores)
+    python benchmarks/quality.py --budget cpu --methods fkl fkl-live  # a subset
+    python benchmarks/quality.py --budget cpu --resume                # run only the (row, seed) pairs missing
     python benchmarks/quality.py --render benchmarks/results/quality_cpu.json --commentary notes.md
 
-Results: ``benchmarks/results/quality_<budget>.json`` and ``.md``.
+Results: ``benchmarks/results/quality_<budget>.json``, ``.md`` and ``.png``.
 """
 
 from __future__ import annotations
@@ -59,30 +65,34 @@ class Budget:
     max_new_tokens: int
     """Greedy tokens per held-out answer, and the length of on-policy generations during training."""
     lmbda: float
-    """Share of on-policy (student-generated) steps for every distillation method except MGSR; SFT always 0."""
+    """Share of on-policy (student-generated) steps of the "shared" rows; SFT always 0."""
     mgsr_lmbda: float
     """MGSR's share of on-policy steps: SCRG corrects student generations, so it needs lmbda > 0."""
     seeds: int
-    student_layers: int = 10
+    student_layers: int = 20
     eval_batch: int = 8
+    onpolicy_lmbda: float = 0.5
+    """The on-policy GKD row's share (the GKD paper's lmbda)."""
+    layer_selection: str = "influence"
+    """How the student's layers are chosen (hf_kd.assets.student_layers)."""
+    cache_top_k: int | None = 64
+    """Top-k of the offline teacher cache the cache rows train from; None: every row runs the live teacher."""
 
 
-# The cpu budget was scaled from single-thread CPU times measured on this benchmark's own runs: an off-policy
-# step costs about 6 CPU-s, an MGSR step with student generation and SCRG about 5 times that, and scoring 10
-# held-out prompts about 18 CPU-s; that puts the 13 rows at roughly 40 minutes on two free cores (an estimate:
-# the measurements were taken on shared cores, where one thread per run was the fastest setting).
+# The cpu budget is the demo's recipe at half its steps: the 20-layer block-influence student starts at a held-out
+# KL of about 2 and writes fluent but wrong answers, so 40 steps at lr 5e-4 separate what the methods teach.
+# Measured on 2 cores: about 4-5 s per cached step, 7 s per live-teacher step, more with generation.
 BUDGETS: dict[str, Budget] = {
     "cpu": Budget(
         steps=40,
         batch=4,
-        learning_rate=2e-4,
+        learning_rate=5e-4,
         max_length=256,
         eval_samples=40,
         max_new_tokens=48,
         lmbda=0.0,
         mgsr_lmbda=0.25,
-        seeds=1,
-        eval_batch=10,
+        seeds=3,
     ),
     "gpu": Budget(
         steps=200,
@@ -91,7 +101,7 @@ BUDGETS: dict[str, Budget] = {
         max_length=512,
         eval_samples=None,
         max_new_tokens=96,
-        lmbda=0.5,
+        lmbda=0.0,
         mgsr_lmbda=0.5,
         seeds=3,
         eval_batch=32,
@@ -110,23 +120,27 @@ class Method:
     kd_loss: str | None = None
     teacher: str = SMOLLM2
     """Real-model name (hf_kd.assets) of the teacher that trains the student."""
-    lmbda: Literal["none", "shared", "mgsr"] = "shared"
+    lmbda: Literal["none", "shared", "onpolicy", "mgsr"] = "shared"
     """Which Budget field sets the on-policy share ("none": 0)."""
     config: dict[str, Any] = field(default_factory=dict)
     """Further DistillationConfig fields."""
     evaluates: Literal["student", "teacher"] = "student"
+    teacher_cache: bool = False
+    """Train from the offline teacher cache (when the budget has one) instead of the live teacher."""
 
 
 METHODS: dict[str, Method] = {
     "teacher": Method("SmolLM2-135M-Instruct, 30 layers (evaluated only)", trainer=None, evaluates="teacher"),
     "student-init": Method("layer-pruned student before training (evaluated only)", trainer=None),
-    "sft": Method("kd_loss=ce (SFT on the references)", kd_loss="ce", lmbda="none"),
-    "fkl": Method("kd_loss=fkl", kd_loss="fkl"),
-    "rkl": Method("kd_loss=rkl", kd_loss="rkl"),
+    "sft": Method("kd_loss=ce (SFT on the references)", kd_loss="ce", lmbda="none", teacher_cache=True),
+    "fkl": Method("kd_loss=fkl, teacher cache", kd_loss="fkl", teacher_cache=True),
+    "fkl-live": Method("kd_loss=fkl, live teacher", kd_loss="fkl"),
+    "rkl": Method("kd_loss=rkl, teacher cache", kd_loss="rkl", teacher_cache=True),
+    "jsd": Method("kd_loss=jsd, beta 0.5, teacher cache", kd_loss="jsd", teacher_cache=True),
     "trl-gkd": Method("TRL GKDTrainer, beta 0.5", trainer="trl"),
-    "jsd": Method("kd_loss=jsd, beta 0.5", kd_loss="jsd"),
-    "akl": Method("kd_loss=akl, mu 0.5", kd_loss="akl"),
-    "bild": Method("kd_loss=bild, top-k 8, T 3", kd_loss="bild"),
+    "gkd-onpolicy": Method("kd_loss=jsd, beta 0.5, on-policy (GKD)", kd_loss="jsd", lmbda="onpolicy"),
+    "akl": Method("kd_loss=akl, mu 0.5, teacher cache", kd_loss="akl", teacher_cache=True),
+    "bild": Method("kd_loss=bild+prompt_fkl, top-k 8, T 3 (official trainer)", kd_loss="bild+prompt_fkl"),
     "mgsr": Method(
         "kd_loss=ce+dac_kl+span, scrg_corrections=1",
         kd_loss="ce+dac_kl+span",
@@ -157,6 +171,8 @@ class RunSpec:
     threads: int | None = None
     config_overrides: dict[str, Any] = field(default_factory=dict)
     """Last-word trainer config fields (tests shrink helper modules with it)."""
+    cache_dir: str | None = None
+    """Where the teacher cache is built (None: the bundled data's shared cache under hf_kd's cache directory)."""
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunSpec:
@@ -165,7 +181,12 @@ class RunSpec:
     def lmbda(self) -> float:
         """The on-policy share this row trains with."""
         source = METHODS[self.method].lmbda
-        return {"none": 0.0, "shared": self.budget.lmbda, "mgsr": self.budget.mgsr_lmbda}[source]
+        shares = {"none": 0.0, "shared": self.budget.lmbda, "onpolicy": self.budget.onpolicy_lmbda}
+        return (shares | {"mgsr": self.budget.mgsr_lmbda})[source]
+
+    def uses_cache(self) -> bool:
+        """Whether this row trains from the offline teacher cache."""
+        return METHODS[self.method].teacher_cache and self.budget.cache_top_k is not None
 
 
 @dataclass
@@ -182,19 +203,22 @@ class Pair:
 
 
 # ---------------------------------------------------------------------------------------------- one run
-def load_real_pair(spec: RunSpec) -> Pair:
+def load_real_pair(spec: RunSpec, train_dataset) -> Pair:
     """Fresh real models for ``spec``: SmolLM2 (KL reference and, same-vocabulary, teacher), its layer-pruned
-    student, and Gemma-3-270m with its tokenizer when the row's teacher is Gemma."""
+    student (layers chosen on ``train_dataset``), and Gemma-3-270m with its tokenizer when the row's teacher is
+    Gemma."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_kd.assets import load_real_model, prune_layers
+    from hf_kd.assets import load_real_model, prune_layers, student_layers
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     smollm = load_real_model(SMOLLM2)
     kl_teacher = AutoModelForCausalLM.from_pretrained(smollm, dtype=torch.float32).to(device)
     tokenizer = AutoTokenizer.from_pretrained(smollm)
-    student = prune_layers(kl_teacher, spec.budget.student_layers).to(device)
+    budget = spec.budget
+    keep = student_layers(kl_teacher, tokenizer, train_dataset, budget.student_layers, budget.layer_selection)
+    student = prune_layers(kl_teacher, keep).to(device)
     method = METHODS[spec.method]
     if method.teacher == SMOLLM2:
         return Pair(student, tokenizer, kl_teacher, kl_teacher)
@@ -238,6 +262,8 @@ def build_trainer(spec: RunSpec, pair: Pair, train_dataset) -> Any:
         "train_dataset": train_dataset,
         "processing_class": pair.tokenizer,
     }
+    if spec.uses_cache():
+        common |= {"teacher_model": None, "train_dataset": teacher_cache_dataset(spec, pair, train_dataset)}
     if method.trainer == "trl":
         from trl.experimental.gkd import GKDConfig, GKDTrainer
 
@@ -246,6 +272,21 @@ def build_trainer(spec: RunSpec, pair: Pair, train_dataset) -> Any:
 
     args = DistillationConfig(**shared | {"kd_loss": method.kd_loss} | method.config | spec.config_overrides)
     return DistillationTrainer(args=args, teacher_processing_class=pair.teacher_tokenizer, **common)
+
+
+def teacher_cache_dataset(spec: RunSpec, pair: Pair, train_dataset):
+    """The teacher's top-k cache of ``train_dataset`` (built on first use, then reused), loaded for training."""
+    from hf_kd import cache_teacher, load_teacher_cache
+    from hf_kd.demo import bundled_teacher_cache
+
+    k, max_length = spec.budget.cache_top_k, spec.budget.max_length
+    if spec.cache_dir is None:
+        folder = bundled_teacher_cache(pair.teacher, pair.tokenizer, train_dataset, SMOLLM2, k, max_length)
+    else:
+        folder = cache_teacher(
+            pair.teacher, pair.tokenizer, train_dataset, spec.cache_dir, top_k=k, max_length=max_length
+        )
+    return load_teacher_cache(folder, teacher=pair.teacher, top_k=k)
 
 
 def _last_logged_terms(log_history: list[dict[str, Any]]) -> dict[str, float]:
@@ -271,14 +312,19 @@ def run_method(spec: RunSpec, pair: Pair, train_dataset, heldout) -> dict[str, A
     import torch
     from transformers import set_seed
 
-    from hf_kd.evaluation import evaluate_student, rouge_l
+    from hf_kd.evaluation import evaluate_student
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
     method = METHODS[spec.method]
     budget = spec.budget
     set_seed(spec.seed)
-    record: dict[str, Any] = {"method": spec.method, "seed": spec.seed, "lmbda": spec.lmbda()}
+    record: dict[str, Any] = {
+        "method": spec.method,
+        "seed": spec.seed,
+        "lmbda": spec.lmbda(),
+        "teacher_cache": spec.uses_cache(),
+    }
     model, tokenizer, kl_teacher = pair.student, pair.tokenizer, pair.kl_teacher
     if method.evaluates == "teacher":
         model, tokenizer = pair.teacher, pair.teacher_tokenizer or pair.tokenizer
@@ -303,15 +349,13 @@ def run_method(spec: RunSpec, pair: Pair, train_dataset, heldout) -> dict[str, A
         max_new_tokens=budget.max_new_tokens,
         batch_size=budget.eval_batch,
         return_predictions=True,
+        per_sample=True,
     )
     record["eval_s"] = time.perf_counter() - started
     record["eval_cpu_s"] = time.process_time() - cpu_started
-    predictions = scores.pop("predictions")
-    per_prompt = [rouge_l(p, row["messages"][-1]["content"]) for p, row in zip(predictions, scored)]
-    record["rouge_l_se"] = statistics.stdev(per_prompt) / len(per_prompt) ** 0.5 if len(per_prompt) > 1 else 0.0
+    predictions = scores["predictions"]
     record["mean_answer_words"] = sum(len(p.split()) for p in predictions) / len(predictions)
     record["empty_answers_pct"] = 100.0 * sum(not p.strip() for p in predictions) / len(predictions)
-    record["predictions"] = predictions
     return record | scores
 
 
@@ -320,8 +364,8 @@ def run_child(spec: RunSpec) -> dict[str, Any]:
     from hf_kd.data import load_bundled_dataset
 
     started = time.perf_counter()
-    pair = load_real_pair(spec)
     train, heldout = load_bundled_dataset("train"), load_bundled_dataset("heldout")
+    pair = load_real_pair(spec, train)
     load_s = time.perf_counter() - started
     record = run_method(spec, pair, train, heldout)
     record["load_s"] = load_s
@@ -339,47 +383,177 @@ def run_in_subprocess(spec: RunSpec, timeout: float) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- the table
-def _mean_spread(values: list[float], spec: str) -> str:
-    if not values:
+RESAMPLES = 2000
+# The papers' claims, as (claim, row, baseline row): the row should score above the baseline.
+CLAIMS = [
+    ("AKL over FKL (AKL paper)", "akl", "fkl"),
+    ("AKL over RKL (AKL paper)", "akl", "rkl"),
+    ("BiLD over KL (BiLD paper)", "bild", "fkl-live"),
+    ("MGSR over on-policy GKD (MGSR paper)", "mgsr", "gkd-onpolicy"),
+    ("DSKD over plain KD, same vocabulary (DSKD paper)", "dskd", "fkl-live"),
+    ("DSKD-CMA over SFT across vocabularies (DSKD paper)", "dskd-cma", "sft"),
+    ("on-policy GKD over off-policy GKD (GKD paper)", "gkd-onpolicy", "jsd"),
+    ("hf_kd jsd vs TRL GKDTrainer, same objective (should agree)", "jsd", "trl-gkd"),
+    ("teacher cache vs live teacher, fkl (should agree)", "fkl", "fkl-live"),
+]
+
+
+def _finished(results: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    return [r for r in results if r["method"] == name and "error" not in r and "per_sample" in r]
+
+
+def _statistic(records: list[dict[str, Any]], metric: str, seeds: list[int], prompts: list[int]) -> float:
+    """Mean over the chosen seeds of the metric over the chosen prompts (KL: token-weighted, as evaluated)."""
+    values = []
+    for s in seeds:
+        sample = records[s]["per_sample"]
+        if metric == "kl":
+            tokens = sum(sample["kl_tokens"][i] for i in prompts)
+            values.append(sum(sample["kl_sum"][i] for i in prompts) / max(tokens, 1))
+        else:
+            values.append(sum(sample[metric][i] for i in prompts) / len(prompts))
+    return sum(values) / len(values)
+
+
+def bootstrap(rows: list[list[dict[str, Any]]], metric: str, sign: tuple[int, ...] = (1,), seed: int = 0):
+    """(point estimate, 2.5th, 97.5th percentile) of sum_j sign[j] * statistic(rows[j]); every resample draws the
+    held-out prompts once for all rows (paired) and each row's seeds independently."""
+    import random
+
+    key = "kl_sum" if metric == "kl" else metric
+    if any(not records or key not in records[0]["per_sample"] for records in rows):
+        return None
+    rng = random.Random(seed)
+    n_prompts = len(rows[0][0]["per_sample"]["rouge_l"])
+    everything = list(range(n_prompts))
+    point = sum(k * _statistic(r, metric, list(range(len(r))), everything) for k, r in zip(sign, rows))
+    draws = []
+    for _ in range(RESAMPLES):
+        prompts = [rng.randrange(n_prompts) for _ in everything]
+        draws.append(
+            sum(k * _statistic(r, metric, [rng.randrange(len(r)) for _ in r], prompts) for k, r in zip(sign, rows))
+        )
+    draws.sort()
+    return point, draws[int(0.025 * RESAMPLES)], draws[int(0.975 * RESAMPLES) - 1]
+
+
+def _interval(values, spec: str) -> str:
+    if values is None:
         return "-"
-    if len(values) == 1:
-        return format(values[0], spec)
-    return f"{format(statistics.mean(values), spec)} ± {format(statistics.stdev(values), spec)}"
+    point, low, high = values
+    return f"{format(point, spec)} [{format(low, spec)}, {format(high, spec)}]"
+
+
+def _mean(records: list[dict[str, Any]], key: str, spec: str) -> str:
+    values = [r[key] for r in records if key in r]
+    return format(statistics.mean(values), spec) if values else "-"
 
 
 def markdown_table(results: list[dict[str, Any]], order: list[str]) -> str:
-    """One row per method (mean ± sample standard deviation over its seeds), in ``order``."""
-    head = ["method", "recipe", "lmbda", "seeds", "Rouge-L", "Rouge-L SE", "first-sentence EM %"]
-    head += ["KL(teacher‖student)"]
-    head += ["answer words", "train s", "train CPU s"]
+    """One row per method: point estimates with 95% bootstrap intervals (prompts and seeds), in ``order``."""
+    head = ["method", "recipe", "teacher", "lmbda", "seeds", "Rouge-L [95% CI]", "KL(teacher‖student) [95% CI]"]
+    head += ["first-sentence EM %", "loops %", "answer words", "train s / run"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in order:
         records = [r for r in results if r["method"] == name]
         if not records:
             continue
-        ok = [r for r in records if "error" not in r]
-        cells = [name, METHODS[name].recipe if name in METHODS else "?"]
+        ok = _finished(results, name)
+        method = METHODS.get(name)
+        cells = [name, method.recipe if method else "?"]
         if not ok:
-            cells += [f"error: {records[-1]['error']}"] + ["-"] * (len(head) - 3)
+            cells += [f"error: {records[-1].get('error', 'no per-prompt scores')}"] + ["-"] * (len(head) - 3)
         else:
-            trained = METHODS[name].trainer is not None if name in METHODS else True
+            trained = method is None or method.trainer is not None
+            source = "cache" if ok[0].get("teacher_cache") else ("live" if trained else "-")
             cells += [
+                source,
                 f"{ok[0]['lmbda']:g}" if trained else "-",
                 str(len(ok)),
-                _mean_spread([r["rouge_l"] for r in ok], ".2f"),
-                _mean_spread([r["rouge_l_se"] for r in ok if "rouge_l_se" in r][:1], ".2f"),
-                _mean_spread([r["exact_match"] for r in ok], ".1f"),
-                _mean_spread([r["kl"] for r in ok if "kl" in r], ".3f"),
-                _mean_spread([r["mean_answer_words"] for r in ok if "mean_answer_words" in r], ".1f"),
-                _mean_spread([r["train_s"] for r in ok if "train_s" in r], ".0f"),
-                _mean_spread([r["train_cpu_s"] for r in ok if "train_cpu_s" in r], ".0f"),
+                _interval(bootstrap([ok], "rouge_l"), ".2f"),
+                _interval(bootstrap([ok], "kl"), ".3f"),
+                _mean(ok, "exact_match", ".1f"),
+                _mean(ok, "loop_rate", ".1f"),
+                _mean(ok, "mean_answer_words", ".1f"),
+                _mean(ok, "train_s", ".0f"),
             ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def render_markdown(payload: dict[str, Any]) -> str:
-    """The whole results page: command, budget, machine, conditions, the table and any commentary."""
+def claims_table(results: list[dict[str, Any]]) -> str:
+    """Each claim as the paired-bootstrap difference (row - baseline) of Rouge-L and of KL, and what it says."""
+    lines = [
+        "| claim | rows | Rouge-L difference [95% CI] | KL difference [95% CI] | here |",
+        "|---|---|---|---|---|",
+    ]
+    for claim, row, baseline in CLAIMS:
+        a, b = _finished(results, row), _finished(results, baseline)
+        if not a or not b:
+            continue
+        rouge = bootstrap([a, b], "rouge_l", sign=(1, -1))
+        kl = bootstrap([a, b], "kl", sign=(1, -1))
+        agree = "should agree" in claim
+        verdicts = []
+        for diff, better in ((rouge, 1), (kl, -1)):  # higher Rouge-L, lower KL is better
+            if diff is None:
+                continue
+            _, low, high = diff
+            if low > 0 or high < 0:
+                verdicts.append("better" if (low > 0) == (better > 0) else "worse")
+            else:
+                verdicts.append("tie")
+        if agree:
+            verdict = "agree" if set(verdicts) == {"tie"} else "differ"
+        elif "worse" not in verdicts and "better" in verdicts:
+            verdict = "reproduces"
+        elif "better" not in verdicts and "worse" in verdicts:
+            verdict = "reversed"
+        else:
+            verdict = "cannot tell" if set(verdicts) == {"tie"} else "mixed"
+        seeds = f"{len(a)} vs {len(b)} seeds"
+        lines.append(
+            f"| {claim} | {row} - {baseline} ({seeds}) | {_interval(rouge, '+.2f')} | {_interval(kl, '+.3f')} | "
+            f"{verdict} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_methods(results: list[dict[str, Any]], order: list[str], path: Path) -> Path | None:
+    """Rouge-L and KL per row with their 95% intervals, one panel each (PNG); None when nothing finished."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in order if _finished(results, n)]
+    if not names:
+        return None
+    fig, panels = plt.subplots(1, 2, figsize=(12, 0.45 * len(names) + 1.5), sharey=True)
+    for panel, metric, label in zip(panels, ("rouge_l", "kl"), ("Rouge-L (higher is better)", "KL(teacher‖student)")):
+        ys, points, errors = [], [], [[], []]
+        for y, name in enumerate(names):
+            values = bootstrap([_finished(results, name)], metric)
+            if values is None:
+                continue
+            point, low, high = values
+            ys.append(y)
+            points.append(point)
+            errors[0].append(point - low)
+            errors[1].append(high - point)
+        panel.errorbar(points, ys, xerr=errors, fmt="o", capsize=3)
+        panel.set_xlabel(label + ", 95% bootstrap CI")
+        panel.grid(axis="x", alpha=0.3)
+    panels[0].set_yticks(range(len(names)), names)
+    panels[0].invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def render_markdown(payload: dict[str, Any], figure: str | None = None) -> str:
+    """The whole results page: command, budget, machine, conditions, the tables and any commentary."""
     budget = payload["budget"]
     env = payload["environment"]
     results = payload["results"]
@@ -391,6 +565,7 @@ def render_markdown(payload: dict[str, Any]) -> str:
         f"{env.get('gpu') or env['cpu']}, {env['cpu_count']} CPU cores, {payload['threads'] or 'default'} threads; "
         f"python {env['python']}, torch {env['torch']}, transformers {env['transformers']}, trl {env['trl']}"
     )
+    cache = budget.get("cache_top_k")
     lines = [
         f"# Distillation quality, `{payload['budget_name']}` budget",
         "",
@@ -401,31 +576,47 @@ def render_markdown(payload: dict[str, Any]) -> str:
         f"- Budget: {budget['steps']} steps, batch {budget['batch']}, learning rate {budget['learning_rate']:g} "
         f"(cosine, {max(1, budget['steps'] // 10)} warm-up steps), max_length {budget['max_length']}, "
         f"{budget['max_new_tokens']} new tokens (evaluation and on-policy generation), seeds "
-        f"{sorted({r['seed'] for r in done}) or '-'}; identical for every row.",
-        f"- On-policy share: **lmbda = {budget['lmbda']:g} for every distillation row (TRL GKD and hf_kd jsd "
-        f"included), {budget['mgsr_lmbda']:g} for MGSR** (SCRG corrects student generations), 0 for SFT.",
+        f"{sorted({r['seed'] for r in done}) or '-'} of {budget['seeds']} planned; identical for every row.",
+        f"- On-policy share: lmbda = {budget['lmbda']:g} for the distillation rows, "
+        f"{budget.get('onpolicy_lmbda', 0.5):g} for on-policy GKD, {budget['mgsr_lmbda']:g} for MGSR (SCRG corrects "
+        "student generations), 0 for SFT.",
+        f"- Teacher: rows marked `cache` train from the offline top-{cache} teacher cache of the training data "
+        "(no teacher forward per step; built once), `live` rows run the teacher at every step."
+        if cache
+        else "- Teacher: every row runs the live teacher.",
         f"- Pair: SmolLM2-135M-Instruct teacher, student = {budget['student_layers']} of its 30 decoder layers "
-        "(evenly spaced, embeddings and head copied); dskd-cma trains the same student from Gemma-3-270m "
-        "(vocabulary 262144 vs 49152).",
+        f"({budget.get('layer_selection', 'even')} selection, embeddings and head copied); dskd-cma trains the "
+        "same student from Gemma-3-270m (vocabulary 262144 vs 49152).",
         f"- Data: {train_n if train_n is not None else '?'} bundled training conversations; "
         f"{eval_n if eval_n is not None else '?'} held-out conversations, evenly spread over the held-out file "
-        "(all its sources), are scored. The references are greedy "
-        "answers of the SmolLM2 teacher (at most 96 tokens), so its own row is near the ceiling but below 100 "
-        "(shorter generation budget, trimmed references).",
-        "- Metrics: Rouge-L F1 x 100 of greedy answers vs references; first-sentence exact match; KL(SmolLM2 "
-        "teacher ‖ student) per reference answer token in nats (the SmolLM2 teacher for every row, dskd-cma's "
-        "student included; teacher rows: not applicable); answer words: mean whitespace-separated words per greedy "
-        "answer. Values are mean ± sample standard deviation over seeds; Rouge-L SE is the standard error of the "
-        "mean over the scored prompts (first seed), the noise of one evaluation. Each record in the JSON keeps "
-        "every greedy answer.",
+        "(all its sources), are scored. The references are greedy answers of the SmolLM2 teacher (at most 96 "
+        "tokens), so its own row is near the ceiling but below 100 (shorter generation budget, trimmed references).",
+        "- Metrics: Rouge-L F1 x 100 of greedy answers vs references; KL(SmolLM2 teacher ‖ student) per reference "
+        "answer token in nats (the SmolLM2 teacher for every row, dskd-cma's student included; teacher rows: not "
+        "applicable); first-sentence exact match; loops: answers caught in a repetition loop "
+        "(`hf_kd.evaluation.has_repetition_loop`); answer words: mean words per greedy answer. Point estimates "
+        f"are means over seeds; intervals are 95% percentile bootstraps ({RESAMPLES} resamples) over held-out "
+        "prompts and seeds. Each record in the JSON keeps every greedy answer and per-prompt score.",
         f"- Time: {payload.get('wall_s', 0) / 60:.1f} min of wall time for the runs in this file (subprocesses, "
         f"model loading and evaluation included); training and evaluation used {cpu_s / 60:.1f} min of process CPU "
-        f"time, about {cpu_s / 60 / (payload['threads'] or 1):.0f} min of wall time with {payload['threads']} "
-        "thread(s) on free cores. `train s` is training alone. The cores were shared with other work, so wall "
+        "time. `train s / run` is training alone, mean over seeds. The cores were shared with other work, so wall "
         "times are indicative; the quality numbers do not depend on it.",
         "",
         markdown_table(results, payload["methods"]),
     ]
+    if figure:
+        lines += [f"![Rouge-L and KL per method, 95% intervals]({figure})", ""]
+    claims = claims_table(results)
+    if claims.count("\n") > 2:
+        lines += [
+            "## The papers' claims here",
+            "",
+            "Paired bootstrap of the difference (row - baseline) over the same prompts; `reproduces`: better on at "
+            "least one metric with an interval that excludes 0 and worse on none; `cannot tell`: both intervals "
+            "contain 0 (this budget cannot separate the two rows).",
+            "",
+            claims,
+        ]
     failed = [r for r in results if "error" in r]
     if failed:
         lines += ["Failed runs:", ""] + [f"- {r['method']} seed {r['seed']}: {r['error']}" for r in failed] + [""]
@@ -435,11 +626,12 @@ def render_markdown(payload: dict[str, Any]) -> str:
 
 
 def write_outputs(payload: dict[str, Any], json_path: Path) -> str:
-    """Writes the JSON (the record of truth) and the markdown page rendered from it; returns the page."""
+    """Writes the JSON (the record of truth), the plot and the markdown page rendered from them; returns the page."""
     json_path.parent.mkdir(parents=True, exist_ok=True)
     payload["json_name"] = json_path.name
     json_path.write_text(json.dumps(payload, indent=2) + "\n")
-    page = render_markdown(payload)
+    figure = plot_methods(payload["results"], payload["methods"], json_path.with_suffix(".png"))
+    page = render_markdown(payload, figure.name if figure else None)
     json_path.with_suffix(".md").write_text(page)
     return page
 

@@ -219,6 +219,22 @@ def block_influence(model: torch.nn.Module, tokenizer, conversations: list[list[
     return (total / tokens).float()
 
 
+def calibration_conversations(dataset, count: int = 32) -> list[list[dict[str, str]]]:
+    """``count`` conversations (``messages``) evenly spread over ``dataset``, to measure block influence on."""
+    step = max(1, len(dataset) // count)
+    return [dataset[i]["messages"] for i in range(0, len(dataset), step)][:count]
+
+
+def student_layers(teacher: torch.nn.Module, tokenizer, dataset, num_layers: int, selection: str) -> list[int]:
+    """The teacher layers a pruned student keeps: ``"influence"`` (highest block influence on ``dataset``, first and
+    last always kept) or ``"even"`` (evenly spaced)."""
+    if selection == "even":
+        return evenly_spaced_layers(num_layers, teacher.config.num_hidden_layers)
+    if selection != "influence":
+        raise ValueError(f"layer selection must be 'influence' or 'even', got {selection!r}.")
+    return influential_layers(block_influence(teacher, tokenizer, calibration_conversations(dataset)), num_layers)
+
+
 def influential_layers(influence: torch.Tensor, num_layers: int) -> list[int]:
     """The ``num_layers`` layers to keep: the first and the last always, then those of highest block influence."""
     total = len(influence)

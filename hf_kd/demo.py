@@ -91,24 +91,24 @@ def _side_by_side(heldout, results: dict[str, dict], count: int = 3, width: int 
     return "\n\n".join(blocks)
 
 
-def _student_layers(settings: DemoSettings, teacher, tokenizer, train) -> list[int]:
-    from .assets import block_influence, evenly_spaced_layers, influential_layers
+def bundled_teacher_cache(teacher, tokenizer, train, teacher_name: str, top_k: int, max_length: int) -> Path:
+    """The offline top-k cache of ``teacher`` over the bundled training data: built on first use, reused after
+    (one folder per teacher and k, under hf_kd's cache directory)."""
+    from . import cache_teacher
+    from .assets import REAL_MODELS, cache_root
 
-    total = teacher.config.num_hidden_layers
-    if settings.layer_selection == "even":
-        return evenly_spaced_layers(settings.student_layers, total)
-    if settings.layer_selection != "influence":
-        raise ValueError(f"layer_selection must be 'influence' or 'even', got {settings.layer_selection!r}.")
-    calibration = [train[i]["messages"] for i in range(0, len(train), max(1, len(train) // 32))][:32]
-    return influential_layers(block_influence(teacher, tokenizer, calibration), settings.student_layers)
+    # Name the teacher by its Hub origin (in the cache manifest and on the card), not by its local cache folder.
+    teacher.config._name_or_path = REAL_MODELS[teacher_name].hub_id
+    folder = cache_root().parent / "teacher-cache" / f"{teacher_name}-bundled-train-top{top_k}"
+    return cache_teacher(teacher, tokenizer, train, folder, top_k=top_k, max_length=max_length)
 
 
 def run_demo(settings: DemoSettings) -> dict[str, dict]:
     """Build the pair, evaluate, distill, evaluate again, save student + card; returns the results table."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import DistillationConfig, DistillationTrainer, cache_teacher, load_teacher_cache
-    from .assets import REAL_MODELS, cache_root, load_real_model, make_layer_pruned_student
+    from . import DistillationConfig, DistillationTrainer, load_teacher_cache
+    from .assets import REAL_MODELS, load_real_model, make_layer_pruned_student, student_layers
     from .bridge import bridge_class
     from .data import load_bundled_dataset
     from .evaluation import EvaluationCallback, evaluate_student
@@ -128,7 +128,7 @@ def run_demo(settings: DemoSettings) -> dict[str, dict]:
     source = AutoModelForCausalLM.from_pretrained(smollm, dtype=torch.float32)
     source_tok = AutoTokenizer.from_pretrained(smollm)
     train, heldout = load_bundled_dataset("train"), load_bundled_dataset("heldout")
-    keep = _student_layers(settings, source, source_tok, train)
+    keep = student_layers(source, source_tok, train, settings.student_layers, settings.layer_selection)
     num_layers = source.config.num_hidden_layers
     print(f"[2/6] Student: SmolLM2-135M-Instruct layers {keep} of {num_layers} ({settings.layer_selection})")
     student_init = make_layer_pruned_student(source, keep, out / "student-init", tokenizer=source_tok)
@@ -138,13 +138,12 @@ def run_demo(settings: DemoSettings) -> dict[str, dict]:
     same_vocab = settings.bridge is None
     kl_teacher = teacher if same_vocab else None
     train_data, train_teacher = train, teacher
-    # Name the teacher by its Hub origin (on the card and in the cache manifest), not by its local cache folder.
-    teacher.config._name_or_path = REAL_MODELS[teacher_name].hub_id
+    teacher.config._name_or_path = REAL_MODELS[teacher_name].hub_id  # its Hub origin on the card
     if settings.teacher_cache and same_vocab:
-        folder = cache_root().parent / "teacher-cache" / f"{teacher_name}-bundled-train-top{settings.cache_top_k}"
-        print(f"[3/6] Teacher cache: top-{settings.cache_top_k} distributions of the training data in {folder}")
-        cache_teacher(teacher, tokenizer, train, folder, top_k=settings.cache_top_k, max_length=settings.max_length)
-        train_data, train_teacher = load_teacher_cache(folder, teacher=teacher, top_k=settings.cache_top_k), None
+        print(f"[3/6] Teacher cache: top-{settings.cache_top_k} distributions of the training data")
+        top_k = settings.cache_top_k
+        folder = bundled_teacher_cache(teacher, tokenizer, train, teacher_name, top_k, settings.max_length)
+        train_data, train_teacher = load_teacher_cache(folder, teacher=teacher, top_k=top_k), None
     else:
         print("[3/6] No teacher cache: the teacher runs at every step")
 

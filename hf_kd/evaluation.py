@@ -121,7 +121,6 @@ def _conversation_ids(tokenizer, messages: Sequence[dict[str, str]]) -> tuple[li
     return prompt_ids + answer_ids, len(prompt_ids)
 
 
-@torch.no_grad()
 def token_kl(student, teacher, tokenizer, conversations: list[Sequence[dict[str, str]]], batch_size: int) -> float:
     """Mean over answer tokens of KL(teacher || student) in nats, fp32, on the reference conversations.
 
@@ -129,9 +128,20 @@ def token_kl(student, teacher, tokenizer, conversations: list[Sequence[dict[str,
     KL = sum_v p_t(v) (log p_t(v) - log p_s(v)) over the tokenizer's tokens v (rows a head is padded with are no
     token); the mean is over all such positions of all conversations.
     """
+    sums, counts = token_kl_per_conversation(student, teacher, tokenizer, conversations, batch_size)
+    return sum(sums) / max(sum(counts), 1)
+
+
+@torch.no_grad()
+def token_kl_per_conversation(
+    student, teacher, tokenizer, conversations: list[Sequence[dict[str, str]]], batch_size: int
+) -> tuple[list[float], list[int]]:
+    """Per conversation, the sum of :func:`token_kl`'s per-token KL over its answer tokens and their number (what
+    a bootstrap over conversations resamples)."""
     device = next(student.parameters()).device
     teacher_device = next(teacher.parameters()).device
-    total, count = 0.0, 0
+    sums: list[float] = []
+    counts: list[int] = []
     for start in range(0, len(conversations), batch_size):
         encoded = [_conversation_ids(tokenizer, c) for c in conversations[start : start + batch_size]]
         length = max(len(ids) for ids, _ in encoded)
@@ -153,9 +163,11 @@ def token_kl(student, teacher, tokenizer, conversations: list[Sequence[dict[str,
             )
         s_logp = F.log_softmax(s_logits[answer.to(device)][:, :vocab].float(), dim=-1)
         t_logp = F.log_softmax(t_logits[answer.to(teacher_device)][:, :vocab].float(), dim=-1).to(device)
-        total += (t_logp.exp() * (t_logp - s_logp)).sum().item()
-        count += int(answer.sum())
-    return total / max(count, 1)
+        per_token = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
+        rows = answer.sum(-1).tolist()  # answer positions per conversation, in row order
+        sums += [float(part.sum()) for part in per_token.split(rows)]
+        counts += rows
+    return sums, counts
 
 
 def evaluate_student(
@@ -167,6 +179,7 @@ def evaluate_student(
     batch_size: int = 8,
     max_samples: int | None = None,
     return_predictions: bool = False,
+    per_sample: bool = False,
 ) -> dict[str, Any]:
     """Score a model on held-out conversations (rows with ``messages`` ending in the reference answer).
 
@@ -176,7 +189,9 @@ def evaluate_student(
     answers whose first sentence equals the reference's), ``loop_rate`` (percentage of answers caught in a
     repetition loop, :func:`has_repetition_loop`), ``num_samples``, and with a teacher sharing the
     tokenizer, ``kl`` (mean per-token KL(teacher || student) on the references). ``predictions`` is added when
-    ``return_predictions`` is set. The model's train/eval mode is restored afterwards.
+    ``return_predictions`` is set; ``per_sample`` adds ``per_sample``: per conversation its ``rouge_l``,
+    ``exact_match`` (0/1), ``loop`` (0/1) and, with a teacher, ``kl_sum`` and ``kl_tokens`` (for bootstraps over
+    conversations). The model's train/eval mode is restored afterwards.
     """
     count = len(dataset) if max_samples is None else min(max_samples, len(dataset))
     conversations = [list(dataset[i]["messages"]) for i in range(count)]
@@ -190,19 +205,26 @@ def evaluate_student(
     try:
         answers = generate_answers(model, tokenizer, list(prompts), max_new_tokens, batch_size)
         predictions = [answer.text for answer in answers]
+        samples: dict[str, list] = {
+            "rouge_l": [rouge_l(p, r) for p, r in zip(predictions, references)],
+            "exact_match": [int(first_sentence(p) == first_sentence(r)) for p, r in zip(predictions, references)],
+            "loop": [int(has_repetition_loop(p)) for p in predictions],
+        }
         results: dict[str, Any] = {
-            "rouge_l": sum(rouge_l(p, r) for p, r in zip(predictions, references)) / len(references),
-            "exact_match": 100.0
-            * sum(first_sentence(p) == first_sentence(r) for p, r in zip(predictions, references))
-            / len(references),
-            "loop_rate": 100.0 * sum(map(has_repetition_loop, predictions)) / len(predictions),
+            "rouge_l": sum(samples["rouge_l"]) / len(references),
+            "exact_match": 100.0 * sum(samples["exact_match"]) / len(references),
+            "loop_rate": 100.0 * sum(samples["loop"]) / len(predictions),
             "num_samples": len(references),
         }
         if teacher is not None:
             teacher_was_training = teacher.training
             teacher.eval()
-            results["kl"] = token_kl(model, teacher, tokenizer, conversations, batch_size)
+            sums, counts = token_kl_per_conversation(model, teacher, tokenizer, conversations, batch_size)
+            samples |= {"kl_sum": sums, "kl_tokens": counts}
+            results["kl"] = sum(sums) / max(sum(counts), 1)
             teacher.train(teacher_was_training)
+        if per_sample:
+            results["per_sample"] = samples
     finally:
         model.train(was_training)
     if return_predictions:

@@ -119,6 +119,12 @@ def test_token_kl_matches_reference_and_is_zero_for_identical_models(tokenizer):
     assert evaluate_student(student, tokenizer, data, teacher=student, max_new_tokens=4)["kl"] == pytest.approx(
         0.0, abs=1e-6
     )
+    # Per conversation: the reference's own sum and token count, in the dataset's order, at any batch size.
+    got = evaluate_student(student, tokenizer, data, teacher=teacher, max_new_tokens=4, batch_size=3, per_sample=True)
+    assert got["per_sample"]["kl_tokens"] == list(counts)
+    assert got["per_sample"]["kl_sum"] == pytest.approx(list(sums), rel=1e-5)
+    assert len(got["per_sample"]["rouge_l"]) == len(convs)
+    assert sum(got["per_sample"]["rouge_l"]) / len(convs) == pytest.approx(got["rouge_l"])
 
 
 def test_kl_refuses_different_vocabularies(tokenizer):

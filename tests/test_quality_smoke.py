@@ -13,7 +13,19 @@ from conftest import make_conversations, make_model, make_tokenizer
 from datasets import Dataset
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
-TINY_METHODS = ["teacher", "student-init", "sft", "trl-gkd", "jsd", "akl", "bild", "mgsr", "dskd", "dskd-cma"]
+TINY_METHODS = [
+    "teacher",
+    "student-init",
+    "sft",
+    "fkl-live",
+    "trl-gkd",
+    "jsd",
+    "akl",
+    "bild",
+    "mgsr",
+    "dskd",
+    "dskd-cma",
+]
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +57,7 @@ def tiny_budget(quality):
         mgsr_lmbda=1.0,  # every MGSR step generates, so SCRG runs
         seeds=1,
         eval_batch=2,
+        cache_top_k=8,
     )
 
 
@@ -68,6 +81,7 @@ def test_run_method_fields(quality, method, tmp_path):
         budget=tiny_budget(quality),
         output_dir=str(tmp_path / method),
         config_overrides={"loss_kwargs": {"dac_kl_hidden": 8}} if method == "mgsr" else {},
+        cache_dir=str(tmp_path / "teacher-cache"),
     )
     assert quality.RunSpec.from_dict(json.loads(json.dumps(dataclasses.asdict(spec)))) == spec
     train = Dataset.from_list(make_conversations(8, seed=0))
@@ -79,10 +93,12 @@ def test_run_method_fields(quality, method, tmp_path):
     assert record["num_samples"] == 4 and record["eval_s"] > 0 and record["eval_cpu_s"] > 0
     assert record["mean_answer_words"] >= 0 and 0 <= record["empty_answers_pct"] <= 100
     assert len(record["predictions"]) == 4 and all(isinstance(x, str) for x in record["predictions"])
-    assert record["rouge_l_se"] >= 0
+    assert len(record["per_sample"]["rouge_l"]) == 4 and 0 <= record["loop_rate"] <= 100
     trained = quality.METHODS[method].trainer is not None
     evaluates_teacher = quality.METHODS[method].evaluates == "teacher"
-    assert ("kl" in record) == (not evaluates_teacher)
+    assert record["teacher_cache"] == (method in ("sft", "fkl", "rkl", "jsd", "akl"))
+    assert record["teacher_cache"] == (tmp_path / "teacher-cache" / "teacher_cache.json").is_file()
+    assert ("kl" in record) == (not evaluates_teacher) == ("kl_sum" in record["per_sample"])
     if "kl" in record:
         assert record["kl"] >= 0
     assert ("train_s" in record) == trained
@@ -95,30 +111,34 @@ def test_run_method_fields(quality, method, tmp_path):
         assert any(key.startswith("scrg/") for key in record["last_logged"])
 
 
+def _record(method: str, seed: int, rouge: list[float], kl: list[float] | None = None, **more) -> dict:
+    """A finished run's record with per-prompt scores (each prompt's KL over 2 answer tokens)."""
+    sample = {"rouge_l": rouge, "exact_match": [0] * len(rouge), "loop": [0] * len(rouge)}
+    record = {"method": method, "seed": seed, "lmbda": 0.0, "num_samples": len(rouge), "per_sample": sample}
+    record |= {"rouge_l": sum(rouge) / len(rouge), "exact_match": 0.0, "loop_rate": 0.0}
+    if kl is not None:
+        sample |= {"kl_sum": [2 * x for x in kl], "kl_tokens": [2] * len(kl)}
+        record["kl"] = sum(kl) / len(kl)
+    return record | more
+
+
+def test_bootstrap_intervals_contain_the_point_and_shrink_to_it_without_spread(quality):
+    same = [_record("fkl", s, [10.0, 20.0, 30.0, 40.0], [1.0, 1.0, 1.0, 1.0]) for s in range(2)]
+    point, low, high = quality.bootstrap([same], "rouge_l")
+    assert point == 25.0 and 10.0 <= low < point < high <= 40.0
+    assert quality.bootstrap([same], "kl") == (1.0, 1.0, 1.0)  # no spread over prompts or seeds
+    shifted = [_record("akl", s, [15.0, 25.0, 35.0, 45.0], [0.5] * 4) for s in range(2)]
+    assert quality.bootstrap([shifted, same], "rouge_l", sign=(1, -1)) == (5.0, 5.0, 5.0)  # paired over prompts
+
+
 def test_page_renders_from_records(quality, tmp_path):
     budget = tiny_budget(quality)
     records = [
-        {"method": "teacher", "seed": 0, "lmbda": 0.0, "rouge_l": 80.0, "exact_match": 50.0, "num_samples": 4},
-        {
-            "method": "akl",
-            "seed": 0,
-            "lmbda": 0.0,
-            "rouge_l": 20.0,
-            "exact_match": 5.0,
-            "kl": 1.5,
-            "train_s": 3.0,
-            "train_cpu_s": 6.0,
-        },
-        {
-            "method": "akl",
-            "seed": 1,
-            "lmbda": 0.0,
-            "rouge_l": 22.0,
-            "exact_match": 7.0,
-            "kl": 1.3,
-            "train_s": 3.2,
-            "train_cpu_s": 6.0,
-        },
+        _record("teacher", 0, [80.0, 70.0, 90.0, 60.0]),
+        _record("fkl", 0, [10.0, 20.0, 30.0, 20.0], [1.0, 1.2, 0.8, 1.0], teacher_cache=True, train_s=3.0),
+        _record("fkl", 1, [12.0, 18.0, 30.0, 20.0], [1.1, 1.2, 0.9, 1.0], teacher_cache=True, train_s=3.2),
+        _record("fkl-live", 0, [11.0, 20.0, 29.0, 20.0], [1.0, 1.2, 0.8, 1.1], train_s=5.0),
+        _record("akl", 0, [30.0, 40.0, 50.0, 40.0], [0.5, 0.6, 0.4, 0.5], teacher_cache=True, train_s=3.0),
         {"method": "bild", "seed": 0, "error": "exit 1: boom"},
     ]
     payload = {
@@ -134,10 +154,12 @@ def test_page_renders_from_records(quality, tmp_path):
     }
     page = quality.write_outputs(payload, tmp_path / "quality_tiny.json")
     assert (tmp_path / "quality_tiny.md").read_text() == page
-    assert (
-        "| akl | kd_loss=akl, mu 0.5 | 0 | 2 | 21.00 ± 1.41 | - | 6.0 ± 1.4 | 1.400 ± 0.141 | - | 3 ± 0 | 6 ± 0 |"
-        in page
-    )
+    assert (tmp_path / "quality_tiny.png").stat().st_size > 0 and "![Rouge-L and KL" in page
+    fkl_row = next(line for line in page.splitlines() if line.startswith("| fkl |"))
+    assert "| cache | 0 | 2 | 20.00 [" in fkl_row and "| 3 |" in fkl_row
     assert "| teacher |" in page and "error: exit 1: boom" in page
-    assert "lmbda = 0 for every distillation row" in page and "Observed on this run only." in page
+    claims = {line.split(" | ")[0]: line for line in page.splitlines() if "over FKL" in line or "cache vs" in line}
+    assert claims["| AKL over FKL (AKL paper)"].endswith("| reproduces |")
+    assert claims["| teacher cache vs live teacher, fkl (should agree)"].endswith("| agree |")
+    assert "Observed on this run only." in page
     assert json.loads((tmp_path / "quality_tiny.json").read_text())["results"] == records
