@@ -110,9 +110,63 @@ def load_sharded_checkpoint(
     set_state_dict(root, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
+HELPER_OPTIMIZER_FILE = "hf_kd_helper_optimizer.pt"
+
+
+def _to_param(param: torch.Tensor, state: dict | None) -> dict | None:
+    """Loaded optimizer state on its parameter's device (``step`` stays where torch keeps it: on the CPU)."""
+    if state is None:
+        return None
+    return {k: v if k == "step" or not torch.is_tensor(v) else v.to(param.device) for k, v in state.items()}
+
+
+@contextlib.contextmanager
+def helper_optimizer_state_aside(
+    optimizer: torch.optim.Optimizer, helper_params: list[torch.Tensor], folder: str, save: bool
+) -> Iterator[None]:
+    """Within the block the optimizer holds the student's parameter groups only; the helper modules' groups and
+    state are written to (``save``) or read from ``folder``/``HELPER_OPTIMIZER_FILE``, then put back.
+
+    accelerate's FSDP optimizer checkpoint (`save_fsdp_optimizer` / `load_fsdp_optimizer`, torch's
+    `get_optimizer_state_dict(model, optimizer)`) names every optimizer parameter by the student's parameter names
+    and fails (KeyError) on the helper modules' parameters, which live outside the student. The helpers are
+    replicated on every rank, so their optimizer state is one small file written by rank 0.
+    """
+    ids = {id(p) for p in helper_params}
+    positions = [i for i, g in enumerate(optimizer.param_groups) if any(id(p) in ids for p in g["params"])]
+    groups = [optimizer.param_groups[i] for i in positions]
+    if any(id(p) not in ids for g in groups for p in g["params"]):
+        raise ValueError("A parameter group mixes helper-module and student parameters; give helpers their own.")
+    params = [p for g in groups for p in g["params"]]
+    state = [optimizer.state.pop(p, None) for p in params]
+    for i in reversed(positions):
+        del optimizer.param_groups[i]
+    path = f"{folder}/{HELPER_OPTIMIZER_FILE}"
+    try:
+        yield
+        if save:
+            rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+            if rank0:
+                settings = [{k: v for k, v in g.items() if k != "params"} for g in groups]
+                torch.save({"param_groups": settings, "state": state}, path)
+        elif params:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            for group, settings in zip(groups, saved["param_groups"]):
+                group.update(settings)
+            state = [_to_param(p, s) for p, s in zip(params, saved["state"])]
+    finally:
+        for i, group in sorted(zip(positions, groups), key=lambda pair: pair[0]):
+            optimizer.param_groups.insert(i, group)
+        for p, s in zip(params, state):
+            if s is not None:
+                optimizer.state[p] = s
+
+
 __all__ = [
+    "HELPER_OPTIMIZER_FILE",
     "full_tensor",
     "gathered",
+    "helper_optimizer_state_aside",
     "is_zero3_parameter",
     "load_sharded_checkpoint",
     "save_sharded_checkpoint",

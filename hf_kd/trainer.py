@@ -8,6 +8,7 @@ From a teacher cache there is no rollout and no teacher forward: the teacher row
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from pathlib import Path
@@ -33,7 +34,7 @@ from .losses import DistillationLoss, build_loss
 from .losses.core import LogitSource
 from .model_loading import init_kwargs
 from .rollout import GeneratedBatch, GenerationCallback, GenerationContext
-from .sharding import gathered
+from .sharding import gathered, helper_optimizer_state_aside
 from .teacher_cache import TeacherCacheCollator, TopKReconstruction, cache_manifest
 from .teacher_cache.run_checks import check_cache_matches_run, check_config_for_cache
 from .validation import (
@@ -523,6 +524,23 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
                 for key, value in module.state_dict().items()
             }
             save_file(tensors, str(target / MODULES_FILE))
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Trainer's save; under FSDP the helper modules' optimizer state goes to a file of its own (see
+        `hf_kd.sharding.helper_optimizer_state_aside`: accelerate's FSDP optimizer checkpoint knows the student's
+        parameters only)."""
+        with self._fsdp_helper_state(output_dir, save=True):
+            super()._save_optimizer_and_scheduler(output_dir)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        with self._fsdp_helper_state(checkpoint, save=False):
+            super()._load_optimizer_and_scheduler(checkpoint)
+
+    def _fsdp_helper_state(self, folder: str | None, save: bool):
+        helpers = [p for m in self.distillation_modules().values() for p in m.parameters()]
+        if folder is None or not (self.is_fsdp_enabled and helpers) or self.optimizer is None:
+            return contextlib.nullcontext()
+        return helper_optimizer_state_aside(self.optimizer, helpers, folder, save)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)

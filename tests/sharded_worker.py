@@ -33,7 +33,7 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
 from hf_kd import DistillationTrainer  # noqa: E402
-from hf_kd.sharding import load_sharded_checkpoint, save_sharded_checkpoint  # noqa: E402
+from hf_kd.sharding import HELPER_OPTIMIZER_FILE, load_sharded_checkpoint, save_sharded_checkpoint  # noqa: E402
 
 SCENARIOS = {
     # name: (trainer config, student has tied embeddings, root reshard_after_forward, cross vocabulary)
@@ -177,6 +177,59 @@ def checkpoint_round_trip(trainer: DistillationTrainer, data: list[dict], out: P
     return record
 
 
+def as_fsdp2_trainer(trainer: DistillationTrainer) -> None:
+    """Tell the trainer (and accelerate) that it runs under FSDP2, as `accelerate launch` with `fsdp_version: 2`
+    does on GPUs (on CPU accelerate does not shard: the models were sharded by hand), and give it an optimizer
+    holding student and helper parameters, as `create_optimizer` builds it."""
+    from accelerate import FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type="SHARDED_STATE_DICT")
+    trainer.accelerator.state.fsdp_plugin = plugin
+    trainer.is_fsdp_enabled = True
+    trainer.optimizer = make_optimizer(trainer)
+    trainer.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda _: 1.0)
+
+
+def trainer_checkpoint_round_trip(trainer: DistillationTrainer, data: list[dict], out: Path, rank: int) -> dict:
+    """The Trainer's own FSDP2 checkpoint of model and optimizer (accelerate's `save_fsdp_model` and
+    `save_fsdp_optimizer`) with helper-module parameters in the optimizer: save after a step, resume into a fresh
+    sharded trainer, and compare the next step with the uninterrupted one."""
+    from accelerate.utils import load_fsdp_model
+    from transformers import Trainer
+
+    as_fsdp2_trainer(trainer)
+    step(trainer, trainer.optimizer, data[rank])
+    record = {}
+    try:  # transformers' own method, without hf_kd's handling of the helpers
+        Trainer._save_optimizer_and_scheduler(trainer, str(out / "plain"))
+        record["plain_save_error"] = None
+    except Exception as error:  # noqa: BLE001  (recorded for the test to assert on)
+        record["plain_save_error"] = type(error).__name__
+    folder = str(out / "trainer-checkpoint")
+    trainer._save_optimizer_and_scheduler(folder)
+    saved = full_state(trainer)
+    uninterrupted = step(trainer, trainer.optimizer, data[1 - rank])
+
+    resumed = build(CHECKPOINT_SCENARIO, out / "trainer-resumed")
+    shard(resumed, CHECKPOINT_SCENARIO)
+    as_fsdp2_trainer(resumed)
+    load_fsdp_model(resumed.accelerator.state.fsdp_plugin, resumed.accelerator, resumed.model, folder)
+    with torch.no_grad():  # helper weights travel in the model folder's hf_kd modules file, not tested here
+        for name, param in helpers(resumed).items():
+            param.copy_(saved[name])
+    resumed._load_optimizer_and_scheduler(folder)
+    restored = full_state(resumed)
+    resumed_loss = step(resumed, resumed.optimizer, data[1 - rank])
+    after, after_resumed = full_state(trainer), full_state(resumed)
+    return record | {
+        "restored_max_diff": max((restored[k] - saved[k]).abs().max().item() for k in saved),
+        "uninterrupted_loss": uninterrupted,
+        "resumed_loss": resumed_loss,
+        "after_step_max_diff": max((after[k] - after_resumed[k]).abs().max().item() for k in after),
+        "helper_state_file": (Path(folder) / HELPER_OPTIMIZER_FILE).is_file(),
+    }
+
+
 def digest(state: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for key in sorted(state):
@@ -230,6 +283,7 @@ def main() -> None:
         zero_grads(trainer)
         if name == CHECKPOINT_SCENARIO:
             record["checkpoint"] = checkpoint_round_trip(trainer, data, out / name, rank)
+            record["trainer_checkpoint"] = trainer_checkpoint_round_trip(trainer, data, out / name, rank)
         (out / f"{name}.rank{rank}.json").write_text(json.dumps(record, indent=1))
         dist.barrier()
 

@@ -66,6 +66,19 @@ def test_sharded_checkpoint_resumes_exactly(sharded_run):
         assert checkpoint["after_step_max_diff"] == 0.0
 
 
+def test_trainer_fsdp2_checkpoint_with_helpers_in_the_optimizer_resumes_exactly(sharded_run):
+    """The Trainer's own FSDP2 checkpoint (accelerate's save_fsdp_model/save_fsdp_optimizer): transformers' method
+    alone fails on the helper parameters in the optimizer (KeyError); hf_kd's sets their state aside in a file of its
+    own, and a fresh sharded trainer resumes to the same next step."""
+    for record in records(sharded_run, "dskd_cross_vocab"):
+        checkpoint = record["trainer_checkpoint"]
+        assert checkpoint["plain_save_error"] == "KeyError"
+        assert checkpoint["helper_state_file"]
+        assert checkpoint["restored_max_diff"] == 0.0
+        assert checkpoint["resumed_loss"] == checkpoint["uninterrupted_loss"]
+        assert checkpoint["after_step_max_diff"] == 0.0
+
+
 def test_final_student_is_a_plain_hugging_face_folder(sharded_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
