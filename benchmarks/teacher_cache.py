@@ -11,13 +11,13 @@ On the real SmolLM2-135M-Instruct teacher and the bundled conversations (hf_kd/d
 3. speed: one training step of the same recipe (fkl, off-policy, fused loss) with the live teacher and from
    the cache, for SmolLM2-135M-Instruct -> its 10-layer student; each in a fresh process, so its peak resident
    memory is its own.
-4. quality (``--quality``): the student trained from a top-k cache with the cpu budget of
-   benchmarks/quality.py (row ``fkl``), scored the same way; the live-teacher row is run alongside.
+
+The quality of students trained from the cache and from the live teacher, with seeds and intervals, is measured
+by benchmarks/quality.py (rows ``fkl`` and ``fkl-live``).
 
 Usage::
 
-    python benchmarks/teacher_cache.py                       # 1-3, a few minutes on 2 CPU cores
-    python benchmarks/teacher_cache.py --quality             # and 4 (two training runs, ~15 min on CPU)
+    python benchmarks/teacher_cache.py                       # a few minutes on 2 CPU cores
 
 Results: ``benchmarks/results/teacher_cache.json`` and ``.md``.
 """
@@ -217,40 +217,6 @@ def speed(cache_dir: Path, workdir: Path, steps: int, batch: int, max_length: in
     return results
 
 
-def quality(workdir: Path, threads: int) -> list[dict[str, Any]]:
-    """The ``fkl`` row of benchmarks/quality.py's cpu budget, from the live teacher and from a top-k cache."""
-    import quality as q
-
-    from hf_kd import cache_teacher, load_teacher_cache
-    from hf_kd.data import load_bundled_dataset
-
-    budget = q.BUDGETS["cpu"]
-    records = []
-    for source in ("live", "cache"):
-        spec = q.RunSpec(method="fkl", seed=0, budget=budget, threads=threads)
-        pair = q.load_real_pair(spec)
-        train = load_bundled_dataset("train")
-        if source == "cache":
-            k, dtype = DEFAULT_SETTING
-            folder = workdir / "quality-cache"
-            cache_teacher(
-                pair.teacher,
-                pair.tokenizer,
-                train,
-                folder,
-                top_k=k,
-                value_dtype=dtype,
-                max_length=budget.max_length,
-                progress=False,
-            )
-            train = load_teacher_cache(folder)
-            pair = q.Pair(pair.student, pair.tokenizer, None, pair.kl_teacher)
-        record = q.run_method(spec, pair, train, load_bundled_dataset("heldout"))
-        record.pop("predictions")
-        records.append({"source": source, **record})
-    return records
-
-
 def render(results: dict[str, Any]) -> str:
     lines = [
         "# Teacher cache: bytes, fidelity, speed",
@@ -306,13 +272,6 @@ def render(results: dict[str, Any]) -> str:
             f"| {r['mode']} | {r['step_seconds_mean']:.2f} | {r['steps_measured']} | {r['peak_rss_mib']:.0f} | "
             f"{r['threads']} |"
         )
-    if results.get("quality"):
-        lines += ["", "## Quality: the `fkl` row of benchmarks/quality.py (cpu budget, seed 0)", ""]
-        lines += ["| teacher | Rouge-L | ± SE | KL(teacher‖student) | train s |", "|---|---|---|---|---|"]
-        for r in results["quality"]:
-            lines.append(
-                f"| {r['source']} | {r['rouge_l']:.2f} | {r['rouge_l_se']:.2f} | {r['kl']:.3f} | {r['train_s']:.0f} |"
-            )
     return "\n".join(lines) + "\n"
 
 
@@ -324,7 +283,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="Training steps per speed run (the first is warm-up).")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--quality", action="store_true")
     parser.add_argument(
         "--only", choices=("fidelity",), help="Re-measure one part and update the existing results JSON."
     )
@@ -367,9 +325,6 @@ def main() -> None:
     default = next(r for r in results["disk"] if (r["top_k"], r["value_dtype"]) == DEFAULT_SETTING)
     results["speed"] = speed(workdir / default["folder"], workdir, args.steps, args.batch, args.max_length)
     save()
-    if args.quality:
-        results["quality"] = quality(workdir, args.threads)
-        save()
     out.with_suffix(".md").write_text(render(results))
     print(out.with_suffix(".md").read_text())
 
