@@ -13,36 +13,22 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 
-from ..knobs import check_knobs
+from ..registry import Registry
 
 BridgeClass = TypeVar("BridgeClass", bound=type)
 
-BRIDGE_REGISTRY: dict[str, type] = {}
-
-_DECLARED = ("paper", "knobs", "lr_knob", "cross_vocabulary", "default_temperature")
+BRIDGE_REGISTRY = Registry(
+    "bridge",
+    declared=("paper", "knobs", "lr_knob", "cross_vocabulary", "default_temperature"),
+    unknown_hint="Use None or one of:",
+)
 
 
 def register_bridge(name: str) -> Callable[[BridgeClass], BridgeClass]:
     """Class decorator: make a bridge available as ``DistillationConfig(bridge=name)``."""
-
-    def decorate(cls: BridgeClass) -> BridgeClass:
-        if name in BRIDGE_REGISTRY and BRIDGE_REGISTRY[name] is not cls:
-            raise ValueError(f"A bridge named '{name}' is already registered ({BRIDGE_REGISTRY[name].__name__}).")
-        missing = [attr for attr in _DECLARED if not hasattr(cls, attr)]
-        if missing:
-            raise ValueError(f"Bridge '{name}' ({cls.__name__}) must declare {missing}.")
-        check_knobs(cls)
-        cls.name = name
-        BRIDGE_REGISTRY[name] = cls
-        return cls
-
-    return decorate
+    return BRIDGE_REGISTRY.register(name)
 
 
 def bridge_class(name: str) -> type:
     """The bridge class registered under ``name``; unknown names list the known ones."""
-    try:
-        return BRIDGE_REGISTRY[name]
-    except KeyError:
-        known = ", ".join(sorted(BRIDGE_REGISTRY))
-        raise ValueError(f"Unknown bridge '{name}': use None or one of: {known}.") from None
+    return BRIDGE_REGISTRY.lookup(name)
