@@ -24,6 +24,7 @@ Usage::
     python benchmarks/quality.py --budget cpu                         # every row, 3 seeds (hours on 2 CPU cores)
     python benchmarks/quality.py --budget cpu --methods fkl fkl-live  # a subset
     python benchmarks/quality.py --budget cpu --resume                # run only the (row, seed) pairs missing
+    python benchmarks/quality.py --budget cpu --resume --max-runs 2   # ... two of them, in --methods order
     python benchmarks/quality.py --render benchmarks/results/quality_cpu.json --commentary notes.md
 
 Results: ``benchmarks/results/quality_<budget>.json``, ``.md`` and ``.png``.
@@ -648,6 +649,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per run")
     parser.add_argument("--out", type=Path, help="results JSON (default: benchmarks/results/quality_<budget>.json)")
     parser.add_argument("--resume", action="store_true", help="keep the JSON's finished runs, run only the rest")
+    parser.add_argument("--max-runs", type=int, help="stop after this many new runs (the rest resume later)")
     parser.add_argument("--render", type=Path, help="only rewrite the markdown page of this results JSON")
     parser.add_argument("--commentary", type=Path, help="with --render: store this text as the findings section")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -694,18 +696,21 @@ def main(argv: list[str] | None = None) -> None:
         payload["results"] = [r for r in payload["results"] if "error" not in r]
         payload["commands"].append(command)
     done = {(r["method"], r["seed"]) for r in payload["results"]}
-    for seed in range(budget.seeds):
-        for name in args.methods:
-            if (name, seed) in done or (METHODS[name].trainer is None and seed > 0):
-                continue  # evaluation-only rows are deterministic: one seed suffices
-            spec = RunSpec(method=name, seed=seed, budget=budget, threads=args.threads)
-            started = time.perf_counter()
-            record = run_in_subprocess(spec, args.timeout)
-            payload["wall_s"] += time.perf_counter() - started
-            payload["results"].append(record)
-            status = record.get("error") or f"Rouge-L {record['rouge_l']:.2f}, KL {record.get('kl', float('nan')):.3f}"
-            print(f"[{time.perf_counter() - started:6.0f} s] {name} seed {seed}: {status}", flush=True)
-            write_outputs(payload, json_path)
+    todo = [
+        (seed, name)
+        for seed in range(budget.seeds)
+        for name in args.methods
+        if (name, seed) not in done and not (METHODS[name].trainer is None and seed > 0)  # eval-only: one seed
+    ]
+    for seed, name in todo[: args.max_runs]:
+        spec = RunSpec(method=name, seed=seed, budget=budget, threads=args.threads)
+        started = time.perf_counter()
+        record = run_in_subprocess(spec, args.timeout)
+        payload["wall_s"] += time.perf_counter() - started
+        payload["results"].append(record)
+        write_outputs(payload, json_path)
+        status = record.get("error") or f"Rouge-L {record['rouge_l']:.2f}, KL {record.get('kl', float('nan')):.3f}"
+        print(f"[{time.perf_counter() - started:6.0f} s] {name} seed {seed}: {status}", flush=True)
     print(write_outputs(payload, json_path))
 
 
