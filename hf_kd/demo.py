@@ -79,7 +79,7 @@ def _table(rows: dict[str, dict]) -> str:
 def _side_by_side(heldout, results: dict[str, dict], count: int = 3, width: int = 300) -> str:
     """The first ``count`` held-out prompts with the teacher's reference and each model's answer."""
     blocks = []
-    for i in range(count):
+    for i in range(min(count, len(results["student after"]["predictions"]))):
         messages = heldout[i]["messages"]
         lines = [
             f"### Prompt: {messages[-2]['content'][:width]}",
