@@ -11,13 +11,13 @@ KL(SmolLM2 teacher || student) on the references. The teacher and the untrained 
 Intervals: 95% bootstrap over held-out prompts and seeds (the same prompts for every row); each comparison of two
 rows (the papers' claims) is a paired bootstrap of the difference, resampling prompts jointly.
 
-Rows: SFT on the references, FKL (from the cache and from the live teacher: the cache's fidelity at equal
-budget), RKL, hf_kd's jsd and TRL's own GKDTrainer (off-policy, the external baseline), GKD on-policy
-(jsd, lmbda 0.5), AKL, BiLD as its official trainer runs it (bild + prompt-position FKL), MGSR
-(ce+dac_kl+span with SCRG on student generations), DSKD with the same vocabulary, and DSKD-CMA with
-Gemma-3-270m as the teacher (different vocabulary). Each run is a fresh subprocess with freshly loaded models; its
-record (every answer and per-prompt score included) is appended to the JSON as soon as it finishes, so the
-benchmark resumes across sessions; the markdown page and the plot are rewritten from the JSON.
+Rows: SFT on the references, FKL (from the cache with a flat or a student-shaped tail, and from the live
+teacher: the cache's fidelity at equal budget), RKL, hf_kd's jsd and TRL's own GKDTrainer (off-policy, the
+external baseline), GKD on-policy (jsd, lmbda 0.5), AKL, BiLD as its official trainer runs it (bild +
+prompt-position FKL), MGSR (ce+dac_kl+span with SCRG on student generations), DSKD with the same vocabulary, and
+DSKD-CMA with Gemma-3-270m as the teacher (different vocabulary). Each run is a fresh subprocess with freshly
+loaded models; its record (every answer and per-prompt score included) is appended to the JSON as soon as it
+finishes, so the benchmark resumes across sessions; the markdown page and the plot are rewritten from the JSON.
 
 Usage::
 
@@ -136,6 +136,12 @@ METHODS: dict[str, Method] = {
     "sft": Method("kd_loss=ce (SFT on the references)", kd_loss="ce", lmbda="none", teacher_cache=True),
     "fkl": Method("kd_loss=fkl, teacher cache", kd_loss="fkl", teacher_cache=True),
     "fkl-live": Method("kd_loss=fkl, live teacher", kd_loss="fkl"),
+    "fkl-tail": Method(
+        "kd_loss=fkl, teacher cache, student-shaped tail (top-k + tail bucket)",
+        kd_loss="fkl",
+        teacher_cache=True,
+        config={"teacher_cache_tail": "student"},
+    ),
     "rkl": Method("kd_loss=rkl, teacher cache", kd_loss="rkl", teacher_cache=True),
     "jsd": Method("kd_loss=jsd, beta 0.5, teacher cache", kd_loss="jsd", teacher_cache=True),
     "trl-gkd": Method("TRL GKDTrainer, beta 0.5", trainer="trl"),
@@ -396,6 +402,7 @@ CLAIMS = [
     ("on-policy GKD over off-policy GKD (GKD paper)", "gkd-onpolicy", "jsd"),
     ("hf_kd jsd vs TRL GKDTrainer, same objective (should agree)", "jsd", "trl-gkd"),
     ("teacher cache vs live teacher, fkl (should agree)", "fkl", "fkl-live"),
+    ("cache with a tail bucket vs live teacher, fkl (should agree)", "fkl-tail", "fkl-live"),
 ]
 
 

@@ -18,6 +18,7 @@ from .bridge import BRIDGE_REGISTRY, bridge_class
 from .knobs import knob_fields
 from .losses import LOSS_REGISTRY, parse_recipe
 from .losses.registry import loss_class
+from .teacher_cache.encoding import TAIL_SHAPES
 
 
 def _default_temperatures() -> str:
@@ -88,6 +89,14 @@ class DistillationConfig(MethodKnobs, GKDConfig):
             + "; a cross-vocabulary bridge is required when the vocabularies differ (with `teacher_processing_class`)."
         },
     )
+    teacher_cache_tail: str = field(
+        default="flat",
+        metadata={
+            "help": "Training from a teacher cache: how the teacher's mass outside its cached top-k is spread over "
+            "the other tokens. 'flat': evenly; 'student': like the student's own tail, which makes every term the "
+            "divergence between top-k + one tail bucket (hf_kd.teacher_cache.encoding)."
+        },
+    )
     scrg_corrections: int = field(
         default=0,
         metadata={
@@ -113,6 +122,8 @@ class DistillationConfig(MethodKnobs, GKDConfig):
             self.dataloader_pin_memory = False
         if self.bridge is not None:
             bridge_class(self.bridge)  # unknown names fail here, listing the known ones
+        if self.teacher_cache_tail not in TAIL_SHAPES:
+            raise ValueError(f"teacher_cache_tail must be one of {TAIL_SHAPES}, got {self.teacher_cache_tail!r}.")
         if self.scrg_corrections < 0:
             raise ValueError(f"scrg_corrections must be >= 0, got {self.scrg_corrections}.")
         super().__post_init__()

@@ -198,7 +198,7 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
             check_cache_matches_run(self.teacher_cache, self.model, processing_class, list(self.loss_fn.terms))
             encoding = self.teacher_cache["encoding"]
             self.cache_reconstruction = TopKReconstruction(
-                encoding["vocab_size"], encoding["top_k"], self.teacher_cache["temperature"]
+                encoding["vocab_size"], encoding["top_k"], self.teacher_cache["temperature"], args.teacher_cache_tail
             )
         self._reference_loss, self._generated_loss = self._split_reference_terms()
         self.bridge = None

@@ -93,6 +93,49 @@ def test_cache_with_k_equal_vocabulary_gives_the_live_loss_and_gradients(term, t
     torch.testing.assert_close(cached_grad, live_grad, rtol=1e-4, atol=1e-7)
 
 
+def _bucketed(logits: torch.Tensor, top_ids: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of the (k + 1)-bucket distribution: the top-k entries, then all other tokens as one."""
+    logp = torch.log_softmax(logits, -1)
+    top = logp.gather(-1, top_ids)
+    tail = torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-12))
+    return torch.cat([top, tail.unsqueeze(-1)], -1)
+
+
+@pytest.mark.parametrize("term", ["fkl", "rkl", "jsd"])
+def test_student_shaped_tail_is_the_divergence_between_top_k_plus_tail_buckets(term):
+    """tail='student': value and gradient equal the divergence between the teacher's and the student's top-k +
+    one-tail-bucket distributions (what the student is taught is the top-k and the tail's total mass)."""
+    s, t, labels = random_logits(5, 6, 30)
+    rows, _ = cached_rows(t, 6)
+    head = TopKReconstruction(30, 6, tail="student")
+    s = s.float()
+    cached, cached_grad = loss_and_grad(term, s, LogitSource(rows, head), labels, {})
+    top_ids = t.topk(6, -1).indices
+    x = s.double().requires_grad_(True)
+    log_p, log_q = _bucketed(t, top_ids), _bucketed(x, top_ids)
+    if term == "fkl":
+        per_token = (log_p.exp() * (log_p - log_q)).sum(-1)
+    elif term == "rkl":
+        per_token = (log_q.exp() * (log_q - log_p)).sum(-1)
+    else:
+        log_m = torch.logaddexp(log_p, log_q) - math.log(2)
+        per_token = 0.5 * (log_p.exp() * (log_p - log_m)).sum(-1) + 0.5 * (log_q.exp() * (log_q - log_m)).sum(-1)
+    mask = labels != -100
+    reference = per_token[mask].sum() / mask.sum()
+    reference.backward()
+    torch.testing.assert_close(cached.double(), reference, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(cached_grad.double(), x.grad, rtol=1e-4, atol=1e-7)
+    flat, _ = loss_and_grad(term, s, LogitSource(rows, TopKReconstruction(30, 6)), labels, {})
+    assert not torch.isclose(flat, cached)  # the flat tail is another target
+
+
+def test_trainer_trains_from_a_cache_with_the_student_shaped_tail(tmp_path, tokenizer, cache_dir):
+    trainer = _trainer(tmp_path, tokenizer, load_teacher_cache(cache_dir), kd_loss="fkl", teacher_cache_tail="student")
+    assert trainer.cache_reconstruction.tail == "student"
+    trainer.train()
+    assert all(math.isfinite(e["loss"]) for e in trainer.state.log_history if "loss" in e)
+
+
 @pytest.mark.parametrize("value_dtype", ["uint8", "float16"])
 def test_small_k_forward_kl_gradient_error_is_bounded_by_the_reconstruction_kl(value_dtype):
     """d FKL / d student logits = q - p per token, so the cached gradient differs from the live one by p_hat - p,

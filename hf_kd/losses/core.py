@@ -309,10 +309,8 @@ class LossEngine:
             end = min(start + plan.chunk_size, n_rows)
             stop = min(end + 1, n_rows) if plan.lookahead else end
             idx = plan.index[start:stop]
-            sides = [
-                _ChunkSide(source, flat[idx], j, grad_targets)
-                for j, (source, flat) in enumerate([(student, flat_s), (teacher, flat_t)])
-            ]
+            student_side = _ChunkSide(student, flat_s[idx], 0, grad_targets)
+            sides = [student_side, _ChunkSide(teacher, flat_t[idx], 1, grad_targets, student_side.logits)]
             with torch.enable_grad() if grad_targets else torch.no_grad():
                 rows = TokenRows(
                     sides[0].logits,
@@ -369,8 +367,15 @@ def _vocab_size(source: LogitSource) -> int:
     return weight.shape[0] if weight is not None else source.rows.shape[-1]
 
 
-def _compute_logits(source: LogitSource, rows: torch.Tensor) -> torch.Tensor:
-    logits = rows if source.head is None else source.head(rows)
+def _compute_logits(source: LogitSource, rows: torch.Tensor, student_logits: torch.Tensor | None) -> torch.Tensor:
+    """The side's logits; a teacher head that ``reads_student_logits`` (a cache's student-shaped tail) gets the
+    chunk's student logits, detached."""
+    if source.head is None:
+        logits = rows
+    elif getattr(source.head, "reads_student_logits", False):
+        logits = source.head(rows, student_logits=student_logits.detach())
+    else:
+        logits = source.head(rows)
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
@@ -415,13 +420,20 @@ class _ChunkSide:
     the autograd graph.
     """
 
-    def __init__(self, source: LogitSource, rows: torch.Tensor, position: int, grad_targets: Sequence[torch.Tensor]):
+    def __init__(
+        self,
+        source: LogitSource,
+        rows: torch.Tensor,
+        position: int,
+        grad_targets: Sequence[torch.Tensor],
+        student_logits: torch.Tensor | None = None,
+    ):
         flat = grad_targets[position] if grad_targets else rows
         self.rows = rows.detach().requires_grad_(flat.requires_grad) if grad_targets else rows
         self.form = _linear_form(source.head) if grad_targets else None
         if self.form is None:
             with torch.enable_grad() if grad_targets else torch.no_grad():
-                self.logits = _compute_logits(source, self.rows)
+                self.logits = _compute_logits(source, self.rows, student_logits)
             self.grad_input = self.rows
             return
         form = self.form

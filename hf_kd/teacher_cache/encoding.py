@@ -16,6 +16,13 @@ a flat tail has the largest possible sum of p_j ** (T_c / T)): on SmolLM2 the KL
 nats at k = 64 (benchmarks/teacher_cache.py), so the trainer refuses such a term; cache at its temperature.
 Even then a top-k cache is far less faithful at T > 1, where the tail holds more of the mass: 0.66 nats at
 k = 64 for a cache and a term both at T = 2 on SmolLM2.
+
+``tail="student"`` spreads the tail mass m in proportion to the student's own (detached) distribution over the
+tail tokens instead: p_j = m q_j / q_tail. Within the tail the ratio p_j / q_j is then one constant, so every
+divergence of the engine (an f-divergence of p and q, and AKL's |p - q| split) equals the divergence between the
+two (k + 1)-bucket distributions (top-k entries plus one tail bucket, as TRL's server trainers send them), value
+and gradient: the student is taught the teacher's top-k and the tail's total mass, and keeps its own shape inside
+the tail instead of being pulled towards a flat one.
 """
 
 from __future__ import annotations
@@ -117,24 +124,42 @@ def pack_rows(ids: torch.Tensor, values: torch.Tensor, log_tail: torch.Tensor) -
     return torch.cat([values.float(), ids.float(), log_tail.float().unsqueeze(-1)], dim=-1)
 
 
+TAIL_SHAPES = ("flat", "student")
+
+
 class TopKReconstruction(nn.Module):
     """A "head" for the loss engine: packed cache rows [n, 2k + 1] -> dense teacher logits [n, V].
 
-    See the module docstring for what the dense row is. It has no parameters; the engine calls it one
-    chunk of rows at a time, so dense teacher rows never exist beyond one chunk.
+    See the module docstring for what the dense row is (``tail``: "flat" or "student"). It has no parameters;
+    the engine calls it one chunk of rows at a time, so dense teacher rows never exist beyond one chunk. With
+    ``tail="student"`` the engine passes the chunk's student logits (``reads_student_logits``).
     """
 
-    def __init__(self, vocab_size: int, top_k: int, temperature: float = 1.0):
+    def __init__(self, vocab_size: int, top_k: int, temperature: float = 1.0, tail: str = "flat"):
         super().__init__()
-        self.vocab_size, self.top_k, self.temperature = vocab_size, top_k, temperature
+        if tail not in TAIL_SHAPES:
+            raise ValueError(f"tail must be one of {TAIL_SHAPES}, got {tail!r}.")
+        self.vocab_size, self.top_k, self.temperature, self.tail = vocab_size, top_k, temperature, tail
 
-    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+    @property
+    def reads_student_logits(self) -> bool:
+        return self.tail == "student"
+
+    def forward(self, rows: torch.Tensor, student_logits: torch.Tensor | None = None) -> torch.Tensor:
         k, v = self.top_k, self.vocab_size
         values = rows[..., :k].float()
         ids = rows[..., k : 2 * k].long()
         log_tail = rows[..., 2 * k].float()
-        fill = log_tail - math.log(v - k) if v > k else torch.full_like(log_tail, float("-inf"))
-        dense = fill.unsqueeze(-1).expand(*rows.shape[:-1], v).clone()
+        if v == k:
+            dense = torch.empty(*rows.shape[:-1], v, device=rows.device)
+        elif self.tail == "student":
+            if student_logits is None:
+                raise ValueError("tail='student' reconstructs the tail from the student's logits: pass them.")
+            shape = student_logits[..., :v].detach().float() / self.temperature
+            shape = shape.scatter(-1, ids, float("-inf"))  # the tail tokens only
+            dense = shape - shape.logsumexp(-1, keepdim=True) + log_tail.unsqueeze(-1)
+        else:
+            dense = (log_tail - math.log(v - k)).unsqueeze(-1).expand(*rows.shape[:-1], v).clone()
         dense.scatter_(-1, ids, values)
         return dense * self.temperature if self.temperature != 1.0 else dense
 
