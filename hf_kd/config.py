@@ -90,11 +90,11 @@ class DistillationConfig(MethodKnobs, GKDConfig):
         },
     )
     teacher_cache_tail: str = field(
-        default="flat",
+        default="student",
         metadata={
             "help": "Training from a teacher cache: how the teacher's mass outside its cached top-k is spread over "
-            "the other tokens. 'flat': evenly; 'student': like the student's own tail, which makes every term the "
-            "divergence between top-k + one tail bucket (hf_kd.teacher_cache.encoding)."
+            "the other tokens. 'student' (default): like the student's own tail, which makes the divergences "
+            "those between top-k + one tail bucket (hf_kd.teacher_cache.encoding); 'flat': evenly."
         },
     )
     scrg_corrections: int = field(

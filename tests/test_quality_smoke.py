@@ -158,8 +158,10 @@ def test_page_renders_from_records(quality, tmp_path):
     fkl_row = next(line for line in page.splitlines() if line.startswith("| fkl |"))
     assert "| cache | 0 | 2 | 20.00 [" in fkl_row and "| 3 |" in fkl_row
     assert "| teacher |" in page and "error: exit 1: boom" in page
-    claims = {line.split(" | ")[0]: line for line in page.splitlines() if "over FKL" in line or "cache vs" in line}
+    claims = {
+        line.split(" | ")[0]: line for line in page.splitlines() if "over FKL" in line or "vs live teacher" in line
+    }
     assert claims["| AKL over FKL (AKL paper)"].endswith("| reproduces |")
-    assert claims["| teacher cache vs live teacher, fkl (should agree)"].endswith("| agree |")
+    assert claims["| teacher cache, flat tail vs live teacher, fkl (should agree)"].endswith("| agree |")
     assert "Observed on this run only." in page
     assert json.loads((tmp_path / "quality_tiny.json").read_text())["results"] == records

@@ -19,10 +19,13 @@ k = 64 for a cache and a term both at T = 2 on SmolLM2.
 
 ``tail="student"`` spreads the tail mass m in proportion to the student's own (detached) distribution over the
 tail tokens instead: p_j = m q_j / q_tail. Within the tail the ratio p_j / q_j is then one constant, so every
-divergence of the engine (an f-divergence of p and q, and AKL's |p - q| split) equals the divergence between the
-two (k + 1)-bucket distributions (top-k entries plus one tail bucket, as TRL's server trainers send them), value
-and gradient: the student is taught the teacher's top-k and the tail's total mass, and keeps its own shape inside
-the tail instead of being pulled towards a flat one.
+f-divergence of p and q (fkl, rkl, jsd, sfkl, srkl, tvd) and AKL's |p - q| split equal their value between the two
+(k + 1)-bucket distributions (top-k entries plus one tail bucket, as TRL's server trainers send them), gradient
+included: the student is taught the teacher's top-k and the tail's total mass, and keeps its own shape inside the
+tail instead of being pulled towards a flat one. ``dac_kl`` and ``span`` read the reconstructed row as it is (the
+band's ranks and the adjacent-token products inside the tail then follow the student's tail shape).
+Measured on SmolLM2 (benchmarks/quality.py, fkl, 40 steps): held-out KL to the live teacher 0.88 with the flat
+tail, 0.84 with the student-shaped one, 0.80 trained from the live teacher.
 """
 
 from __future__ import annotations
