@@ -138,6 +138,7 @@ def test_page_renders_from_records(quality, tmp_path):
         _record("fkl", 0, [10.0, 20.0, 30.0, 20.0], [1.0, 1.2, 0.8, 1.0], teacher_cache=True, train_s=3.0),
         _record("fkl", 1, [12.0, 18.0, 30.0, 20.0], [1.1, 1.2, 0.9, 1.0], teacher_cache=True, train_s=3.2),
         _record("fkl-live", 0, [11.0, 20.0, 29.0, 20.0], [1.0, 1.2, 0.8, 1.1], train_s=5.0),
+        _record("fkl-tail", 0, [10.0, 21.0, 30.0, 20.0], [1.0, 1.1, 0.8, 1.0], teacher_cache=True, train_s=3.0),
         _record("akl", 0, [30.0, 40.0, 50.0, 40.0], [0.5, 0.6, 0.4, 0.5], teacher_cache=True, train_s=3.0),
         {"method": "bild", "seed": 0, "error": "exit 1: boom"},
     ]
