@@ -462,8 +462,19 @@ def _mean(records: list[dict[str, Any]], key: str, spec: str) -> str:
     return format(statistics.mean(values), spec) if values else "-"
 
 
-def markdown_table(results: list[dict[str, Any]], order: list[str]) -> str:
-    """One row per method: point estimates with 95% bootstrap intervals (prompts and seeds), in ``order``."""
+def row_intervals(results: list[dict[str, Any]], order: list[str]) -> dict[str, dict[str, tuple | None]]:
+    """{row: {"rouge_l": interval, "kl": interval}} for every finished row in ``order`` (bootstrap over prompts and
+    seeds), computed once for the table and the plot."""
+    intervals = {}
+    for name in order:
+        ok = _finished(results, name)
+        if ok:
+            intervals[name] = {metric: bootstrap([ok], metric) for metric in ("rouge_l", "kl")}
+    return intervals
+
+
+def markdown_table(results: list[dict[str, Any]], order: list[str], intervals: dict[str, dict]) -> str:
+    """One row per method: point estimates with their 95% bootstrap ``intervals`` (:func:`row_intervals`)."""
     head = ["method", "recipe", "teacher", "lmbda", "seeds", "Rouge-L [95% CI]", "KL(teacher‖student) [95% CI]"]
     head += ["first-sentence EM %", "loops %", "answer words", "train s / run"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -483,8 +494,8 @@ def markdown_table(results: list[dict[str, Any]], order: list[str]) -> str:
                 source,
                 f"{ok[0]['lmbda']:g}" if trained else "-",
                 str(len(ok)),
-                _interval(bootstrap([ok], "rouge_l"), ".2f"),
-                _interval(bootstrap([ok], "kl"), ".3f"),
+                _interval(intervals[name]["rouge_l"], ".2f"),
+                _interval(intervals[name]["kl"], ".3f"),
                 _mean(ok, "exact_match", ".1f"),
                 _mean(ok, "loop_rate", ".1f"),
                 _mean(ok, "mean_answer_words", ".1f"),
@@ -532,21 +543,22 @@ def claims_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_methods(results: list[dict[str, Any]], order: list[str], path: Path) -> Path | None:
-    """Rouge-L and KL per row with their 95% intervals, one panel each (PNG); None when nothing finished."""
+def plot_methods(intervals: dict[str, dict], path: Path) -> Path | None:
+    """Rouge-L and KL per row with their 95% ``intervals`` (:func:`row_intervals`), one panel each (PNG); None when
+    nothing finished."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n in order if _finished(results, n)]
+    names = list(intervals)
     if not names:
         return None
     fig, panels = plt.subplots(1, 2, figsize=(12, 0.45 * len(names) + 1.5), sharey=True)
     for panel, metric, label in zip(panels, ("rouge_l", "kl"), ("Rouge-L (higher is better)", "KL(teacher‖student)")):
         ys, points, errors = [], [], [[], []]
         for y, name in enumerate(names):
-            values = bootstrap([_finished(results, name)], metric)
+            values = intervals[name][metric]
             if values is None:
                 continue
             point, low, high = values
@@ -565,7 +577,7 @@ def plot_methods(results: list[dict[str, Any]], order: list[str], path: Path) ->
     return path
 
 
-def render_markdown(payload: dict[str, Any], figure: str | None = None) -> str:
+def render_markdown(payload: dict[str, Any], intervals: dict[str, dict], figure: str | None = None) -> str:
     """The whole results page: command, budget, machine, conditions, the tables and any commentary."""
     budget = payload["budget"]
     env = payload["environment"]
@@ -615,7 +627,7 @@ def render_markdown(payload: dict[str, Any], figure: str | None = None) -> str:
         "time. `train s / run` is training alone, mean over seeds. The cores were shared with other work, so wall "
         "times are indicative; the quality numbers do not depend on it.",
         "",
-        markdown_table(results, payload["methods"]),
+        markdown_table(results, payload["methods"], intervals),
     ]
     if figure:
         lines += [f"![Rouge-L and KL per method, 95% intervals]({figure})", ""]
@@ -643,8 +655,9 @@ def write_outputs(payload: dict[str, Any], json_path: Path) -> str:
     json_path.parent.mkdir(parents=True, exist_ok=True)
     payload["json_name"] = json_path.name
     json_path.write_text(json.dumps(payload, indent=2) + "\n")
-    figure = plot_methods(payload["results"], payload["methods"], json_path.with_suffix(".png"))
-    page = render_markdown(payload, figure.name if figure else None)
+    intervals = row_intervals(payload["results"], payload["methods"])
+    figure = plot_methods(intervals, json_path.with_suffix(".png"))
+    page = render_markdown(payload, intervals, figure.name if figure else None)
     json_path.with_suffix(".md").write_text(page)
     return page
 
