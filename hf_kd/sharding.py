@@ -155,7 +155,7 @@ def helper_optimizer_state_aside(
                 group.update(settings)
             state = [_to_param(p, s) for p, s in zip(params, saved["state"])]
     finally:
-        for i, group in sorted(zip(positions, groups), key=lambda pair: pair[0]):
+        for i, group in zip(positions, groups):  # ascending positions: each lands where it was
             optimizer.param_groups.insert(i, group)
         for p, s in zip(params, state):
             if s is not None:
