@@ -52,7 +52,7 @@ HF_KD_METHODS = ("jsd", "akl", "bild", "dac_kl+span", "dskd")
 REFERENCE_METHODS = ("student-fb", "teacher-f", "heads")
 ALL_METHODS = TRL_METHODS + HF_KD_METHODS + REFERENCE_METHODS
 LOSS_SIDE_TERMS = ("fkl", "rkl", "jsd", "sfkl", "srkl", "akl", "bild", "dac_kl")
-LOSS_SIDE_METHODS = ("floor", "trl-chunked", *LOSS_SIDE_TERMS)
+LOSS_SIDE_METHODS = ("floor", "trl-chunked", "liger-jsd", *LOSS_SIDE_TERMS)
 DEFAULT_PEAK_TFLOPS = 989.0  # H100 SXM dense bf16 tensor-core peak (NVIDIA datasheet, without sparsity)
 
 
@@ -493,19 +493,29 @@ class LossSideSpec:
     seed: int = 0
     chunk_size: int | None = None
     teacher_scale: float = 6.0
+    bf16: bool = False
+
+    @property
+    def head_flops(self) -> float:
+        """Student head forward + backward (input and weight gradients) and teacher head forward."""
+        return 2.0 * self.rows * self.vocab * (3 * self.student_hidden + self.teacher_hidden)
 
 
 def _loss_side_inputs(spec: LossSideSpec):
     """Seeded heads (bias-free nn.Linear, default init) and hidden states; the teacher's are scaled so that its
-    distributions are peaked like a trained LM's (about half the mass in the top 64) rather than flat."""
+    distributions are peaked like a trained LM's (about half the mass in the top 64) rather than flat. With
+    ``bf16`` the teacher side is bfloat16 and the student keeps float32 weights (a mixed-precision trainer's)."""
     import torch
 
     torch.manual_seed(spec.seed)
+    teacher_dtype = torch.bfloat16 if spec.bf16 else torch.float32
     head_s = torch.nn.Linear(spec.student_hidden, spec.vocab, bias=False).to(spec.device)
-    head_t = torch.nn.Linear(spec.teacher_hidden, spec.vocab, bias=False).to(spec.device).requires_grad_(False)
+    head_t = torch.nn.Linear(spec.teacher_hidden, spec.vocab, bias=False).to(spec.device, teacher_dtype)
+    head_t.requires_grad_(False)
     g = torch.Generator().manual_seed(spec.seed)
     h_s = (torch.randn(spec.rows, spec.student_hidden, generator=g) * 3).to(spec.device)
-    h_t = (torch.randn(spec.rows, spec.teacher_hidden, generator=g) * spec.teacher_scale).to(spec.device)
+    h_t = torch.randn(spec.rows, spec.teacher_hidden, generator=g) * spec.teacher_scale
+    h_t = h_t.to(spec.device, teacher_dtype)
     labels = torch.randint(0, spec.vocab, (spec.rows,), generator=g).to(spec.device)
     return head_s, head_t, h_s, h_t, labels
 
@@ -531,6 +541,18 @@ def _loss_side_step(spec: LossSideSpec, head_s, head_t, h_s, h_t, labels):
             x = h_s.clone().requires_grad_(True)
             divergence, _ = ChunkedDivergenceFunction.apply(x, head_s.weight, None, h_t, head_t.weight, None, 0.5)
             loss = divergence.mean()
+            loss.backward()
+            return loss.item()
+
+        return step
+    if spec.method == "liger-jsd":
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        liger = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.5)
+
+        def step():
+            x = h_s.clone().requires_grad_(True)
+            loss = liger(x, head_s.weight, h_t, head_t.weight, labels)
             loss.backward()
             return loss.item()
 
@@ -561,15 +583,19 @@ def run_loss_side(spec: LossSideSpec) -> dict[str, Any]:
 
         if spec.method not in LOSS_REGISTRY:
             return result | {"skipped": f"loss term {spec.method} is not registered"}
+    if spec.method == "liger-jsd" and importlib.util.find_spec("liger_kernel") is None:
+        return result | {"skipped": "liger_kernel is not installed"}
     inputs = _loss_side_inputs(spec)
     step = _loss_side_step(spec, *inputs)
     timer = StepTimer(spec)
     faults, value = [], None
+    autocast = torch.autocast(spec.device, dtype=torch.bfloat16, enabled=spec.bf16)
     for i in range(spec.warmup + spec.steps):
         inputs[0].zero_grad(set_to_none=True)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         timer.begin(i)
-        value = step()
+        with autocast:
+            value = step()
         timer.end(i)
         if i >= spec.warmup:
             faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -583,9 +609,10 @@ def run_loss_side(spec: LossSideSpec) -> dict[str, Any]:
     }
 
 
-def merge_rounds(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def merge_rounds(records: list[dict[str, Any]], gpu: bool = False) -> list[dict[str, Any]]:
     """One record per (vocab, method) from the rounds' records: median times, largest peak, ratios to the floor,
-    to TRL's chunked kernel and to jsd (on CPU time on a CPU, wall clock on a GPU)."""
+    to TRL's chunked kernel and to jsd (on CPU time on a CPU, wall clock on a GPU), tokens/s and the head
+    matmuls' achieved TFLOP/s (MFU = that over the GPU's peak)."""
     merged: dict[tuple, dict[str, Any]] = {}
     for r in records:
         m = merged.setdefault((r["vocab"], r["method"]), {k: r[k] for k in ("method", "vocab", "rows")})
@@ -596,40 +623,49 @@ def merge_rounds(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             m.setdefault(key, []).extend(r[key])
         m["peak_mem_mib"] = max(m.get("peak_mem_mib", 0.0), r["peak_mem_mib"])
         m["loss"] = r["loss"]
+        m["head_flops"] = r.get("head_flops")
     for m in merged.values():
         if "step_times_s" in m:
             m["step_time_s"] = statistics.median(m["step_times_s"])
             m["cpu_time_s"] = statistics.median(m["cpu_times_s"])
             m["minor_faults_per_step"] = statistics.median(m["minor_faults"])
+            m["tokens_per_s"] = m["rows"] / m["step_time_s"]
+            if m.get("head_flops"):
+                m["head_tflops_per_s"] = m["head_flops"] / m["step_time_s"] / 1e12
+    basis = "step_time_s" if gpu else "cpu_time_s"
     for (vocab, _), m in merged.items():
         for ref in ("floor", "trl-chunked", "jsd"):
             other = merged.get((vocab, ref))
             if "step_time_s" in m and other and "step_time_s" in other:
-                m[f"x_{ref}"] = m["cpu_time_s"] / other["cpu_time_s"]
+                m[f"x_{ref}"] = m[basis] / other[basis]
                 m[f"wall_x_{ref}"] = m["step_time_s"] / other["step_time_s"]
                 m[f"peak_x_{ref}"] = m["peak_mem_mib"] / other["peak_mem_mib"]
     return list(merged.values())
 
 
-def loss_side_table(results: list[dict[str, Any]]) -> str:
-    """The merged loss-side records as a markdown table."""
-    head = ["vocab", "method", "CPU s", "wall s", "×floor", "×TRL", "×jsd", "peak MiB", "peak ×TRL", "faults/step"]
+def loss_side_table(results: list[dict[str, Any]], peak_tflops: float | None = None) -> str:
+    """The merged loss-side records as a markdown table (GPU: ``peak_tflops`` given, ratios on wall clock, with
+    tokens/s and MFU of the head matmuls; CPU: ratios on CPU time, with page faults)."""
+    if peak_tflops:
+        head = ["vocab", "method", "ms", "tokens/s", "×floor", "×TRL", "×jsd", "MFU", "peak MiB", "peak ×TRL"]
+    else:
+        head = ["vocab", "method", "CPU s", "wall s", "×floor", "×TRL", "×jsd", "peak MiB", "peak ×TRL", "faults/step"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         cells = [str(r["vocab"]), r["method"]]
         if "step_time_s" not in r:
             cells += ["; ".join(map(str, r.get("errors", [])))] + ["-"] * (len(head) - 3)
+            lines.append("| " + " | ".join(cells) + " |")
+            continue
+        ratios = [_fmt(r.get(f"x_{ref}"), ".2f") for ref in ("floor", "trl-chunked", "jsd")]
+        peaks = [_fmt(r["peak_mem_mib"], ".0f"), _fmt(r.get("peak_x_trl-chunked"), ".2f")]
+        if peak_tflops:
+            mfu = r.get("head_tflops_per_s")
+            cells += [_fmt(r["step_time_s"] * 1e3, ".1f"), _fmt(r["tokens_per_s"], ",.0f"), *ratios]
+            cells += [_percent(mfu / peak_tflops if mfu else None, ".1f"), *peaks]
         else:
-            cells += [
-                _fmt(r["cpu_time_s"], ".2f"),
-                _fmt(r["step_time_s"], ".2f"),
-                _fmt(r.get("x_floor"), ".2f"),
-                _fmt(r.get("x_trl-chunked"), ".2f"),
-                _fmt(r.get("x_jsd"), ".2f"),
-                _fmt(r["peak_mem_mib"], ".0f"),
-                _fmt(r.get("peak_x_trl-chunked"), ".2f"),
-                _fmt(r["minor_faults_per_step"], ".0f"),
-            ]
+            cells += [_fmt(r["cpu_time_s"], ".2f"), _fmt(r["step_time_s"], ".2f"), *ratios, *peaks]
+            cells.append(_fmt(r["minor_faults_per_step"], ".0f"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -641,7 +677,9 @@ def run_loss_side_rounds(args: argparse.Namespace, argv: list[str] | None, devic
     unknown = sorted(set(methods) - set(LOSS_SIDE_METHODS))
     if unknown:
         raise SystemExit(f"--loss-side runs {' '.join(LOSS_SIDE_METHODS)}; {unknown} are trainer methods.")
-    tag = args.tag or "loss-side"
+    tag = args.tag or ("loss-side-gpu" if device == "cuda" else "loss-side")
+    gpu = device == "cuda"
+    bf16 = args.bf16 if args.bf16 is not None else gpu
     table = ""
     for round_index in range(args.rounds):
         for vocab in args.vocabs or (151936, 262144):
@@ -655,18 +693,20 @@ def run_loss_side_rounds(args: argparse.Namespace, argv: list[str] | None, devic
                     device=device,
                     threads=args.threads,
                     chunk_size=args.chunk_size,
+                    bf16=bf16,
                 )
                 started = time.perf_counter()
-                record = run_in_subprocess(spec, args.timeout)
+                record = run_in_subprocess(spec, args.timeout) | {"head_flops": spec.head_flops}
                 records.append(record)
                 status = record.get("skipped") or record.get("error") or f"cpu {record['cpu_times_s']}"
                 print(f"[{time.perf_counter() - started:5.0f} s] round {round_index} vocab {vocab} {method}: {status}")
                 sys.stdout.flush()
-                merged = merge_rounds(records)
+                merged = merge_rounds(records, gpu)
                 payload = {
                     "mode": "loss-side",
                     "device": device,
-                    "dtype": "float32",
+                    "dtype": "bf16 autocast (student weights float32, teacher bfloat16)" if bf16 else "float32",
+                    "peak_tflops": args.peak_tflops if gpu else None,
                     "threads": args.threads,
                     "command": " ".join(["python", "benchmarks/speed_memory.py", *(argv or sys.argv[1:])]),
                     "environment": environment(),
@@ -675,7 +715,7 @@ def run_loss_side_rounds(args: argparse.Namespace, argv: list[str] | None, devic
                 }
                 args.out_dir.mkdir(parents=True, exist_ok=True)
                 (args.out_dir / f"speed_memory_{tag}.json").write_text(json.dumps(payload, indent=2) + "\n")
-                table = loss_side_table(merged)
+                table = loss_side_table(merged, args.peak_tflops if gpu else None)
                 (args.out_dir / f"speed_memory_{tag}.md").write_text(table)
     return table
 
@@ -813,6 +853,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--loss-side", action="store_true", help="time the loss side alone (see the module doc)")
     parser.add_argument("--rows", type=int, default=384, help="response rows for --loss-side")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds for --loss-side")
+    parser.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        help="--loss-side under bf16 autocast, teacher head in bf16 (default: on a GPU only)",
+    )
     parser.add_argument("--vocabs", nargs="+", type=int, help="override the preset's vocabulary sizes")
     parser.add_argument("--seqs", nargs="+", type=int, help="override the preset's sequence lengths")
     parser.add_argument("--batch", type=int, help="override the preset's batch size")

@@ -495,7 +495,8 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
                     verify_output_head(teacher.head, teacher_out)
                 self._heads_verified = True
             counts = inputs.get(POSITION_COUNTS)
-            loss = loss_fn.forward_sources(student, teacher, labels, num_items_in_batch, counts, **extras)
+            with self.accelerator.autocast():  # bf16/fp16 runs: head matmuls in that dtype, divergences in fp32
+                loss = loss_fn.forward_sources(student, teacher, labels, num_items_in_batch, counts, **extras)
         return loss, loss_fn.last_values, student_out
 
     def _logit_source(self, outputs: Any, fused_model: nn.Module | None) -> LogitSource:

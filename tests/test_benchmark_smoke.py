@@ -73,3 +73,19 @@ def test_loss_side_rows_ratios_and_table(bench):
     assert len(by_method["jsd"]["step_times_s"]) == 2 and by_method["floor"]["x_floor"] == 1.0
     assert by_method["akl"]["x_trl-chunked"] > 0 and by_method["akl"]["x_jsd"] > 0
     assert bench.loss_side_table(merged).count("\n") == len(merged) + 2
+
+
+def test_loss_side_bf16_rows_and_gpu_table(bench):
+    """--bf16 (a GPU's default): both heads' matmuls run in bf16 under autocast; TRL's kernel and hf_kd's jsd
+    still agree (to bf16 precision), and the GPU table reports tokens/s and the head matmuls' MFU."""
+    spec = dict(vocab=300, rows=12, student_hidden=8, teacher_hidden=12, bf16=True)
+    records = [bench.run_loss_side(bench.LossSideSpec(method=m, **spec)) for m in ("floor", "trl-chunked", "jsd")]
+    trl, jsd = records[1]["loss"], records[2]["loss"]
+    assert jsd > 0 and abs(trl - jsd) <= 2e-2 * jsd
+    flops = bench.LossSideSpec(method="jsd", **spec).head_flops
+    assert flops == 2 * 12 * 300 * (3 * 8 + 12)
+    merged = bench.merge_rounds([r | {"head_flops": flops} for r in records], gpu=True)
+    for r in merged:
+        assert r["tokens_per_s"] == 12 / r["step_time_s"] and r["head_tflops_per_s"] > 0
+    table = bench.loss_side_table(merged, peak_tflops=989.0)
+    assert "tokens/s" in table and "MFU" in table and table.count("\n") == len(merged) + 2

@@ -231,6 +231,34 @@ def test_fused_linear_head_bf16_and_masked_rows():
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-4)
 
 
+def test_autocast_runs_heads_in_its_dtype_and_divergences_in_float32():
+    """Under autocast (a bf16 trainer's ``accelerator.autocast()``) float32 heads are applied in bf16, as the
+    model's own layers are, while the divergences stay float32: the value equals the float32 loss of the bf16
+    logits, and given logits directly autocast changes nothing."""
+    g = torch.Generator().manual_seed(5)
+    head_s, head_t = torch.nn.Linear(16, 64, bias=False), torch.nn.Linear(12, 64, bias=False)
+    hs, ht = torch.randn(2, 7, 16, generator=g), torch.randn(2, 7, 12, generator=g) * 3
+    labels = torch.randint(0, 64, (2, 7), generator=g)
+    loss = build_loss("jsd+0.5*akl", chunk_size=4)
+    x = hs.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = loss.forward_fused(x, head_s, ht, head_t, labels)
+    fused.backward()
+    assert fused.dtype == torch.float32 and head_s.weight.grad.dtype == torch.float32
+    y = hs.clone().requires_grad_(True)
+    w = head_s.weight.detach().clone().requires_grad_(True)
+    student_logits = torch.nn.functional.linear(y.bfloat16(), w.bfloat16()).float()
+    teacher_logits = torch.nn.functional.linear(ht.bfloat16(), head_t.weight.bfloat16()).float()
+    reference = loss(student_logits, teacher_logits, labels)
+    reference.backward()
+    torch.testing.assert_close(fused, reference, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x.grad, y.grad, rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(head_s.weight.grad, w.grad, rtol=2e-2, atol=1e-3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = loss(student_logits.detach(), teacher_logits, labels)
+    assert torch.equal(under_autocast, loss(student_logits.detach(), teacher_logits, labels))
+
+
 @pytest.mark.parametrize("recipe", ["jsd", "akl", "bild", "0.5*ce+0.5*fkl", "sfkl"])
 def test_chunked_equals_unchunked(batch, recipe):
     s, t, labels = batch[0].float(), batch[1].float(), batch[2]

@@ -8,7 +8,9 @@ teacher row of logits. The engine owns everything else:
   name of a boolean per-token input, e.g. BiLD's prompt positions); each set is selected, chunked and
   counted on its own;
 * temperature and numerics: logits are cast to (at least) float32 inside, divided by each term's
-  temperature, and log-probabilities are clamped so that -inf logits never produce NaN;
+  temperature, and log-probabilities are clamped so that -inf logits never produce NaN. Under autocast
+  (``accelerator.autocast()``, bf16/fp16 training) the head matmuls run in the autocast dtype, as the model's
+  own layers do, while every divergence stays in float32;
 * chunking: rows are processed ``chunk_size`` at a time, so no more than one chunk of [rows, V]
   temporaries exists at once. When gradients are needed, each chunk's gradient is computed right away
   (as in Liger-Kernel's fused linear losses) and the chunk's activations are freed;
@@ -25,6 +27,7 @@ teacher row of logits. The engine owns everything else:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -60,6 +63,13 @@ class LogitSource:
 def default_chunk_size(vocab_size: int) -> int:
     """Rows per chunk so that one [rows, V] float32 temporary stays near 32 MiB."""
     return max(1, DEFAULT_CHUNK_ELEMENTS // max(vocab_size, 1))
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype active for ``device``, or None when autocast is off."""
+    if device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
 
 
 def _safe_log_softmax(logits: torch.Tensor) -> torch.Tensor:
@@ -305,13 +315,14 @@ class LossEngine:
         device = flat_s.device
         sums = [torch.zeros((), device=device, dtype=torch.float64) for _ in plan.terms]
         grads = [None] * len(grad_targets)
+        heads = _HeadPrecision(_autocast_dtype(device))
         for start in range(0, n_rows, plan.chunk_size):
             end = min(start + plan.chunk_size, n_rows)
             stop = min(end + 1, n_rows) if plan.lookahead else end
             idx = plan.index[start:stop]
-            student_side = _ChunkSide(student, flat_s[idx], 0, grad_targets)
-            sides = [student_side, _ChunkSide(teacher, flat_t[idx], 1, grad_targets, student_side.logits)]
-            with torch.enable_grad() if grad_targets else torch.no_grad():
+            student_side = _ChunkSide(student, flat_s[idx], 0, grad_targets, heads)
+            sides = [student_side, _ChunkSide(teacher, flat_t[idx], 1, grad_targets, heads, student_side.logits)]
+            with torch.enable_grad() if grad_targets else torch.no_grad(), heads.off(device):
                 rows = TokenRows(
                     sides[0].logits,
                     sides[1].logits,
@@ -365,6 +376,28 @@ def _vocab_size(source: LogitSource) -> int:
         return source.rows.shape[-1]
     weight = getattr(source.head, "weight", None)
     return weight.shape[0] if weight is not None else source.rows.shape[-1]
+
+
+class _HeadPrecision:
+    """The dtype of the head matmuls in one engine call: the autocast dtype (weights cast once per call, not once
+    per chunk), or the weights' own dtype when autocast is off. ``off`` runs the divergences without autocast."""
+
+    def __init__(self, dtype: torch.dtype | None):
+        self.dtype = dtype
+        self._casts: dict[int, torch.Tensor] = {}
+
+    def weight(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.dtype is None or weight.dtype == self.dtype or not weight.is_floating_point():
+            return weight
+        if id(weight) not in self._casts:
+            self._casts[id(weight)] = weight.detach().to(self.dtype)
+        return self._casts[id(weight)]
+
+    def on(self, device: torch.device):
+        return torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype is not None)
+
+    def off(self, device: torch.device):
+        return torch.autocast(device.type, enabled=False) if self.dtype is not None else contextlib.nullcontext()
 
 
 def _compute_logits(source: LogitSource, rows: torch.Tensor, student_logits: torch.Tensor | None) -> torch.Tensor:
@@ -426,13 +459,14 @@ class _ChunkSide:
         rows: torch.Tensor,
         position: int,
         grad_targets: Sequence[torch.Tensor],
+        precision: _HeadPrecision,
         student_logits: torch.Tensor | None = None,
     ):
         flat = grad_targets[position] if grad_targets else rows
         self.rows = rows.detach().requires_grad_(flat.requires_grad) if grad_targets else rows
         self.form = _linear_form(source.head) if grad_targets else None
         if self.form is None:
-            with torch.enable_grad() if grad_targets else torch.no_grad():
+            with torch.enable_grad() if grad_targets else torch.no_grad(), precision.on(rows.device):
                 self.logits = _compute_logits(source, self.rows, student_logits)
             self.grad_input = self.rows
             return
@@ -442,12 +476,13 @@ class _ChunkSide:
         self.param_slots = [
             (2 + ids.index(id(p)) if id(p) in ids else None, p) for p in params if p is not None and p.requires_grad
         ]
-        self.weight = form.weight[: form.columns] if form.columns else form.weight
+        weight = precision.weight(form.weight)
+        self.weight = weight[: form.columns] if form.columns else weight
         with torch.no_grad():
             self.x = self.rows.detach().to(self.weight.dtype)
             if form.input_scale != 1.0:
                 self.x = self.x * form.input_scale
-            bias = None if form.bias is None else form.bias[: self.weight.shape[0]]
+            bias = None if form.bias is None else precision.weight(form.bias)[: self.weight.shape[0]]
             z = torch.nn.functional.linear(self.x, self.weight, bias)
             z = z.to(torch.promote_types(z.dtype, torch.float32))
         self.grad_input = z.requires_grad_(self.rows.requires_grad or any(j is not None for j, _ in self.param_slots))
@@ -466,10 +501,12 @@ class _ChunkSide:
             if grads[j] is None:
                 grads[j] = torch.zeros_like(param)
             target = grads[j][: weight.shape[0]]  # rows past ``columns`` (padded vocabulary) get no gradient
-            if param is self.form.weight:
-                target.addmm_(grad.t(), self.x)
-            else:
+            if param is not self.form.weight:
                 target.add_(grad.sum(0))
+            elif target.dtype == grad.dtype:
+                target.addmm_(grad.t(), self.x)
+            else:  # autocast: the product in the compute dtype, accumulated into the float32 gradient
+                target.add_(grad.t() @ self.x)
         if not self.rows.requires_grad:
             return None
         grad_rows = grad @ weight
