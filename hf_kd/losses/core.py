@@ -12,8 +12,9 @@ teacher row of logits. The engine owns everything else:
   (``accelerator.autocast()``, bf16/fp16 training) the head matmuls run in the autocast dtype, as the model's
   own layers do, while every divergence stays in float32;
 * chunking: rows are processed ``chunk_size`` at a time, so no more than one chunk of [rows, V]
-  temporaries exists at once. When gradients are needed, each chunk's gradient is computed right away
-  (as in Liger-Kernel's fused linear losses) and the chunk's activations are freed;
+  temporaries exists at once (on CPU, ``cpu_allocator`` keeps their pages mapped from chunk to chunk). When
+  gradients are needed, each chunk's gradient is computed right away (as in Liger-Kernel's fused linear losses)
+  and the chunk's activations are freed;
 * fused heads: a side may be given as hidden states plus its head (``LogitSource(hidden, head)``), in
   which case logits are only ever built one chunk at a time. A plain ``nn.Linear`` head runs outside
   autograd and its weight gradient is accumulated in place chunk after chunk (no [V, d] temporary per chunk);
@@ -35,12 +36,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .cpu_allocator import tune_for_chunks
+
 if TYPE_CHECKING:
     from ..knobs import Knob
     from ..papers import Paper
 
 IGNORE_INDEX = -100
-DEFAULT_CHUNK_ELEMENTS = 1 << 23  # 8M float32 elements = 32 MiB per [rows, V] temporary; a term keeps ~12 alive
+# Just under 8M float32 elements = 32 MiB per [rows, V] temporary (a term keeps ~12 alive): below glibc's largest
+# mmap threshold, so that with ``cpu_allocator.tune_for_chunks`` the temporaries are reused from the heap.
+DEFAULT_CHUNK_ELEMENTS = (1 << 23) - (1 << 14)
 
 
 @dataclass
@@ -260,6 +265,8 @@ class LossEngine:
         """The weighted loss. Terms computed on other rows than the response tokens (``TokenLoss.positions``) run
         as their own pass, divided by ``position_counts[positions]`` (default: the local count of those rows)."""
         extras = extras or {}
+        if labels.device.type == "cpu":
+            tune_for_chunks()
         groups: dict[str | None, list[int]] = {}
         for i, term in enumerate(self.terms):
             groups.setdefault(term.positions, []).append(i)

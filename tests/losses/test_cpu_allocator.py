@@ -1,0 +1,43 @@
+"""The engine's glibc malloc settings: chunk-sized temporaries freed and allocated again reuse their pages."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = textwrap.dedent(
+    """
+    import resource, torch
+    from hf_kd.losses.cpu_allocator import tune_for_chunks
+    from hf_kd.losses.core import DEFAULT_CHUNK_ELEMENTS
+    applied = tune_for_chunks()
+
+    def chunk():  # a dozen chunk temporaries, written, then freed together (as at the end of an engine chunk)
+        temps = [torch.empty(DEFAULT_CHUNK_ELEMENTS).fill_(1.0) for _ in range(12)]
+        del temps
+
+    chunk()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    chunk()
+    print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    """
+)
+
+
+def _second_chunk_faults(tune: str) -> tuple[bool, int]:
+    env = dict(os.environ, HF_KD_TUNE_MALLOC=tune, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, check=True)
+    applied, faults = out.stdout.split()
+    return applied == "True", int(faults)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
+def test_tuned_malloc_reuses_chunk_pages_and_can_be_switched_off():
+    applied, tuned = _second_chunk_faults("1")
+    skipped, default = _second_chunk_faults("0")
+    assert applied and not skipped
+    pages = 12 * 32 * 2**20 // os.sysconf("SC_PAGE_SIZE")
+    assert tuned < 0.25 * pages  # the second chunk reuses (nearly all) the pages the first one mapped
+    assert default > 0.5 * pages  # glibc's defaults return them to the kernel and fault them in again
