@@ -18,8 +18,10 @@ Results go to ``benchmarks/results/speed_memory_<preset>.json`` and ``.md``; see
 
 ``--loss-side`` times the loss side alone instead (no model bodies, no trainer): on ``--rows`` response rows of
 random hidden states, the student head forward and backward, the teacher head forward and the divergence, for
-every hf_kd term, TRL 1.16's fused ``ChunkedDivergenceFunction`` (generalized JSD, beta 0.5) and the head
-matmuls alone (the floor). Each round runs every configuration once, in a fresh subprocess (so its peak memory
+every hf_kd term, DSKD (its four heads and projectors), TRL 1.16's fused ``ChunkedDivergenceFunction``
+(generalized JSD, beta 0.5; Triton on a GPU), Liger's fused linear JSD (when installed) and the head matmuls alone
+(the floor). On a GPU the heads run under bf16 autocast (``--bf16``) and the table adds tokens/s and the head
+matmuls' MFU. Each round runs every configuration once, in a fresh subprocess (so its peak memory
 is its own), and rounds interleave the configurations, so a load change on a shared machine hits all alike::
 
     python benchmarks/speed_memory.py --loss-side --vocabs 151936 262144 --threads 1 --rounds 3
@@ -52,7 +54,7 @@ HF_KD_METHODS = ("jsd", "akl", "bild", "dac_kl+span", "dskd")
 REFERENCE_METHODS = ("student-fb", "teacher-f", "heads")
 ALL_METHODS = TRL_METHODS + HF_KD_METHODS + REFERENCE_METHODS
 LOSS_SIDE_TERMS = ("fkl", "rkl", "jsd", "sfkl", "srkl", "akl", "bild", "dac_kl")
-LOSS_SIDE_METHODS = ("floor", "trl-chunked", "liger-jsd", *LOSS_SIDE_TERMS)
+LOSS_SIDE_METHODS = ("floor", "trl-chunked", "liger-jsd", *LOSS_SIDE_TERMS, "dskd")
 DEFAULT_PEAK_TFLOPS = 989.0  # H100 SXM dense bf16 tensor-core peak (NVIDIA datasheet, without sparsity)
 
 
@@ -570,6 +572,38 @@ def _loss_side_step(spec: LossSideSpec, head_s, head_t, h_s, h_t, labels):
     return step
 
 
+def _dskd_step(spec: LossSideSpec):
+    """DSKD's loss side (same vocabulary): its four head passes (student and teacher heads on their own hidden
+    states, the student head on the teacher's projected states, the teacher head on the student's) and both
+    projectors, through ``DSKDBridge.compute_loss`` on models of one single-head decoder layer (the bodies cost
+    next to nothing beside the heads). Returns (step, the student model)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from hf_kd.bridge import DSKDBridge
+
+    def model(hidden: int):
+        shape = ModelShape(hidden=hidden, layers=1, heads=1, kv_heads=1, intermediate=hidden)
+        return build_model(shape, spec.vocab, spec.rows + 1, spec.seed).to(spec.device)
+
+    student = model(spec.student_hidden)
+    teacher = model(spec.teacher_hidden).to(torch.bfloat16 if spec.bf16 else torch.float32).requires_grad_(False)
+    args = SimpleNamespace(kd_loss="fkl", kd_temperature=None, kd_rate=0.5, loss_chunk_size=spec.chunk_size)
+    bridge = DSKDBridge(student, teacher, args)
+    g = torch.Generator().manual_seed(spec.seed)
+    ids = torch.randint(0, spec.vocab, (1, spec.rows + 1), generator=g).to(spec.device)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    def step():
+        bridge.zero_grad(set_to_none=True)
+        loss, _ = bridge.compute_loss(student, teacher, inputs)
+        loss.backward()
+        return loss.item()
+
+    return step, student
+
+
 def run_loss_side(spec: LossSideSpec) -> dict[str, Any]:
     """Times one loss-side configuration in this process (seconds, MiB, minor page faults per step)."""
     import resource
@@ -585,13 +619,16 @@ def run_loss_side(spec: LossSideSpec) -> dict[str, Any]:
             return result | {"skipped": f"loss term {spec.method} is not registered"}
     if spec.method == "liger-jsd" and importlib.util.find_spec("liger_kernel") is None:
         return result | {"skipped": "liger_kernel is not installed"}
-    inputs = _loss_side_inputs(spec)
-    step = _loss_side_step(spec, *inputs)
+    if spec.method == "dskd":
+        step, trained = _dskd_step(spec)
+    else:
+        inputs = _loss_side_inputs(spec)
+        step, trained = _loss_side_step(spec, *inputs), inputs[0]
     timer = StepTimer(spec)
     faults, value = [], None
     autocast = torch.autocast(spec.device, dtype=torch.bfloat16, enabled=spec.bf16)
     for i in range(spec.warmup + spec.steps):
-        inputs[0].zero_grad(set_to_none=True)
+        trained.zero_grad(set_to_none=True)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         timer.begin(i)
         with autocast:

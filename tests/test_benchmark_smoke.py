@@ -62,7 +62,7 @@ def test_loss_side_rows_ratios_and_table(bench):
     (beta 0.5) and hf_kd's jsd agree on the same rows and heads; the merged records carry the ratios."""
     records = [
         bench.run_loss_side(bench.LossSideSpec(method=m, vocab=300, rows=12, student_hidden=8, teacher_hidden=12))
-        for m in ("floor", "trl-chunked", "jsd", "akl")
+        for m in ("floor", "trl-chunked", "jsd", "akl", "dskd")
     ]
     for r in records:
         assert r["step_times_s"][0] > 0 and r["peak_mem_mib"] > 0 and r["minor_faults"][0] >= 0, r["method"]
@@ -72,6 +72,7 @@ def test_loss_side_rows_ratios_and_table(bench):
     by_method = {r["method"]: r for r in merged}
     assert len(by_method["jsd"]["step_times_s"]) == 2 and by_method["floor"]["x_floor"] == 1.0
     assert by_method["akl"]["x_trl-chunked"] > 0 and by_method["akl"]["x_jsd"] > 0
+    assert by_method["dskd"]["x_jsd"] > 0 and by_method["dskd"]["loss"] > 0
     assert bench.loss_side_table(merged).count("\n") == len(merged) + 2
 
 

@@ -505,10 +505,14 @@ class _ChunkSide:
         for j, param in self.param_slots:
             if j is None:
                 continue
+            is_weight = param is self.form.weight
+            if grads[j] is None and param.shape[0] == weight.shape[0] and param.dtype == grad.dtype:
+                grads[j] = grad.t() @ self.x if is_weight else grad.sum(0)  # first chunk: no zero-filled [V, d]
+                continue
             if grads[j] is None:
                 grads[j] = torch.zeros_like(param)
             target = grads[j][: weight.shape[0]]  # rows past ``columns`` (padded vocabulary) get no gradient
-            if param is not self.form.weight:
+            if not is_weight:
                 target.add_(grad.sum(0))
             elif target.dtype == grad.dtype:
                 target.addmm_(grad.t(), self.x)
