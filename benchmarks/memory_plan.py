@@ -11,10 +11,14 @@ markdown table; ``docs/scaling.md`` quotes it. Usage: ``python benchmarks/memory
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hf_kd.losses.core import DEFAULT_CHUNK_ELEMENTS  # noqa: E402  (rows per loss chunk = this // vocabulary)
 
 GB = 1e9
-DEFAULT_CHUNK_ELEMENTS = 1 << 23  # hf_kd.losses.core: rows per loss chunk = this // vocabulary
 LIVE_CHUNK_TEMPORARIES = 12  # [rows, V] float32 tensors a loss term keeps alive at once (hf_kd.losses.core)
 
 

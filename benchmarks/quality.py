@@ -11,13 +11,13 @@ KL(SmolLM2 teacher || student) on the references. The teacher and the untrained 
 Intervals: 95% bootstrap over held-out prompts and seeds (the same prompts for every row); each comparison of two
 rows (the papers' claims) is a paired bootstrap of the difference, resampling prompts jointly.
 
-Rows: SFT on the references, FKL (from the cache with a flat or a student-shaped tail, and from the live
-teacher: the cache's fidelity at equal budget), RKL, hf_kd's jsd and TRL's own GKDTrainer (off-policy, the
-external baseline), GKD on-policy (jsd, lmbda 0.5), AKL, BiLD as its official trainer runs it (bild +
-prompt-position FKL), MGSR (ce+dac_kl+span with SCRG on student generations), DSKD with the same vocabulary, and
-DSKD-CMA with Gemma-3-270m as the teacher (different vocabulary). Each run is a fresh subprocess with freshly
-loaded models; its record (every answer and per-prompt score included) is appended to the JSON as soon as it
-finishes, so the benchmark resumes across sessions; the markdown page and the plot are rewritten from the JSON.
+Rows: SFT on the references, FKL (from the top-64 cache with a flat or a student-shaped tail, from a top-128 cache,
+and from the live teacher: the cache's fidelity at equal budget), RKL, hf_kd's jsd and TRL's own GKDTrainer
+(off-policy, the external baseline), GKD on-policy (jsd, lmbda 0.5), AKL, BiLD as its official trainer runs it (bild
++ prompt-position FKL), MGSR (ce+dac_kl+span with SCRG on student generations), DSKD with the same vocabulary, and
+DSKD-CMA with Gemma-3-270m as the teacher (different vocabulary). Each run is a fresh subprocess with freshly loaded
+models; its record (every answer and per-prompt score included) is appended to the JSON as soon as it finishes, so
+the benchmark resumes across sessions; the markdown page and the plot are rewritten from the JSON.
 
 Usage::
 
@@ -128,6 +128,8 @@ class Method:
     evaluates: Literal["student", "teacher"] = "student"
     teacher_cache: bool = False
     """Train from the offline teacher cache (when the budget has one) instead of the live teacher."""
+    cache_top_k: int | None = None
+    """The cache's k for this row (None: the budget's ``cache_top_k``)."""
 
 
 METHODS: dict[str, Method] = {
@@ -145,6 +147,13 @@ METHODS: dict[str, Method] = {
         "kd_loss=fkl, teacher cache, student-shaped tail (top-k + tail bucket; the default)",
         kd_loss="fkl",
         teacher_cache=True,
+        config={"teacher_cache_tail": "student"},
+    ),
+    "fkl-tail-k128": Method(
+        "kd_loss=fkl, teacher cache of top-128, student-shaped tail",
+        kd_loss="fkl",
+        teacher_cache=True,
+        cache_top_k=128,
         config={"teacher_cache_tail": "student"},
     ),
     "rkl": Method("kd_loss=rkl, teacher cache", kd_loss="rkl", teacher_cache=True),
@@ -199,6 +208,10 @@ class RunSpec:
     def uses_cache(self) -> bool:
         """Whether this row trains from the offline teacher cache."""
         return METHODS[self.method].teacher_cache and self.budget.cache_top_k is not None
+
+    def cache_top_k(self) -> int | None:
+        """The k of the cache this row trains from (None: the live teacher)."""
+        return (METHODS[self.method].cache_top_k or self.budget.cache_top_k) if self.uses_cache() else None
 
 
 @dataclass
@@ -291,7 +304,7 @@ def teacher_cache_dataset(spec: RunSpec, pair: Pair, train_dataset):
     from hf_kd import cache_teacher, load_teacher_cache
     from hf_kd.demo import bundled_teacher_cache
 
-    k, max_length = spec.budget.cache_top_k, spec.budget.max_length
+    k, max_length = spec.cache_top_k(), spec.budget.max_length
     if spec.cache_dir is None:
         folder = bundled_teacher_cache(pair.teacher, pair.tokenizer, train_dataset, SMOLLM2, k, max_length)
     else:
@@ -336,6 +349,7 @@ def run_method(spec: RunSpec, pair: Pair, train_dataset, heldout) -> dict[str, A
         "seed": spec.seed,
         "lmbda": spec.lmbda(),
         "teacher_cache": spec.uses_cache(),
+        "cache_top_k": spec.cache_top_k(),
     }
     model, tokenizer, kl_teacher = pair.student, pair.tokenizer, pair.kl_teacher
     if method.evaluates == "teacher":
@@ -408,6 +422,7 @@ CLAIMS = [
     ("hf_kd jsd vs TRL GKDTrainer, same objective (should agree)", "jsd", "trl-gkd"),
     ("teacher cache, flat tail vs live teacher, fkl (should agree)", "fkl", "fkl-live"),
     ("cache with a tail bucket vs live teacher, fkl (should agree)", "fkl-tail", "fkl-live"),
+    ("top-128 cache with a tail bucket vs live teacher, fkl (should agree)", "fkl-tail-k128", "fkl-live"),
 ]
 
 

@@ -610,7 +610,10 @@ def run_loss_side(spec: LossSideSpec) -> dict[str, Any]:
 
     import torch
 
+    from hf_kd.losses.cpu_allocator import tune_for_chunks
+
     torch.set_num_threads(spec.threads)
+    tune_for_chunks()  # the malloc settings hf_kd's engine applies, for every row alike (floor and TRL too)
     result = {"method": spec.method, "vocab": spec.vocab, "rows": spec.rows}
     if spec.method in LOSS_SIDE_TERMS:
         from hf_kd.losses import LOSS_REGISTRY

@@ -79,7 +79,7 @@ class DistillationConfig(MethodKnobs, GKDConfig):
     )
     loss_chunk_size: int | None = field(
         default=None,
-        metadata={"help": "Token rows per loss chunk. None picks about 32 MiB of float32 logits per chunk."},
+        metadata={"help": "Token rows per loss chunk. None picks about 64 MiB of float32 logits per chunk."},
     )
     bridge: str | None = field(
         default=None,

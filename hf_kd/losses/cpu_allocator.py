@@ -1,17 +1,17 @@
 """glibc malloc settings that let the loss engine reuse its chunk temporaries instead of re-mapping them.
 
-Each chunk of the engine (``hf_kd.losses.core``) allocates a dozen [rows, V] float32 temporaries of just under
-32 MiB and frees them when the chunk ends. With glibc's defaults the trim threshold follows the largest freed
-block (twice it, at most 64 MiB), so the freed top of the heap is handed back to the kernel after every chunk and
-every page of the next chunk's temporaries is faulted in and zeroed again. Measured on the loss-side benchmark
-(384 rows, V = 151936, one thread): about 220,000-300,000 minor page faults per step and 7.0-8.1 s of CPU time
-with the defaults, against 85,000-170,000 faults (the weight gradient's first touch, which the head matmuls pay
-too) and 6.5-6.9 s with the thresholds below.
+Each chunk of the engine (``hf_kd.losses.core``) allocates a dozen [rows, V] float32 temporaries of 64 MiB and
+frees them when the chunk ends. glibc serves blocks that large with mmap (its threshold is at most 32 MiB) and
+unmaps them on free, so every page of every chunk's temporaries is faulted in and zeroed again: hundreds of
+thousands of minor page faults per step. Smaller chunks avoid mmap but make the head matmuls re-read the [V, d]
+weights once per chunk, which at V = 262144 costs more than the divergence itself.
 
-``tune_for_chunks`` fixes the mmap threshold at glibc's maximum (32 MiB, so the temporaries come from the heap)
-and the trim threshold at 1 GiB (so freed chunks stay mapped for the next one). It runs once per process, on the
-engine's first call on CPU; memory the process frees below 1 GiB is then kept for reuse rather than returned to
-the OS. Set ``HF_KD_TUNE_MALLOC=0`` to leave malloc as it is. Nothing happens where the C library is not glibc.
+``tune_for_chunks`` serves every block from the heap (``M_MMAP_MAX`` = 0) and never trims it (``M_TRIM_THRESHOLD``
+at its largest), so freed chunks stay mapped for the next one: the heap then behaves like a caching allocator,
+holding on to the process's peak. Measured on the loss-side benchmark (384 rows, one thread, jsd): at V = 262144,
+31-row chunks with glibc's defaults 15.9-19.8 CPU s per step, 64-row chunks with these settings 11.2 s and no page
+faults (benchmarks/README.md). It runs once per process, on the engine's first call on CPU. Set
+``HF_KD_TUNE_MALLOC=0`` to leave malloc as it is. Nothing happens where the C library is not glibc.
 """
 
 from __future__ import annotations
@@ -24,9 +24,8 @@ import os
 logger = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed value on 64-bit systems
-TRIM_THRESHOLD = 1 << 30
+_M_MMAP_MAX = -4
+_INT_MAX = 2**31 - 1
 _applied: bool | None = None  # None: not tried yet in this process
 
 
@@ -42,15 +41,13 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 def tune_for_chunks() -> bool:
-    """Applies the thresholds once per process; True when they are in effect."""
+    """Applies the settings once per process; True when they are in effect."""
     global _applied
     if _applied is None:
         libc = None if os.environ.get("HF_KD_TUNE_MALLOC", "1") == "0" else _glibc()
         _applied = bool(
-            libc is not None
-            and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-            and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+            libc is not None and libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, _INT_MAX)
         )
         if _applied:
-            logger.debug("glibc malloc: mmap threshold 32 MiB, trim threshold 1 GiB (HF_KD_TUNE_MALLOC=0 skips)")
+            logger.debug("glibc malloc: heap only, no trimming (HF_KD_TUNE_MALLOC=0 skips)")
     return _applied

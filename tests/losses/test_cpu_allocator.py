@@ -7,6 +7,10 @@ import textwrap
 
 import pytest
 
+from hf_kd.losses.core import DEFAULT_CHUNK_ELEMENTS
+
+DEFAULT_CHUNK_BYTES = DEFAULT_CHUNK_ELEMENTS * 4
+
 SCRIPT = textwrap.dedent(
     """
     import resource, torch
@@ -38,6 +42,6 @@ def test_tuned_malloc_reuses_chunk_pages_and_can_be_switched_off():
     applied, tuned = _second_chunk_faults("1")
     skipped, default = _second_chunk_faults("0")
     assert applied and not skipped
-    pages = 12 * 32 * 2**20 // os.sysconf("SC_PAGE_SIZE")
+    pages = 12 * DEFAULT_CHUNK_BYTES // os.sysconf("SC_PAGE_SIZE")
     assert tuned < 0.25 * pages  # the second chunk reuses (nearly all) the pages the first one mapped
     assert default > 0.5 * pages  # glibc's defaults return them to the kernel and fault them in again
