@@ -613,7 +613,8 @@ def run_loss_side(spec: LossSideSpec) -> dict[str, Any]:
     from hf_kd.losses.cpu_allocator import tune_for_chunks
 
     torch.set_num_threads(spec.threads)
-    tune_for_chunks()  # the malloc settings hf_kd's engine applies, for every row alike (floor and TRL too)
+    if spec.method not in ("trl-chunked", "liger-jsd"):  # the other libraries run as shipped
+        tune_for_chunks()  # hf_kd's engine applies it on its first call; the floor gets it too (a lower floor)
     result = {"method": spec.method, "vocab": spec.vocab, "rows": spec.rows}
     if spec.method in LOSS_SIDE_TERMS:
         from hf_kd.losses import LOSS_REGISTRY

@@ -77,9 +77,12 @@ def _autocast_dtype(device: torch.device) -> torch.dtype | None:
     return None
 
 
-def _safe_log_softmax(logits: torch.Tensor) -> torch.Tensor:
-    # Clamp -inf to the most negative finite number: p * (log p - log q) stays finite where p == 0.
+def _safe_log_softmax(logits: torch.Tensor, finite: bool = False) -> torch.Tensor:
+    # Clamp -inf to the most negative finite number: p * (log p - log q) stays finite where p == 0. Logits known
+    # to be finite (a linear head's) give finite log-probabilities and skip the clamp's pass over [rows, V].
     log_probs = torch.log_softmax(logits, dim=-1)
+    if finite:
+        return log_probs
     floor = torch.finfo(logits.dtype).min
     return log_probs.clamp(min=floor) if log_probs.requires_grad else log_probs.clamp_(min=floor)
 
@@ -100,9 +103,11 @@ class TokenRows:
         extras: dict[str, torch.Tensor],
         num_rows: int,
         pair_mask: torch.Tensor | None = None,
+        finite: tuple[bool, bool] = (False, False),
     ):
         self._student = student_logits  # [n (+1), V], compute dtype
         self._teacher = teacher_logits
+        self._finite = {"s": finite[0], "t": finite[1]}  # logits that cannot be -inf (no clamping needed)
         self.labels = labels
         self.extras = extras
         self.n = num_rows
@@ -119,7 +124,9 @@ class TokenRows:
         return raw if temperature == 1.0 else raw / temperature
 
     def _logprobs_all(self, side: str, temperature: float) -> torch.Tensor:
-        return self._get(("lp", side, temperature), lambda: _safe_log_softmax(self._scaled(side, temperature)))
+        return self._get(
+            ("lp", side, temperature), lambda: _safe_log_softmax(self._scaled(side, temperature), self._finite[side])
+        )
 
     def _probs_all(self, side: str, temperature: float) -> torch.Tensor:
         return self._get(("p", side, temperature), lambda: self._logprobs_all(side, temperature).exp())
@@ -131,7 +138,7 @@ class TokenRows:
             if ("lp", side, temperature) in self._cache:
                 return self._cache[("lp", side, temperature)].detach()
             with torch.no_grad():
-                return _safe_log_softmax(self._scaled(side, temperature))
+                return _safe_log_softmax(self._scaled(side, temperature), self._finite[side])
 
         return self._get(("lp-const", side, temperature), make)[: self.n]
 
@@ -337,6 +344,7 @@ class LossEngine:
                     {k: v[start:end] for k, v in plan.extras.items()},
                     end - start,
                     plan.pair_mask[start:end] if plan.pair_mask is not None else None,
+                    (sides[0].finite, sides[1].finite),
                 )
                 chunk_total = None
                 for i, (term, weight, count) in enumerate(zip(plan.terms, plan.weights, plan.counts)):
@@ -472,6 +480,7 @@ class _ChunkSide:
         flat = grad_targets[position] if grad_targets else rows
         self.rows = rows.detach().requires_grad_(flat.requires_grad) if grad_targets else rows
         self.form = _linear_form(source.head) if grad_targets else None
+        self.finite = self.form is not None  # x W^T + b (scaled, soft-capped): never -inf
         if self.form is None:
             with torch.enable_grad() if grad_targets else torch.no_grad(), precision.on(rows.device):
                 self.logits = _compute_logits(source, self.rows, student_logits)

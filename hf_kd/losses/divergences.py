@@ -40,26 +40,28 @@ class _AnalyticGradient(torch.autograd.Function):
     """Identity on ``value`` whose gradient with respect to ``logits`` is ``grad`` (one row of it per value)."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, value: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, value: torch.Tensor, grad: torch.Tensor, scale: float) -> torch.Tensor:
         ctx.save_for_backward(grad)
+        ctx.scale = scale
         return value.clone()
 
     @staticmethod
     def backward(ctx, grad_value: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        return grad * grad_value.unsqueeze(-1).to(grad.dtype), None, None
+        return grad * (grad_value * ctx.scale).unsqueeze(-1).to(grad.dtype), None, None, None
 
 
-def with_gradient(logits: torch.Tensor, value: torch.Tensor, grad_fn) -> torch.Tensor:
-    """``value`` ([n], no graph) carrying d value / d logits = ``grad_fn()`` ([n, V]) back to ``logits``.
+def with_gradient(logits: torch.Tensor, value: torch.Tensor, grad_fn, scale: float = 1.0) -> torch.Tensor:
+    """``value`` ([n], no graph) carrying d value / d logits = ``scale * grad_fn()`` ([n, V]) back to ``logits``.
 
-    ``grad_fn`` is only called when ``logits`` needs a gradient, so no-grad evaluation skips the gradient.
+    ``grad_fn`` is only called when ``logits`` needs a gradient, so no-grad evaluation skips the gradient; a
+    constant factor of it goes in ``scale``, which costs nothing (it joins the upstream gradient, a vector).
     """
     if not (torch.is_grad_enabled() and logits.requires_grad):
         return value
     with torch.no_grad():
         grad = grad_fn()
-    return _AnalyticGradient.apply(logits, value, grad)
+    return _AnalyticGradient.apply(logits, value, grad, scale)
 
 
 def softmax_backward(q: torch.Tensor, a: torch.Tensor, q_dot_a: torch.Tensor | None = None) -> torch.Tensor:
@@ -74,7 +76,7 @@ def softmax_backward(q: torch.Tensor, a: torch.Tensor, q_dot_a: torch.Tensor | N
 def forward_kl(rows: TokenRows, t: float) -> torch.Tensor:
     """KL(p || q) per row, with gradient q - p."""
     p = rows.detached_probs("t", t)
-    value = row_dot(p, rows.detached_logprobs("t", t) - rows.detached_logprobs("s", t))
+    value = row_dot(p, rows.detached_logprobs("t", t)) - row_dot(p, rows.detached_logprobs("s", t))
     return with_gradient(rows.student_logits(t), value, lambda: rows.detached_probs("s", t) - p)
 
 
@@ -104,12 +106,13 @@ def mixture_kl(rows: TokenRows, t: float, beta: float, weight_p: float, weight_q
         q_gap = rows.detached_logprobs("s", t) - log_m
         kl_qm = row_dot(q, q_gap)
         value.add_(kl_qm, alpha=weight_q)
-    if weight_p:
-        value.add_(row_dot(p, rows.detached_logprobs("t", t) - log_m), alpha=weight_p)
+    if weight_p:  # <p, log p - log m> as two row sums: no [n, V] difference is formed
+        value.add_(row_dot(p, rows.detached_logprobs("t", t)) - row_dot(p, log_m), alpha=weight_p)
+
+    if jsd:
+        return with_gradient(rows.student_logits(t), value, lambda: softmax_backward(q, q_gap, kl_qm), weight_q)
 
     def grad() -> torch.Tensor:
-        if jsd:
-            return softmax_backward(q, q_gap, kl_qm).mul_(weight_q)
         a = torch.lerp(q, p, weight_p / (weight_p + weight_q)).div_(m.clamp_min_(torch.finfo(m.dtype).tiny))
         a.mul_(-(1 - beta) * (weight_p + weight_q))
         if weight_q:
