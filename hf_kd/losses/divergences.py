@@ -109,17 +109,25 @@ def mixture_kl(rows: TokenRows, t: float, beta: float, weight_p: float, weight_q
     if weight_p:  # <p, log p - log m> as two row sums: no [n, V] difference is formed
         value.add_(row_dot(p, rows.detached_logprobs("t", t)) - row_dot(p, log_m), alpha=weight_p)
 
+    logits = rows.student_logits(t)
     if jsd:
-        return with_gradient(rows.student_logits(t), value, lambda: softmax_backward(q, q_gap, kl_qm), weight_q)
+        return with_gradient(logits, value, lambda: softmax_backward(q, q_gap, kl_qm), weight_q)
+    # Otherwise df/dq = weight_q (log q - log m) + coef mix / m, with mix the (weight_p, weight_q) blend of p and q
+    # (weight_q's constant cancels in the softmax backward); coef goes into the upstream scale where it can.
+    coef = -(1 - beta) * (weight_p + weight_q)
+
+    def mix_over_m() -> tuple[torch.Tensor, torch.Tensor]:  # where p and q both underflow, mix / m is 0, not 0 / 0
+        mix = p if not weight_q else q if not weight_p else torch.lerp(q, p, weight_p / (weight_p + weight_q))
+        return mix, m.clamp_min_(torch.finfo(m.dtype).tiny)
+
+    if not weight_q:  # skew forward KL
+        return with_gradient(logits, value, lambda: softmax_backward(q, torch.div(*mix_over_m())), coef)
 
     def grad() -> torch.Tensor:
-        a = torch.lerp(q, p, weight_p / (weight_p + weight_q)).div_(m.clamp_min_(torch.finfo(m.dtype).tiny))
-        a.mul_(-(1 - beta) * (weight_p + weight_q))
-        if weight_q:
-            a.add_(q_gap.add_(1.0), alpha=weight_q)
-        return softmax_backward(q, a)
+        a = q_gap if weight_q == 1 else q_gap.mul_(weight_q)
+        return softmax_backward(q, a.addcdiv_(*mix_over_m(), value=coef))
 
-    return with_gradient(rows.student_logits(t), value, grad)
+    return with_gradient(logits, value, grad)
 
 
 @register_loss("fkl")
