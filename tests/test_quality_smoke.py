@@ -166,3 +166,9 @@ def test_page_renders_from_records(quality, tmp_path):
     assert claims["| teacher cache, flat tail vs live teacher, fkl (should agree)"].endswith("| agree |")
     assert "Observed on this run only." in page
     assert json.loads((tmp_path / "quality_tiny.json").read_text())["results"] == records
+    readme = tmp_path / "README.md"
+    readme.write_text("# T\n\n### Methods side by side\n\nold table\n\n### Speed\n\nkept\n")
+    quality.update_readme(readme, payload, page, tmp_path / "quality_tiny.json")
+    text = readme.read_text()
+    assert "old table" not in text and text.endswith("### Speed\n\nkept\n") and text.startswith("# T\n\n")
+    assert fkl_row in text and "(quality_tiny.png)" in text and "Observed on this run only." in text
