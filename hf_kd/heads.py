@@ -169,14 +169,18 @@ def verify_output_head(head: OutputHead, outputs: Any) -> None:
 
     ``outputs`` is the model's output of a forward with ``output_hidden_states=True`` (and typically
     ``logits_to_keep=1``): its last logits row is compared with the head applied to the last hidden state there,
-    within a tolerance of a few rounding steps of the model's dtype.
+    within a tolerance of a few rounding steps of the model's dtype (of the autocast dtype, under autocast: call it
+    under the autocast the model ran in).
     """
     logits = outputs.logits[:, -1:].detach()
     with torch.no_grad():
         rebuilt = head(outputs.hidden_states[-1][:, -1:].detach())
     expected = logits[..., : rebuilt.shape[-1]].float()
     rebuilt = rebuilt.float()
-    tolerance = max(1e-3, 4 * torch.finfo(logits.dtype).eps) * max(1.0, expected.abs().max().item())
+    device = logits.device.type
+    autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else logits.dtype
+    eps = max(torch.finfo(logits.dtype).eps, torch.finfo(autocast).eps)  # bf16 autocast: bf16 rounding
+    tolerance = max(1e-3, 4 * eps) * max(1.0, expected.abs().max().item())
     error = (rebuilt - expected).abs().max().item() if rebuilt.shape == expected.shape else float("inf")
     if not error <= tolerance:
         raise ValueError(

@@ -437,7 +437,8 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
         self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ):
         if self.bridge is not None:
-            loss, terms = self.bridge.compute_loss(model, self.teacher_model, inputs, num_items_in_batch)
+            with self.accelerator.autocast():  # as for the other losses: heads in the mixed-precision dtype
+                loss, terms = self.bridge.compute_loss(model, self.teacher_model, inputs, num_items_in_batch)
             loss, outputs = loss * self._process_scale(num_items_in_batch), None
         elif "reference" in inputs:  # a generated step: ce on the reference answers (see _split_reference_terms)
             ref_items = inputs["reference_num_items"]
@@ -488,15 +489,16 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
         extras = self._loss_extras(inputs, loss_fn)
         models = [model] if self.teacher_cache is not None else [model, self.teacher_model]
         heads = [self.accelerator.unwrap_model(m).get_output_embeddings() for m in models] if fused else []
-        with gathered(*heads):  # sharded (FSDP2/ZeRO-3) heads are whole for the loss only
+        # Sharded (FSDP2/ZeRO-3) heads are whole for the loss only; under bf16/fp16 the head matmuls run in that
+        # dtype, as in the models' own forward (the engine keeps the divergences in float32).
+        with gathered(*heads), self.accelerator.autocast():
             if fused and not self._heads_verified:  # the models kept their last position's logits: check them
                 verify_output_head(student.head, student_out)
                 if self.teacher_cache is None:
                     verify_output_head(teacher.head, teacher_out)
                 self._heads_verified = True
             counts = inputs.get(POSITION_COUNTS)
-            with self.accelerator.autocast():  # bf16/fp16 runs: head matmuls in that dtype, divergences in fp32
-                loss = loss_fn.forward_sources(student, teacher, labels, num_items_in_batch, counts, **extras)
+            loss = loss_fn.forward_sources(student, teacher, labels, num_items_in_batch, counts, **extras)
         return loss, loss_fn.last_values, student_out
 
     def _logit_source(self, outputs: Any, fused_model: nn.Module | None) -> LogitSource:

@@ -46,6 +46,23 @@ def test_off_policy_training_lowers_the_loss(tmp_path, tokenizer, student, teach
     assert term_keys == {f"loss/{name}" for _, name in __import__("hf_kd").losses.parse_recipe(recipe)}
 
 
+def test_bf16_mixed_precision_training_lowers_the_loss(tmp_path, tokenizer, student, teacher, train_dataset):
+    """bf16=True (CPU autocast here): the engine's head matmuls run in bf16 under the trainer's autocast, the
+    divergences in float32, and the float32 student still learns."""
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=make_args(tmp_path, kd_loss="jsd", max_steps=30, bf16=True),
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    losses = train_losses(trainer)
+    assert len(losses) == 30 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+
+
 @pytest.mark.parametrize("recipe", RECIPES)
 @pytest.mark.parametrize("mode", ["on_policy", "seq_kd"])
 def test_generated_modes_train(tmp_path, tokenizer, student, teacher, train_dataset, heldout_dataset, recipe, mode):
