@@ -718,8 +718,8 @@ def run_loss_side_rounds(args: argparse.Namespace, argv: list[str] | None, devic
     unknown = sorted(set(methods) - set(LOSS_SIDE_METHODS))
     if unknown:
         raise SystemExit(f"--loss-side runs {' '.join(LOSS_SIDE_METHODS)}; {unknown} are trainer methods.")
-    tag = args.tag or ("loss-side-gpu" if device == "cuda" else "loss-side")
     gpu = device == "cuda"
+    tag = args.tag or ("loss-side-gpu" if gpu else "loss-side")
     bf16 = args.bf16 if args.bf16 is not None else gpu
     table = ""
     for round_index in range(args.rounds):

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .losses.core import LinearForm
+from .losses.core import LinearForm, autocast_dtype
 
 MULTIPLY_BY_LOGITS_SCALING = ("hyperclovax", "hyperclovax_vision_v2")
 """Families whose logits are the head's output times ``logits_scaling`` (the other users of it divide)."""
@@ -177,9 +177,8 @@ def verify_output_head(head: OutputHead, outputs: Any) -> None:
         rebuilt = head(outputs.hidden_states[-1][:, -1:].detach())
     expected = logits[..., : rebuilt.shape[-1]].float()
     rebuilt = rebuilt.float()
-    device = logits.device.type
-    autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else logits.dtype
-    eps = max(torch.finfo(logits.dtype).eps, torch.finfo(autocast).eps)  # bf16 autocast: bf16 rounding
+    computed_in = autocast_dtype(logits.device) or logits.dtype
+    eps = max(torch.finfo(logits.dtype).eps, torch.finfo(computed_in).eps)  # bf16 autocast: bf16 rounding
     tolerance = max(1e-3, 4 * eps) * max(1.0, expected.abs().max().item())
     error = (rebuilt - expected).abs().max().item() if rebuilt.shape == expected.shape else float("inf")
     if not error <= tolerance:

@@ -29,12 +29,12 @@ def heldout_kl(student, teacher, tokenizer, dataset) -> float:
     return build_loss("fkl")(s, t, batch["labels"][:, 1:]).item()
 
 
-@pytest.mark.parametrize("recipe", RECIPES)
-def test_off_policy_training_lowers_the_loss(tmp_path, tokenizer, student, teacher, train_dataset, recipe):
+def train_30_steps_lowering_the_loss(tmp_path, tokenizer, student, teacher, train_dataset, **args):
+    """A trainer after 30 off-policy steps whose last five losses average below 0.8x its first five."""
     trainer = DistillationTrainer(
         model=student,
         teacher_model=teacher,
-        args=make_args(tmp_path, kd_loss=recipe, max_steps=30),
+        args=make_args(tmp_path, max_steps=30, **args),
         train_dataset=train_dataset,
         processing_class=tokenizer,
     )
@@ -42,6 +42,12 @@ def test_off_policy_training_lowers_the_loss(tmp_path, tokenizer, student, teach
     losses = train_losses(trainer)
     assert len(losses) == 30 and all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+    return trainer
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_off_policy_training_lowers_the_loss(tmp_path, tokenizer, student, teacher, train_dataset, recipe):
+    trainer = train_30_steps_lowering_the_loss(tmp_path, tokenizer, student, teacher, train_dataset, kd_loss=recipe)
     term_keys = {k for entry in trainer.state.log_history for k in entry if k.startswith("loss/")}
     assert term_keys == {f"loss/{name}" for _, name in __import__("hf_kd").losses.parse_recipe(recipe)}
 
@@ -49,17 +55,8 @@ def test_off_policy_training_lowers_the_loss(tmp_path, tokenizer, student, teach
 def test_bf16_mixed_precision_training_lowers_the_loss(tmp_path, tokenizer, student, teacher, train_dataset):
     """bf16=True (CPU autocast here): the engine's head matmuls run in bf16 under the trainer's autocast, the
     divergences in float32, and the float32 student still learns."""
-    trainer = DistillationTrainer(
-        model=student,
-        teacher_model=teacher,
-        args=make_args(tmp_path, kd_loss="jsd", max_steps=30, bf16=True),
-        train_dataset=train_dataset,
-        processing_class=tokenizer,
-    )
-    trainer.train()
-    losses = train_losses(trainer)
-    assert len(losses) == 30 and all(torch.isfinite(torch.tensor(losses)))
-    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+    args = {"kd_loss": "jsd", "bf16": True}
+    trainer = train_30_steps_lowering_the_loss(tmp_path, tokenizer, student, teacher, train_dataset, **args)
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
 
 

@@ -70,7 +70,7 @@ def default_chunk_size(vocab_size: int) -> int:
     return max(1, DEFAULT_CHUNK_ELEMENTS // max(vocab_size, 1))
 
 
-def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The autocast dtype active for ``device``, or None when autocast is off."""
     if device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
@@ -329,7 +329,7 @@ class LossEngine:
         device = flat_s.device
         sums = [torch.zeros((), device=device, dtype=torch.float64) for _ in plan.terms]
         grads = [None] * len(grad_targets)
-        heads = _HeadPrecision(_autocast_dtype(device))
+        heads = _HeadPrecision(autocast_dtype(device))
         for start in range(0, n_rows, plan.chunk_size):
             end = min(start + plan.chunk_size, n_rows)
             stop = min(end + 1, n_rows) if plan.lookahead else end
