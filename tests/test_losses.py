@@ -209,6 +209,30 @@ def test_fused_linear_heads_equal_full_logits(recipe, bias):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+def test_fused_loss_scaled_upstream_and_single_backward():
+    """The fused loss hands its gradients over to autograd: a scaled loss (e.g. divided by the accumulation steps)
+    scales every gradient, and a second backward through the same graph recomputes the same gradients."""
+    g = torch.Generator().manual_seed(5)
+    head_s, head_t = torch.nn.Linear(5, V).double(), torch.nn.Linear(7, V).double()
+    hs, ht = torch.randn(1, 6, 5, generator=g, dtype=torch.float64), torch.randn(1, 6, 7, generator=g).double()
+    labels = torch.randint(0, V, (1, 6), generator=g)
+    grads = []
+    for scale in (1.0, 0.25):
+        head_s.zero_grad(set_to_none=True)
+        x = hs.clone().requires_grad_(True)
+        (scale * build_loss("jsd", chunk_size=2).forward_fused(x, head_s, ht, head_t, labels)).backward()
+        grads.append([x.grad, head_s.weight.grad, head_s.bias.grad])
+    for full, scaled in zip(*grads):
+        torch.testing.assert_close(scaled, 0.25 * full, rtol=1e-12, atol=1e-14)
+    head_s.zero_grad(set_to_none=True)
+    x = hs.clone().requires_grad_(True)
+    loss = build_loss("jsd", chunk_size=2).forward_fused(x, head_s, ht, head_t, labels)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    for twice, once in zip([x.grad, head_s.weight.grad, head_s.bias.grad], grads[0]):
+        torch.testing.assert_close(twice, 2 * once, rtol=1e-12, atol=1e-14)
+
+
 def test_fused_linear_head_bf16_and_masked_rows():
     """A bf16 head: logits are formed in bf16 and computed in fp32 as with full logits; masked rows get zero
     gradient and change nothing."""

@@ -119,6 +119,11 @@ class TokenRows:
             self._cache[key] = make()
         return self._cache[key]
 
+    def _own(self, rows: torch.Tensor) -> torch.Tensor:
+        """The chunk's own rows (without the look-ahead row). Not a slice when there is no look-ahead row: a
+        slice's backward would allocate and zero-fill a [rows, V] gradient to copy into."""
+        return rows if rows.shape[0] == self.n else rows[: self.n]
+
     def _scaled(self, side: str, temperature: float) -> torch.Tensor:
         raw = self._student if side == "s" else self._teacher.detach()
         return raw if temperature == 1.0 else raw / temperature
@@ -140,29 +145,29 @@ class TokenRows:
             with torch.no_grad():
                 return _safe_log_softmax(self._scaled(side, temperature), self._finite[side])
 
-        return self._get(("lp-const", side, temperature), make)[: self.n]
+        return self._own(self._get(("lp-const", side, temperature), make))
 
     def detached_probs(self, side: str, temperature: float = 1.0) -> torch.Tensor:
         """Probabilities of ``side`` ("s" or "t") without a graph (see ``detached_logprobs``)."""
         return self._get(("p-const", side, temperature), lambda: self.detached_logprobs(side, temperature).exp())
 
     def student_logits(self, temperature: float = 1.0) -> torch.Tensor:
-        return self._scaled("s", temperature)[: self.n]
+        return self._own(self._scaled("s", temperature))
 
     def teacher_logits(self, temperature: float = 1.0) -> torch.Tensor:
-        return self._scaled("t", temperature)[: self.n]
+        return self._own(self._scaled("t", temperature))
 
     def student_logprobs(self, temperature: float = 1.0) -> torch.Tensor:
-        return self._logprobs_all("s", temperature)[: self.n]
+        return self._own(self._logprobs_all("s", temperature))
 
     def teacher_logprobs(self, temperature: float = 1.0) -> torch.Tensor:
-        return self._logprobs_all("t", temperature)[: self.n]
+        return self._own(self._logprobs_all("t", temperature))
 
     def student_probs(self, temperature: float = 1.0) -> torch.Tensor:
-        return self._probs_all("s", temperature)[: self.n]
+        return self._own(self._probs_all("s", temperature))
 
     def teacher_probs(self, temperature: float = 1.0) -> torch.Tensor:
-        return self._probs_all("t", temperature)[: self.n]
+        return self._own(self._probs_all("t", temperature))
 
     def student_probs_next(self, temperature: float = 1.0) -> torch.Tensor:
         return self._probs_all("s", temperature)[1 : self.n + 1]
@@ -172,7 +177,7 @@ class TokenRows:
 
     def teacher_logits_with_grad(self) -> torch.Tensor:
         """Teacher-side logits without detaching, for bridges whose teacher side is trainable (DSKD)."""
-        return self._teacher[: self.n]
+        return self._own(self._teacher)
 
 
 class TokenLoss(nn.Module):
@@ -534,20 +539,27 @@ class _ChunkSide:
 
 
 class _ChunkedLoss(torch.autograd.Function):
-    """Loss value in forward, with each chunk's gradient computed on the spot; backward only scales."""
+    """Loss value in forward, with each chunk's gradient computed on the spot; backward only scales.
+
+    Backward hands the gradients over instead of keeping a reference, so that autograd adopts a head's [V, d]
+    gradient as its ``.grad`` rather than copying it (a copy costs a [V, d] pass and a second [V, d] buffer at
+    the step's peak). A later backward through the same graph (``retain_graph=True``, gradcheck) recomputes them.
+    """
 
     @staticmethod
     def forward(ctx, engine, plan, student, teacher, _has_params, flat_s, flat_t, *params):
         targets = [flat_s, flat_t, *params]
-        total, grads = engine._run(plan, student, teacher, flat_s, flat_t, targets)
-        ctx.grads = grads
+        total, ctx.grads = engine._run(plan, student, teacher, flat_s, flat_t, targets)
+        ctx.recompute = lambda: engine._run(plan, student, teacher, flat_s, flat_t, targets)[1]
         return total
 
     @staticmethod
     def backward(ctx, grad_output):
-        if torch.equal(grad_output, torch.ones_like(grad_output)):
-            return (None, None, None, None, None, *ctx.grads)
-        grads = [None if g is None else g * grad_output.to(g.dtype) for g in ctx.grads]
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            grads = ctx.recompute()
+        if not torch.equal(grad_output, torch.ones_like(grad_output)):
+            grads = [None if g is None else g.mul_(grad_output.to(g.dtype)) for g in grads]
         return (None, None, None, None, None, *grads)
 
 
