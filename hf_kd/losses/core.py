@@ -77,10 +77,11 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return None
 
 
-def _safe_log_softmax(logits: torch.Tensor, finite: bool = False) -> torch.Tensor:
+def _safe_log_softmax(logits: torch.Tensor, finite: bool = False, in_place: bool = False) -> torch.Tensor:
     # Clamp -inf to the most negative finite number: p * (log p - log q) stays finite where p == 0. Logits known
     # to be finite (a linear head's) give finite log-probabilities and skip the clamp's pass over [rows, V].
-    log_probs = torch.log_softmax(logits, dim=-1)
+    # ``in_place`` writes them over ``logits`` (a [rows, V] buffer less).
+    log_probs = torch.log_softmax(logits, dim=-1, out=logits) if in_place else torch.log_softmax(logits, dim=-1)
     if finite:
         return log_probs
     floor = torch.finfo(logits.dtype).min
@@ -137,13 +138,20 @@ class TokenRows:
         return self._get(("p", side, temperature), lambda: self._logprobs_all(side, temperature).exp())
 
     def detached_logprobs(self, side: str, temperature: float = 1.0) -> torch.Tensor:
-        """Log-probabilities of ``side`` ("s" or "t") without a graph, for terms that write their own gradient."""
+        """Log-probabilities of ``side`` ("s" or "t") without a graph, for terms that write their own gradient.
+
+        They are written over the scaled logits when those are a temporary, or over the raw logits themselves when
+        those carry no gradient (the teacher's): from then on that side's ``*_logits`` are its log-probabilities,
+        the logits shifted by a per-row constant, which everything read from them is invariant to (softmax, top-k
+        differences, argmax)."""
 
         def make() -> torch.Tensor:
             if ("lp", side, temperature) in self._cache:
                 return self._cache[("lp", side, temperature)].detach()
             with torch.no_grad():
-                return _safe_log_softmax(self._scaled(side, temperature), self._finite[side])
+                raw = self._student if side == "s" else self._teacher  # the chunk's own copies (or head outputs)
+                in_place = temperature != 1.0 or not raw.requires_grad
+                return _safe_log_softmax(self._scaled(side, temperature), self._finite[side], in_place=in_place)
 
         return self._own(self._get(("lp-const", side, temperature), make))
 

@@ -101,13 +101,13 @@ def mixture_kl(rows: TokenRows, t: float, beta: float, weight_p: float, weight_q
     m = torch.lerp(q, p, beta)
     log_m = (m.log_() if jsd else m.log()).clamp_(min=torch.finfo(m.dtype).min)
     value = torch.zeros_like(log_m[:, 0])
-    q_gap = kl_qm = None
-    if weight_q:
-        q_gap = rows.detached_logprobs("s", t) - log_m
-        kl_qm = row_dot(q, q_gap)
-        value.add_(kl_qm, alpha=weight_q)
     if weight_p:  # <p, log p - log m> as two row sums: no [n, V] difference is formed
         value.add_(row_dot(p, rows.detached_logprobs("t", t)) - row_dot(p, log_m), alpha=weight_p)
+    q_gap = kl_qm = None
+    if weight_q:  # log q - log m, in log m's buffer (log m is not read past this point)
+        q_gap = log_m.neg_().add_(rows.detached_logprobs("s", t))
+        kl_qm = row_dot(q, q_gap)
+        value.add_(kl_qm, alpha=weight_q)
 
     logits = rows.student_logits(t)
     if jsd:

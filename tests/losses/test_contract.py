@@ -2,8 +2,8 @@
 
 For every name in ``LOSS_REGISTRY``: zero for identical distributions and positive otherwise, an exact gradient
 (``gradcheck`` in float64), the same value and gradient at any chunk size, masked rows ignored, gradient
-accumulation invariance, bf16 inputs computed in float32, and declarations the rest of hf_kd can read (paper,
-knobs, per-token inputs, optimizer group).
+accumulation invariance, bf16 inputs computed in float32, the caller's logits left unchanged, and declarations
+the rest of hf_kd can read (paper, knobs, per-token inputs, optimizer group).
 """
 
 import dataclasses
@@ -112,6 +112,18 @@ def test_chunk_size_invariance(batch, name):
         value, grad = _value_and_grad(_loss(name, chunk_size=chunk), s, t, labels, **extras)
         torch.testing.assert_close(value, reference[0], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(grad, reference[1], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_inputs_are_left_unchanged(batch, name):
+    """The engine overwrites its own per-chunk buffers in place, never the caller's logits, at T = 1 or not."""
+    s, t, labels = batch
+    extras = _inputs(name, labels)
+    for grad in (True, False):
+        student, teacher = s.clone().requires_grad_(grad), t.clone()
+        with torch.set_grad_enabled(grad):
+            _loss(name)(student, teacher, labels, **extras)
+        assert torch.equal(student.detach(), s) and torch.equal(teacher, t)
 
 
 @pytest.mark.parametrize("name", NAMES)
