@@ -158,13 +158,13 @@ class TopKReconstruction(nn.Module):
         elif self.tail == "student":
             if student_logits is None:
                 raise ValueError("tail='student' reconstructs the tail from the student's logits: pass them.")
-            shape = student_logits[..., :v].detach().float() / self.temperature
-            shape = shape.scatter(-1, ids, float("-inf"))  # the tail tokens only
-            dense = shape - shape.logsumexp(-1, keepdim=True) + log_tail.unsqueeze(-1)
+            dense = student_logits[..., :v].detach().float() / self.temperature  # one fresh [n, V] buffer, reused
+            dense.scatter_(-1, ids, float("-inf"))  # the tail tokens only
+            torch.log_softmax(dense, dim=-1, out=dense).add_(log_tail.unsqueeze(-1))
         else:
             dense = (log_tail - math.log(v - k)).unsqueeze(-1).expand(*rows.shape[:-1], v).clone()
         dense.scatter_(-1, ids, values)
-        return dense * self.temperature if self.temperature != 1.0 else dense
+        return dense.mul_(self.temperature) if self.temperature != 1.0 else dense
 
 
 def reconstruction_kl(logprobs: torch.Tensor, encoding: CacheEncoding) -> torch.Tensor:
