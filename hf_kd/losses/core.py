@@ -344,46 +344,7 @@ class LossEngine:
         grads = [None] * len(grad_targets)
         heads = _HeadPrecision(autocast_dtype(device))
         for start in range(0, n_rows, plan.chunk_size):
-            end = min(start + plan.chunk_size, n_rows)
-            stop = min(end + 1, n_rows) if plan.lookahead else end
-            idx = plan.index[start:stop]
-            student_side = _ChunkSide(student, flat_s[idx], 0, grad_targets, heads)
-            sides = [student_side, _ChunkSide(teacher, flat_t[idx], 1, grad_targets, heads, student_side.logits)]
-            with torch.enable_grad() if grad_targets else torch.no_grad(), heads.off(device):
-                rows = TokenRows(
-                    sides[0].logits,
-                    sides[1].logits,
-                    plan.labels[start:end],
-                    {k: v[start:end] for k, v in plan.extras.items()},
-                    end - start,
-                    plan.pair_mask[start:end] if plan.pair_mask is not None else None,
-                    (sides[0].finite, sides[1].finite),
-                )
-                chunk_total = None
-                for i, (term, weight, count) in enumerate(zip(plan.terms, plan.weights, plan.counts)):
-                    value = term.per_token(rows).sum()
-                    sums[i] += value.detach().double()
-                    contrib = value * (weight / count) if count > 0 else value * 0.0
-                    chunk_total = contrib if chunk_total is None else chunk_total + contrib
-            del rows  # the chunk's cached [rows, V] temporaries
-            if grad_targets and chunk_total is not None and chunk_total.requires_grad:
-                inputs = [*(side.grad_input for side in sides), *grad_targets[2:]]
-                wanted = [x for x in inputs if x.requires_grad]
-                got = iter(torch.autograd.grad(chunk_total, wanted, allow_unused=True))
-                for j, x in enumerate(inputs):
-                    g = next(got) if x.requires_grad else None
-                    if g is None:
-                        continue
-                    if j < 2:
-                        g = sides[j].backward(g, grads)
-                        if g is None:
-                            continue
-                        full = grads[j]
-                        if full is None:
-                            full = grads[j] = torch.zeros_like(grad_targets[j])
-                        full.index_add_(0, idx, g.to(full.dtype))
-                    else:
-                        _accumulate(grads, j, g)
+            self._run_chunk(plan, start, student, teacher, flat_s, flat_t, grad_targets, heads, sums, grads)
         for j, target in enumerate(grad_targets):
             if grads[j] is None and target.requires_grad:  # e.g. no selected rows: a zero gradient, not None
                 grads[j] = torch.zeros_like(target)
@@ -396,6 +357,52 @@ class LossEngine:
             total = total + weight * value
         plan.term_values = values
         return total, grads
+
+    def _run_chunk(self, plan: _Plan, start, student, teacher, flat_s, flat_t, grad_targets, heads, sums, grads):
+        """One chunk: term values added to ``sums``, gradients to ``grads``. Its own function so that every
+        [rows, V] buffer of the chunk is freed when it returns, before the next chunk allocates its own."""
+        n_rows = plan.index.numel()
+        end = min(start + plan.chunk_size, n_rows)
+        stop = min(end + 1, n_rows) if plan.lookahead else end
+        idx = plan.index[start:stop]
+        student_side = _ChunkSide(student, flat_s[idx], 0, grad_targets, heads)
+        sides = [student_side, _ChunkSide(teacher, flat_t[idx], 1, grad_targets, heads, student_side.logits)]
+        with torch.enable_grad() if grad_targets else torch.no_grad(), heads.off(flat_s.device):
+            rows = TokenRows(
+                sides[0].logits,
+                sides[1].logits,
+                plan.labels[start:end],
+                {k: v[start:end] for k, v in plan.extras.items()},
+                end - start,
+                plan.pair_mask[start:end] if plan.pair_mask is not None else None,
+                (sides[0].finite, sides[1].finite),
+            )
+            chunk_total = None
+            for i, (term, weight, count) in enumerate(zip(plan.terms, plan.weights, plan.counts)):
+                value = term.per_token(rows).sum()
+                sums[i] += value.detach().double()
+                contrib = value * (weight / count) if count > 0 else value * 0.0
+                chunk_total = contrib if chunk_total is None else chunk_total + contrib
+        del rows  # the chunk's cached [rows, V] temporaries, before the backward allocates its gradient
+        if not (grad_targets and chunk_total is not None and chunk_total.requires_grad):
+            return
+        inputs = [*(side.grad_input for side in sides), *grad_targets[2:]]
+        wanted = [x for x in inputs if x.requires_grad]
+        got = list(torch.autograd.grad(chunk_total, wanted, allow_unused=True))
+        for j, x in enumerate(inputs):
+            g = got.pop(0) if x.requires_grad else None  # popped: a [rows, V] gradient is freed once used
+            if g is None:
+                continue
+            if j < 2:
+                g = sides[j].backward(g, grads)
+                if g is None:
+                    continue
+                full = grads[j]
+                if full is None:
+                    full = grads[j] = torch.zeros_like(grad_targets[j])
+                full.index_add_(0, idx, g.to(full.dtype))
+            else:
+                _accumulate(grads, j, g)
 
 
 def _vocab_size(source: LogitSource) -> int:
