@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hf_kd.losses.core import DEFAULT_CHUNK_ELEMENTS  # noqa: E402  (rows per loss chunk = this // vocabulary)
 
 GB = 1e9
-LIVE_CHUNK_TEMPORARIES = 12  # [rows, V] float32 tensors a loss term keeps alive at once (hf_kd.losses.core)
+LIVE_CHUNK_TEMPORARIES = 8  # [rows, V] float32 buffers a loss term keeps alive at once: at most 8 (chunk_buffers.py)
 
 
 @dataclass(frozen=True)

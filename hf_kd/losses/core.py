@@ -43,8 +43,8 @@ if TYPE_CHECKING:
     from ..papers import Paper
 
 IGNORE_INDEX = -100
-# 16M float32 elements = 64 MiB per [rows, V] temporary (a term keeps ~12 alive): 110 rows at V = 151936, 64 at
-# 262144. Fewer rows per chunk make the head matmuls re-read the [V, d] weights more often (see cpu_allocator).
+# 16M float32 elements = 64 MiB per [rows, V] buffer (a term keeps 5-8 alive, benchmarks/chunk_buffers.py): 110 rows
+# at V = 151936, 64 at 262144. Fewer rows per chunk make the head matmuls re-read the [V, d] weights more often.
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
 
 

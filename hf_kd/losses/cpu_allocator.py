@@ -1,6 +1,6 @@
 """glibc malloc settings that let the loss engine reuse its chunk temporaries instead of re-mapping them.
 
-Each chunk of the engine (``hf_kd.losses.core``) allocates a dozen [rows, V] float32 temporaries of 64 MiB and
+Each chunk of the engine (``hf_kd.losses.core``) allocates five to eight [rows, V] float32 buffers of 64 MiB and
 frees them when the chunk ends. glibc serves blocks that large with mmap (its threshold is at most 32 MiB) and
 unmaps them on free, so every page of every chunk's temporaries is faulted in and zeroed again: hundreds of
 thousands of minor page faults per step. Smaller chunks avoid mmap but make the head matmuls re-read the [V, d]
