@@ -23,7 +23,9 @@ def _resident_bytes(key: str) -> int:
     return int(re.search(rf"^{key}:\s+(\d+) kB", text, re.MULTILINE).group(1)) * 1024
 
 
-def live_buffers(term: str, vocab: int, chunk_rows: int, student_hidden: int = 576, teacher_hidden: int = 960) -> float:
+def live_buffers(
+    term: str, vocab: int, chunk_rows: int, student_hidden: int = 576, teacher_hidden: int = 960
+) -> float:
     """Buffers of [chunk_rows, vocab] float32 alive at the peak of a three-chunk fused step of ``term``."""
     import torch
 
