@@ -51,16 +51,26 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--chunk-rows", type=int, default=110)
+    parser.add_argument("--hidden", nargs=2, type=int, default=[576, 960], help="student and teacher hidden sizes")
     parser.add_argument("--terms", nargs="+", default=["fkl", "rkl", "jsd", "sfkl", "srkl", "akl", "bild", "dac_kl"])
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(f"{live_buffers(args.child, args.vocab, args.chunk_rows):.1f}")
+        print(f"{live_buffers(args.child, args.vocab, args.chunk_rows, *args.hidden):.1f}")
         return
     env = os.environ | {"HF_KD_TUNE_MALLOC": "0", "OMP_NUM_THREADS": "1"}
     lines = [f"| term | live [{args.chunk_rows}, {args.vocab}] float32 buffers |", "|---|---|"]
     for term in args.terms:  # one process per term: the peak of one term only
-        command = [sys.executable, __file__, "--child", term, "--vocab", str(args.vocab)]
+        command = [
+            sys.executable,
+            __file__,
+            "--child",
+            term,
+            "--vocab",
+            str(args.vocab),
+            "--hidden",
+            *map(str, args.hidden),
+        ]
         out = subprocess.run([*command, "--chunk-rows", str(args.chunk_rows)], env=env, capture_output=True, text=True)
         lines.append(f"| {term} | {out.stdout.strip() or out.stderr.strip().splitlines()[-1]} |")
     print("\n".join(lines))

@@ -90,3 +90,13 @@ def test_loss_side_bf16_rows_and_gpu_table(bench):
         assert r["tokens_per_s"] == 12 / r["step_time_s"] and r["head_tflops_per_s"] > 0
     table = bench.loss_side_table(merged, peak_tflops=989.0)
     assert "tokens/s" in table and "MFU" in table and table.count("\n") == len(merged) + 2
+
+
+def test_chunk_buffers_counts_a_terms_live_buffers(capsys):
+    """benchmarks/chunk_buffers.py on 40 MiB chunk buffers (above glibc's largest mmap threshold, so freed ones leave
+    the resident set): jsd keeps 6 alive; more than 8 means a chunk's buffers outlive it (as they once did)."""
+    load_script("benchmarks/chunk_buffers.py").main(
+        ["--vocab", "65536", "--chunk-rows", "160", "--hidden", "64", "96", "--terms", "jsd"]
+    )
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    assert 4.0 <= float(row.split("|")[2]) <= 8.0, row
