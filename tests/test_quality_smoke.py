@@ -131,6 +131,19 @@ def test_bootstrap_intervals_contain_the_point_and_shrink_to_it_without_spread(q
     assert quality.bootstrap([shifted, same], "rouge_l", sign=(1, -1)) == (5.0, 5.0, 5.0)  # paired over prompts
 
 
+def test_claims_count_differences_inside_the_margins_as_ties(quality):
+    """Two rows whose KL differs by 1e-4 nats on every prompt (two exact implementations of one objective): the
+    interval excludes 0 but lies inside the margin, so they agree; 0.05 nats apart they differ."""
+    rouge = [10.0, 20.0, 30.0, 40.0]
+    trl = [_record("trl-gkd", 0, rouge, [1.0, 1.2, 0.8, 1.1])]
+    close = [_record("jsd-live", 0, rouge, [1.0001, 1.2001, 0.8001, 1.1001])]
+    far = [_record("jsd-live", 0, rouge, [1.05, 1.25, 0.85, 1.15])]
+    for rows, verdict in ((close, "agree"), (far, "differ")):
+        table = quality.claims_table(trl + rows)
+        line = next(x for x in table.splitlines() if "jsd-live - trl-gkd" in x)
+        assert line.endswith(f"| {verdict} |"), line
+
+
 def test_page_renders_from_records(quality, tmp_path):
     budget = tiny_budget(quality)
     records = [
