@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
-
-def _resident_bytes(key: str) -> int:
-    text = Path("/proc/self/status").read_text()
-    return int(re.search(rf"^{key}:\s+(\d+) kB", text, re.MULTILINE).group(1)) * 1024
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed_memory import MemoryMeter  # noqa: E402  (peak resident memory of a step; also puts this hf_kd first)
 
 
 def live_buffers(
@@ -38,13 +35,13 @@ def live_buffers(
     h_s, h_t = torch.randn(1, rows, student_hidden) * 3, torch.randn(1, rows, teacher_hidden) * 4
     labels = torch.randint(0, vocab, (1, rows))
     loss = build_loss(term, chunk_size=chunk_rows)
+    meter = MemoryMeter("cpu")
     for _ in range(2):  # the second step is measured (libraries loaded, caches warm)
         head_s.zero_grad(set_to_none=True)
-        Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current resident set
-        start = _resident_bytes("VmRSS")
+        meter.start()
         loss.forward_fused(h_s.clone().requires_grad_(True), head_s, h_t, head_t, labels).backward()
-        peak = _resident_bytes("VmHWM")
-    return (peak - start - head_s.weight.numel() * 4) / (chunk_rows * vocab * 4)
+    step_bytes = (meter.peak() - meter.baseline) * 2**20
+    return (step_bytes - head_s.weight.numel() * 4) / (chunk_rows * vocab * 4)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -61,17 +58,9 @@ def main(argv: list[str] | None = None) -> None:
     env = os.environ | {"HF_KD_TUNE_MALLOC": "0", "OMP_NUM_THREADS": "1"}
     lines = [f"| term | live [{args.chunk_rows}, {args.vocab}] float32 buffers |", "|---|---|"]
     for term in args.terms:  # one process per term: the peak of one term only
-        command = [
-            sys.executable,
-            __file__,
-            "--child",
-            term,
-            "--vocab",
-            str(args.vocab),
-            "--hidden",
-            *map(str, args.hidden),
-        ]
-        out = subprocess.run([*command, "--chunk-rows", str(args.chunk_rows)], env=env, capture_output=True, text=True)
+        shape = ["--vocab", str(args.vocab), "--chunk-rows", str(args.chunk_rows), "--hidden", *map(str, args.hidden)]
+        command = [sys.executable, __file__, "--child", term, *shape]
+        out = subprocess.run(command, env=env, capture_output=True, text=True)
         lines.append(f"| {term} | {out.stdout.strip() or out.stderr.strip().splitlines()[-1]} |")
     print("\n".join(lines))
 
