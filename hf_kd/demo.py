@@ -138,11 +138,13 @@ def run_demo(settings: DemoSettings) -> dict[str, dict]:
     torch.manual_seed(settings.seed)
     out = Path(settings.output_dir)
     started = time.perf_counter()
+    stage_starts: dict[str, float] = {}  # seconds from the start at which each stage began (a frontier's x axis)
 
-    def stage(number: int, text: str) -> None:
-        print(f"[{number}/6] {text} ({time.perf_counter() - started:.0f} s in)", flush=True)
+    def stage(number: int, name: str, text: str) -> None:
+        stage_starts[name] = round(time.perf_counter() - started, 1)
+        print(f"[{number}/6] {text} ({stage_starts[name]:.0f} s in)", flush=True)
 
-    stage(1, "Real models from their PyPI packages (converted once, then cached)")
+    stage(1, "models", "Real models from their PyPI packages (converted once, then cached)")
     smollm = load_real_model(STUDENT_SOURCE)
     teacher_name = STUDENT_SOURCE if settings.bridge is None else CROSS_VOCABULARY_TEACHER
     teacher_path = load_real_model(teacher_name)
@@ -153,7 +155,7 @@ def run_demo(settings: DemoSettings) -> dict[str, dict]:
     train, heldout = load_bundled_dataset("train"), load_bundled_dataset("heldout")
     keep = student_layers(source, source_tok, train, settings.student_layers, settings.layer_selection)
     num_layers = source.config.num_hidden_layers
-    stage(2, f"Student: SmolLM2-135M-Instruct layers {keep} of {num_layers} ({settings.layer_selection})")
+    stage(2, "student", f"Student: SmolLM2-135M-Instruct layers {keep} of {num_layers} ({settings.layer_selection})")
     student_init = make_layer_pruned_student(source, keep, out / "student-init", tokenizer=source_tok)
     data_name = "bundled-train"
     if settings.drop_looping_answers:
@@ -168,12 +170,12 @@ def run_demo(settings: DemoSettings) -> dict[str, dict]:
     train_data, train_teacher = train, teacher
     teacher.config._name_or_path = REAL_MODELS[teacher_name].hub_id  # its Hub origin on the card
     if settings.teacher_cache and same_vocab:
-        stage(3, f"Teacher cache: top-{settings.cache_top_k} distributions of the training data")
+        stage(3, "teacher", f"Teacher cache: top-{settings.cache_top_k} distributions of the training data")
         top_k = settings.cache_top_k
         folder = bundled_teacher_cache(teacher, tokenizer, train, teacher_name, top_k, settings.max_length, data_name)
         train_data, train_teacher = load_teacher_cache(folder, teacher=teacher, top_k=top_k), None
     else:
-        stage(3, "No teacher cache: the teacher runs at every step")
+        stage(3, "teacher", "No teacher cache: the teacher runs at every step")
 
     def score(model, tok, with_kl=True):
         return evaluate_student(
@@ -186,9 +188,9 @@ def run_demo(settings: DemoSettings) -> dict[str, dict]:
             return_predictions=True,
         )
 
-    stage(4, f"Evaluating teacher and student before training on {settings.eval_samples} held-out prompts")
+    stage(4, "evaluate_before", f"Evaluating teacher and student on {settings.eval_samples} held-out prompts")
     results = {"teacher": score(teacher, teacher_tok, with_kl=False), "student before": score(student, tokenizer)}
-    stage(5, f"Distilling: {settings.kd_loss}, bridge={settings.bridge}, {settings.max_steps} steps")
+    stage(5, "distill", f"Distilling: {settings.kd_loss}, bridge={settings.bridge}, {settings.max_steps} steps")
     config = DistillationConfig(
         output_dir=str(out),
         kd_loss=settings.kd_loss,
@@ -226,7 +228,7 @@ def run_demo(settings: DemoSettings) -> dict[str, dict]:
             )
         )
     trainer.train()
-    stage(6, "Evaluating the distilled student")
+    stage(6, "evaluate_after", "Evaluating the distilled student")
     results["student after"] = score(trainer.model, tokenizer)
     print(_side_by_side(heldout, results))
     trainer.eval_results = {
@@ -245,9 +247,15 @@ def run_demo(settings: DemoSettings) -> dict[str, dict]:
         tags=[f"layer-pruned-{len(keep)}-of-{num_layers}"],
     )
     table = _table(results)
-    record = {"settings": asdict(settings), "student_layers": keep, "results": results}
+    record = {
+        "settings": asdict(settings),
+        "student_layers": keep,
+        "stage_starts_s": stage_starts,
+        "wall_s": round(time.perf_counter() - started, 1),
+        "results": results,
+    }
     (out / "demo_results.json").write_text(json.dumps(record, indent=2))
     (out / "demo_results.md").write_text(table + "\n\n![training curves](training_curves.png)\n")
     print(table)
-    print(f"Student, model card, results and training curves saved to {out} ({time.perf_counter() - started:.0f} s)")
+    print(f"Student, model card, results and training curves saved to {out} ({record['wall_s']:.0f} s in all)")
     return results
