@@ -1,0 +1,222 @@
+"""What `hf-kd demo` reaches in how many minutes: the demo at several step budgets, each run a fresh process on
+the same threads, its held-out Rouge-L, repetition loops and KL against its wall time.
+
+    python benchmarks/demo_frontier.py --steps 40 80 120 --threads 2      # results/demo/frontier_cpu.{json,md,png}
+    python benchmarks/demo_frontier.py --resume --steps 160               # add a point, keep the others
+    python benchmarks/demo_frontier.py --render benchmarks/results/demo/frontier_cpu.json --readme README.md
+
+Other demo flags pass through after `--` (`-- --kd_loss fkl`); they are part of a point's identity. The first run
+builds the teacher cache (later ones reuse it), so each point records the seconds its run spent building it and the
+wall time without them. The run at the demo's default steps is also copied to `results/demo/` (its table, answers,
+training curves), and `--readme` rewrites README's "### Demo results" section from these files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import ROOT, environment  # noqa: E402  (offline defaults, shared with the other benchmarks)
+
+RESULTS = ROOT / "benchmarks" / "results" / "demo"
+README_SECTION = "### Demo results"
+ROUGE_L_BAR, MINUTES_BAR = 30.0, 15.0  # the targets the demo is measured against
+
+
+def run_point(steps: int, extra: list[str], threads: int, keep: Path | None) -> dict[str, Any]:
+    """One `hf-kd demo --max_steps steps` in a fresh process; its demo_results.json plus the cache build time.
+    The run's output folder is copied to ``keep`` when given."""
+    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = ["demo", "--max_steps", str(steps), "--output_dir", tmp, *extra]
+        code = f"import sys; from hf_kd.cli import main; sys.exit(main({argv!r}))"
+        proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
+            raise SystemExit(f"hf-kd demo --max_steps {steps} failed (exit {proc.returncode}): {tail}")
+        record = json.loads((Path(tmp) / "demo_results.json").read_text())
+        if keep is not None:
+            keep.mkdir(parents=True, exist_ok=True)
+            for name in ("demo_results.json", "demo_results.md", "training_curves.png"):
+                shutil.copy(Path(tmp) / name, keep / name)
+    starts = record["stage_starts_s"]
+    cache_s = starts["evaluate_before"] - starts["teacher"]
+    return {
+        "steps": steps,
+        "extra": extra,
+        "threads": threads,
+        "wall_s": record["wall_s"],
+        "teacher_cache_s": round(cache_s, 1),
+        "stage_starts_s": starts,
+        "settings": record["settings"],
+        "results": record["results"],
+    }
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f}"
+
+
+def markdown_table(points: list[dict[str, Any]]) -> str:
+    lines = [
+        "| steps | wall min (first run) | of which teacher cache min | wall min (cache built) | Rouge-L | "
+        "first-sentence EM % | loops % | held-out KL |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for p in sorted(points, key=lambda p: p["steps"]):
+        after = p["results"]["student after"]
+        lines.append(
+            f"| {p['steps']} | {_minutes(p['wall_s'])} | {_minutes(p['teacher_cache_s'])} | "
+            f"{_minutes(p['wall_s'] - p['teacher_cache_s'])} | {after['rouge_l']:.2f} | {after['exact_match']:.1f} | "
+            f"{after['loop_rate']:.1f} | {after['kl']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_frontier(points: list[dict[str, Any]], path: Path) -> Path:
+    """Rouge-L against wall minutes, with and without the teacher-cache build; the targets as dashed lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = sorted(points, key=lambda p: p["steps"])
+    rouge = [p["results"]["student after"]["rouge_l"] for p in points]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    first = [p["wall_s"] / 60 for p in points]
+    warm = [(p["wall_s"] - p["teacher_cache_s"]) / 60 for p in points]
+    ax.plot(warm, rouge, "o-", label="teacher cache already built")
+    ax.plot(first, rouge, "s--", alpha=0.6, label="first run (builds the cache)")
+    for x, y, p in zip(warm, rouge, points):
+        ax.annotate(f"{p['steps']} steps, loops {p['results']['student after']['loop_rate']:.0f}%", (x, y), fontsize=8,
+                    textcoords="offset points", xytext=(4, -10))  # fmt: skip
+    ax.axhline(ROUGE_L_BAR, color="grey", linestyle=":", linewidth=1)
+    ax.axvline(MINUTES_BAR, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel(f"wall minutes, `hf-kd demo` on {points[0]['threads']} CPU threads")
+    ax.set_ylabel("held-out Rouge-L vs the teacher's answers")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def render(payload: dict[str, Any], json_path: Path) -> str:
+    """The markdown page (table and plot) beside the JSON; returns its text."""
+    plot = plot_frontier(payload["points"], json_path.with_suffix(".png"))
+    env = payload["environment"]
+    page = "\n\n".join(
+        [
+            "# `hf-kd demo`: quality against time",
+            f"Regenerated by `python benchmarks/demo_frontier.py` (torch {env['torch']}, {env['cpu_count']} CPUs "
+            f"on the machine, {payload['points'][0]['threads']} threads per run). Each row is one run "
+            "of the demo with that many optimizer steps and its other defaults"
+            + (f" plus `{' '.join(payload['points'][0]['extra'])}`" if payload["points"][0]["extra"] else "")
+            + "; Rouge-L, first-sentence exact match and repetition loops are over the demo's held-out prompts "
+            "(greedy), KL is KL(teacher || student) per answer token.",
+            markdown_table(payload["points"]),
+            f"![Rouge-L against minutes]({plot.name})",
+        ]
+    )
+    json_path.with_suffix(".md").write_text(page + "\n")
+    return page
+
+
+def update_readme(readme: Path, payload: dict[str, Any], json_path: Path) -> None:
+    """Rewrites README's demo section (its heading to the next ``### ``): the default run's table and curves, the
+    frontier table and plot, and the commentary stored in the JSON."""
+    text = readme.read_text()
+    if README_SECTION not in text:
+        raise SystemExit(f"{readme} has no '{README_SECTION}' heading to rewrite.")
+    default = json.loads((json_path.parent / "demo_results.json").read_text())
+    settings = default["settings"]
+    rel = Path(os.path.relpath(json_path.parent.resolve(), readme.parent.resolve()))
+    intro = (
+        f"`hf-kd demo` with its defaults (`{settings['kd_loss']}`, {settings['max_steps']} steps, batch "
+        f"{settings['batch_size']}, lr {settings['learning_rate']:g} cosine, max_length {settings['max_length']}, "
+        f"student = {len(default['student_layers'])} of SmolLM2-135M-Instruct's 30 layers by block influence, "
+        f"top-{settings['cache_top_k']} teacher cache; {settings['eval_samples']} held-out prompts, "
+        f"{settings['max_new_tokens']} new tokens, greedy), one run, seed {settings['seed']}, "
+        f"{default['wall_s'] / 60:.1f} min wall ([{rel}/demo_results.json]({rel}/demo_results.json), every answer "
+        "kept):"
+    )
+    table = (json_path.parent / "demo_results.md").read_text().split("\n\n")[0]
+    section = [README_SECTION, "", textwrap.fill(intro, 116, break_on_hyphens=False), "", table, ""]
+    section += [f"![demo training curves]({rel}/training_curves.png)", ""]
+    section += [
+        f"What the demo reaches in how many minutes ([{rel}/{json_path.stem}.md]({rel}/{json_path.stem}.md), "
+        f"`python benchmarks/demo_frontier.py`):",
+        "",
+        markdown_table(payload["points"]),
+        "",
+        f"![Rouge-L against minutes]({rel}/{json_path.stem}.png)",
+        "",
+    ]
+    if payload.get("commentary"):
+        section += [payload["commentary"].strip(), ""]
+    start = text.index(README_SECTION)
+    end = text.find("\n### ", start + len(README_SECTION))
+    end = len(text) if end < 0 else end + 1
+    readme.write_text(text[:start] + "\n".join(section) + "\n" + text[end:])
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, nargs="+", default=[40, 80, 120], help="optimizer steps per point")
+    parser.add_argument("--threads", type=int, default=2, help="torch/OMP threads of each run")
+    parser.add_argument("--out", type=Path, default=RESULTS / "frontier_cpu.json", help="results JSON")
+    parser.add_argument("--resume", action="store_true", help="keep the JSON's points, run only missing steps")
+    parser.add_argument("--render", type=Path, help="only rewrite the page (and --readme) of this results JSON")
+    parser.add_argument("--commentary", type=Path, help="with --render: store this text as the findings")
+    parser.add_argument("--readme", type=Path, help="also rewrite this README's demo section")
+    parser.add_argument("demo_flags", nargs=argparse.REMAINDER, help="after --: flags passed to every demo run")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from hf_kd.demo import DemoSettings
+
+    args = parse_args(argv)
+    extra = [flag for flag in args.demo_flags if flag != "--"]
+    if args.render:
+        payload = json.loads(args.render.read_text())
+        if args.commentary:
+            payload["commentary"] = args.commentary.read_text()
+            args.render.write_text(json.dumps(payload, indent=1) + "\n")
+        json_path = args.render
+    else:
+        json_path = args.out
+        payload = json.loads(json_path.read_text()) if args.resume and json_path.exists() else {"points": []}
+        payload["environment"] = environment()
+        default_steps = {f.name: f.default for f in fields(DemoSettings)}["max_steps"]
+        done = {(p["steps"], tuple(p["extra"])) for p in payload["points"]}
+        for steps in args.steps:
+            if (steps, tuple(extra)) in done:
+                continue
+            keep = json_path.parent if steps == default_steps and not extra else None
+            point = run_point(steps, extra, args.threads, keep)
+            after = point["results"]["student after"]
+            print(
+                f"{steps} steps: {point['wall_s']:.0f} s, Rouge-L {after['rouge_l']:.2f}, loops {after['loop_rate']}%"
+            )
+            payload["points"].append(point)
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(payload, indent=1) + "\n")
+    print(render(payload, json_path))
+    if args.readme:
+        update_readme(args.readme, payload, json_path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""benchmarks/demo_frontier.py renders its page, plot and README section from recorded points (the demo runs
+themselves are measured by the script, not here)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "demo_frontier.py"
+
+
+@pytest.fixture(scope="module")
+def frontier():
+    spec = importlib.util.spec_from_file_location("demo_frontier", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["demo_frontier"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _scores(rouge_l: float, loops: float, kl: float) -> dict:
+    return {"rouge_l": rouge_l, "exact_match": 25.0, "loop_rate": loops, "kl": kl, "num_samples": 40}
+
+
+def _point(steps: int, wall_s: float, cache_s: float, rouge_l: float) -> dict:
+    return {
+        "steps": steps,
+        "extra": [],
+        "threads": 2,
+        "wall_s": wall_s,
+        "teacher_cache_s": cache_s,
+        "stage_starts_s": {},
+        "settings": {},
+        "results": {"student after": _scores(rouge_l, 12.5, 1.0)},
+    }
+
+
+def test_page_plot_and_readme_section_come_from_the_points(frontier, tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    settings = {
+        "kd_loss": "fkl", "max_steps": 80, "batch_size": 4, "learning_rate": 5e-4, "max_length": 256,
+        "cache_top_k": 64, "eval_samples": 40, "max_new_tokens": 64, "seed": 0,
+    }  # fmt: skip
+    (results / "demo_results.json").write_text(json.dumps({"settings": settings, "student_layers": [0] * 20,
+                                                           "wall_s": 600.0}))  # fmt: skip
+    (results / "demo_results.md").write_text("| model | Rouge-L |\n|---|---|\n| student after | 31.00 |\n\n![x](y)\n")
+    payload = {
+        "environment": {"torch": "2.x", "cpu_count": 2},
+        "points": [_point(120, 900.0, 240.0, 33.5), _point(40, 420.0, 0.0, 24.25)],
+        "commentary": "Findings go here.",
+    }
+    json_path = results / "frontier_cpu.json"
+    page = frontier.render(payload, json_path)
+    assert (results / "frontier_cpu.png").stat().st_size > 0
+    rows = [line for line in page.splitlines() if line.startswith("| 40 ") or line.startswith("| 120 ")]
+    assert rows[0].startswith("| 40 | 7.0 | 0.0 | 7.0 | 24.25 |")  # sorted by steps
+    assert rows[1].startswith("| 120 | 15.0 | 4.0 | 11.0 | 33.50 |")
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n### Demo results\n\nold text\n\n### Methods side by side\n\nkept\n")
+    frontier.update_readme(readme, payload, json_path)
+    text = readme.read_text()
+    assert "old text" not in text and "kept" in text and "Findings go here." in text
+    assert "| student after | 31.00 |" in text and "![Rouge-L against minutes](results/frontier_cpu.png)" in text
