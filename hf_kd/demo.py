@@ -19,6 +19,7 @@ import torch
 
 STUDENT_SOURCE = "smollm2-135m-instruct"
 CROSS_VOCABULARY_TEACHER = "gemma-3-270m"  # taught through a bridge: a different tokenizer and vocabulary
+DROPPED_LOOPS_DATA = "bundled-train-noloops"  # names the teacher cache of the training data without looping answers
 
 
 @dataclass
@@ -113,12 +114,19 @@ def bundled_teacher_cache(
     """The offline top-k cache of ``teacher`` over the bundled training data (``data_name`` names the selection of
     it): built on first use, reused after (one folder per teacher, data and k, under hf_kd's cache directory)."""
     from . import cache_teacher
-    from .assets import REAL_MODELS, cache_root
+    from .assets import REAL_MODELS
 
     # Name the teacher by its Hub origin (in the cache manifest and on the card), not by its local cache folder.
     teacher.config._name_or_path = REAL_MODELS[teacher_name].hub_id
-    folder = cache_root().parent / "teacher-cache" / f"{teacher_name}-{data_name}-top{top_k}"
+    folder = bundled_cache_folder(teacher_name, data_name, top_k)
     return cache_teacher(teacher, tokenizer, train, folder, top_k=top_k, max_length=max_length)
+
+
+def bundled_cache_folder(teacher_name: str, data_name: str, top_k: int) -> Path:
+    """Where :func:`bundled_teacher_cache` keeps the cache of one teacher, data selection and k."""
+    from .assets import cache_root
+
+    return cache_root().parent / "teacher-cache" / f"{teacher_name}-{data_name}-top{top_k}"
 
 
 def run_demo(settings: DemoSettings) -> dict[str, dict]:
@@ -161,7 +169,7 @@ def run_demo(settings: DemoSettings) -> dict[str, dict]:
     if settings.drop_looping_answers:
         kept = without_looping_answers(train)
         print(f"      Training data: {len(kept)} of {len(train)} conversations (looping answers left out)")
-        train, data_name = kept, "bundled-train-noloops"
+        train, data_name = kept, DROPPED_LOOPS_DATA
     del source
     student = AutoModelForCausalLM.from_pretrained(student_init, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(student_init)
