@@ -35,7 +35,13 @@ class DemoSettings:
         },
     )
     kd_loss: str = field(default="0.5*ce+0.5*akl", metadata={"help": "Loss recipe (see DistillationConfig.kd_loss)."})
-    student_layers: int = field(default=20, metadata={"help": "Teacher layers kept in the student (of 30)."})
+    student_layers: int = field(
+        default=24,
+        metadata={
+            "help": "Teacher layers kept in the student (of 30): 24 layers are 113M of the teacher's 135M parameters. "
+            "Measured: 20 layers reach a lower Rouge-L and loop more in the same minutes (README, Demo results)."
+        },
+    )
     layer_selection: str = field(
         default="influence",
         metadata={
