@@ -37,10 +37,12 @@ def run_point(steps: int, extra: list[str], threads: int, keep: Path | None) -> 
     """One `hf-kd demo --max_steps steps` in a fresh process; its demo_results.json plus the cache build time.
     The run's output folder is copied to ``keep`` when given."""
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    with tempfile.TemporaryDirectory() as tmp:
-        argv = ["demo", "--max_steps", str(steps), "--output_dir", tmp, *extra]
+    with tempfile.TemporaryDirectory() as cwd:  # the run writes to the demo's default outputs/demo, under cwd
+        tmp = Path(cwd) / "outputs" / "demo"
+        argv = ["demo", "--max_steps", str(steps), "--output_dir", "outputs/demo", *extra]
         code = f"import sys; from hf_kd.cli import main; sys.exit(main({argv!r}))"
-        proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True)
+        command = [sys.executable, "-c", code]
+        proc = subprocess.run(command, cwd=cwd, env={**os.environ, **env}, capture_output=True, text=True)
         if proc.returncode != 0:
             tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
             raise SystemExit(f"hf-kd demo --max_steps {steps} failed (exit {proc.returncode}): {tail}")
@@ -156,10 +158,13 @@ def update_readme(readme: Path, payload: dict[str, Any], json_path: Path) -> Non
         f"`hf-kd demo` with its defaults (`{settings['kd_loss']}`, {settings['max_steps']} steps, batch "
         f"{settings['batch_size']}, lr {settings['learning_rate']:g} cosine, max_length {settings['max_length']}, "
         f"student = {len(default['student_layers'])} of SmolLM2-135M-Instruct's 30 layers by block influence, "
-        f"top-{settings['cache_top_k']} teacher cache; {settings['eval_samples']} held-out prompts, "
+        f"top-{settings['cache_top_k']} teacher cache"
+        + (", training answers that loop left out" if settings.get("drop_looping_answers") else "")
+        + f"; {settings['eval_samples']} held-out prompts, "
         f"{settings['max_new_tokens']} new tokens, greedy), one run, seed {settings['seed']}, "
         f"{default['wall_s'] / 60:.1f} min wall ([{rel}/demo_results.json]({rel}/demo_results.json), every answer "
-        "kept):"
+        "kept). It prints three before/after answers side by side and writes this table, the training curves and "
+        "the student's model card (which shows both) beside the student:"
     )
     table = (json_path.parent / "demo_results.md").read_text().split("\n\n")[0]
     section = [README_SECTION, "", textwrap.fill(intro, 116, break_on_hyphens=False), "", table, ""]
