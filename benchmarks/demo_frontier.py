@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import ROOT, environment  # noqa: E402  (offline defaults, shared with the other benchmarks)
+from harness import ROOT, environment, replace_readme_section  # noqa: E402  (offline defaults, shared with the other benchmarks)
 
 RESULTS = ROOT / "benchmarks" / "results" / "demo"
 README_SECTION = "### Demo results"
@@ -148,9 +148,6 @@ def render(payload: dict[str, Any], json_path: Path) -> str:
 def update_readme(readme: Path, payload: dict[str, Any], json_path: Path) -> None:
     """Rewrites README's demo section (its heading to the next ``### ``): the default run's table and curves, the
     frontier table and plot, and the commentary stored in the JSON."""
-    text = readme.read_text()
-    if README_SECTION not in text:
-        raise SystemExit(f"{readme} has no '{README_SECTION}' heading to rewrite.")
     default = json.loads((json_path.parent / "demo_results.json").read_text())
     settings = default["settings"]
     rel = Path(os.path.relpath(json_path.parent.resolve(), readme.parent.resolve()))
@@ -180,10 +177,7 @@ def update_readme(readme: Path, payload: dict[str, Any], json_path: Path) -> Non
     ]
     if payload.get("commentary"):
         section += [payload["commentary"].strip(), ""]
-    start = text.index(README_SECTION)
-    end = text.find("\n### ", start + len(README_SECTION))
-    end = len(text) if end < 0 else end + 1
-    readme.write_text(text[:start] + "\n".join(section) + "\n" + text[end:])
+    replace_readme_section(readme, README_SECTION, section)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -61,3 +61,15 @@ def run_in_fresh_process(script: str | Path, spec: Any, threads: int | None, tim
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
         return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
     return json.loads(text)
+
+
+def replace_readme_section(readme: Path, heading: str, lines: list[str]) -> None:
+    """Rewrites ``readme`` from ``heading`` to the next ``### `` heading (or the end) with ``lines``, heading
+    included: how each benchmark regenerates its README section."""
+    text = readme.read_text()
+    if heading not in text:
+        raise SystemExit(f"{readme} has no '{heading}' heading to rewrite.")
+    start = text.index(heading)
+    end = text.find("\n### ", start + len(heading))
+    end = len(text) if end < 0 else end + 1
+    readme.write_text(text[:start] + "\n".join(lines) + "\n" + text[end:])

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import environment, run_in_fresh_process  # noqa: E402  (offline defaults, shared with speed_memory.py)
+from harness import environment, replace_readme_section, run_in_fresh_process  # noqa: E402  (offline defaults, shared with speed_memory.py)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SMOLLM2 = "smollm2-135m-instruct"
@@ -695,9 +695,6 @@ README_SECTION = "### Methods side by side"
 def update_readme(readme: Path, payload: dict[str, Any], page: str, json_path: Path) -> None:
     """Rewrites README's methods section (from its heading to the next ``### ``) from the results page: what was
     run, the table, the plot, the claims and the commentary."""
-    text = readme.read_text()
-    if README_SECTION not in text:
-        raise SystemExit(f"{readme} has no '{README_SECTION}' heading to rewrite.")
     budget = payload["budget"]
     table = page[page.index("| method | recipe |") :].split("\n\n")[0]
     claims = page[page.index("| claim | rows |") :].split("\n\n")[0] if "| claim | rows |" in page else ""
@@ -727,10 +724,7 @@ def update_readme(readme: Path, payload: dict[str, Any], page: str, json_path: P
         ]
     if payload.get("commentary"):
         section += [payload["commentary"].strip(), ""]
-    start = text.index(README_SECTION)
-    end = text.find("\n### ", start + len(README_SECTION))
-    end = len(text) if end < 0 else end + 1
-    readme.write_text(text[:start] + "\n".join(section) + "\n" + text[end:])
+    replace_readme_section(readme, README_SECTION, section)
 
 
 # ---------------------------------------------------------------------------------------------- command line
