@@ -38,7 +38,7 @@ def run_point(steps: int, extra: list[str], threads: int, keep: Path | None) -> 
     The run's output folder is copied to ``keep`` when given."""
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     with tempfile.TemporaryDirectory() as cwd:  # the run writes to the demo's default outputs/demo, under cwd
-        tmp = Path(cwd) / "outputs" / "demo"
+        out = Path(cwd) / "outputs" / "demo"
         argv = ["demo", "--max_steps", str(steps), "--output_dir", "outputs/demo", *extra]
         code = f"import sys; from hf_kd.cli import main; sys.exit(main({argv!r}))"
         command = [sys.executable, "-c", code]
@@ -46,11 +46,11 @@ def run_point(steps: int, extra: list[str], threads: int, keep: Path | None) -> 
         if proc.returncode != 0:
             tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
             raise SystemExit(f"hf-kd demo --max_steps {steps} failed (exit {proc.returncode}): {tail}")
-        record = json.loads((Path(tmp) / "demo_results.json").read_text())
+        record = json.loads((out / "demo_results.json").read_text())
         if keep is not None:
             keep.mkdir(parents=True, exist_ok=True)
             for name in ("demo_results.json", "demo_results.md", "training_curves.png"):
-                shutil.copy(Path(tmp) / name, keep / name)
+                shutil.copy(out / name, keep / name)
     starts = record["stage_starts_s"]
     cache_s = starts["evaluate_before"] - starts["teacher"]
     return {

@@ -19,7 +19,8 @@ import torch
 
 STUDENT_SOURCE = "smollm2-135m-instruct"
 CROSS_VOCABULARY_TEACHER = "gemma-3-270m"  # taught through a bridge: a different tokenizer and vocabulary
-DROPPED_LOOPS_DATA = "bundled-train-noloops"  # names the teacher cache of the training data without looping answers
+BUNDLED_DATA = "bundled-train"  # names the teacher cache of the bundled training data
+DROPPED_LOOPS_DATA = f"{BUNDLED_DATA}-noloops"  # ... and of that data without its looping answers
 
 
 @dataclass
@@ -115,7 +116,7 @@ def without_looping_answers(dataset):
 
 
 def bundled_teacher_cache(
-    teacher, tokenizer, train, teacher_name: str, top_k: int, max_length: int, data_name: str = "bundled-train"
+    teacher, tokenizer, train, teacher_name: str, top_k: int, max_length: int, data_name: str = BUNDLED_DATA
 ) -> Path:
     """The offline top-k cache of ``teacher`` over the bundled training data (``data_name`` names the selection of
     it): built on first use, reused after (one folder per teacher, data and k, under hf_kd's cache directory)."""
@@ -171,7 +172,7 @@ def run_demo(settings: DemoSettings) -> dict[str, dict]:
     num_layers = source.config.num_hidden_layers
     stage(2, "student", f"Student: SmolLM2-135M-Instruct layers {keep} of {num_layers} ({settings.layer_selection})")
     student_init = make_layer_pruned_student(source, keep, out / "student-init", tokenizer=source_tok)
-    data_name = "bundled-train"
+    data_name = BUNDLED_DATA
     if settings.drop_looping_answers:
         kept = without_looping_answers(train)
         print(f"      Training data: {len(kept)} of {len(train)} conversations (looping answers left out)")

@@ -1,23 +1,15 @@
 """benchmarks/demo_frontier.py renders its page, plot and README section from recorded points (the demo runs
 themselves are measured by the script, not here)."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "demo_frontier.py"
+from tiny import load_script
 
 
 @pytest.fixture(scope="module")
 def frontier():
-    spec = importlib.util.spec_from_file_location("demo_frontier", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["demo_frontier"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/demo_frontier.py")
 
 
 def _scores(rouge_l: float, loops: float, kl: float) -> dict:

@@ -2,17 +2,14 @@
 its fields; the page renders from the records. Only presence and range of the fields are checked, never quality."""
 
 import dataclasses
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import make_conversations, make_model, make_tokenizer
 from datasets import Dataset
+from tiny import load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
 TINY_METHODS = [
     "teacher",
     "student-init",
@@ -30,11 +27,7 @@ TINY_METHODS = [
 
 @pytest.fixture(scope="module")
 def quality():
-    spec = importlib.util.spec_from_file_location("quality", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["quality"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/quality.py")
 
 
 @pytest.fixture(autouse=True)
