@@ -8,6 +8,7 @@ import pytest
 import torch
 from datasets import load_dataset
 from tiny import make_args, make_model, make_pair, make_tokenizer, random_logits, train_losses
+from trl.experimental.utils import DataCollatorForChatML
 
 import hf_kd.cli
 from hf_kd import DistillationTrainer, cache_teacher, load_teacher_cache
@@ -171,6 +172,20 @@ def test_cache_folder_reads_with_plain_datasets_and_holds_what_the_manifest_says
     response = sum(label != -100 for label in row["labels"][1:])
     assert len(row["teacher_log_tail"]) == response and len(row["teacher_ids"]) == 8 * response
     assert sum(s["tokens"] for s in manifest["shards"]) == sum(len(r) for r in plain["teacher_log_tail"])
+
+
+def test_length_sorted_batches_keep_dataset_order_and_values(cache_dir, tmp_path, tokenizer, teacher, train_dataset):
+    """Batches are formed by length (less padding), yet every row is the example's own, as with batches of one."""
+    single = cache_teacher(
+        teacher, tokenizer, train_dataset, tmp_path / "single", top_k=8, batch_size=1, shard_size=10, progress=False
+    )
+    batched, alone = load_teacher_cache(cache_dir), load_teacher_cache(single)
+    collator = DataCollatorForChatML(tokenizer=tokenizer, max_length=1024)
+    for i, example in enumerate(train_dataset):
+        own = collator([example])["input_ids"][0].tolist()
+        assert batched[i]["input_ids"] == alone[i]["input_ids"] == own
+        assert batched[i]["teacher_ids"] == alone[i]["teacher_ids"]
+        np.testing.assert_allclose(batched[i]["teacher_log_tail"], alone[i]["teacher_log_tail"], atol=1e-4)
 
 
 def test_training_from_a_full_cache_matches_the_live_teacher(tmp_path, tokenizer, train_dataset):

@@ -57,6 +57,11 @@ def _load_teacher(teacher_model: nn.Module | str, device: torch.device, dtype: t
     return teacher_model.to(device).eval()
 
 
+def _text_length(example: dict[str, Any]) -> int:
+    """Characters in an example's messages: the sort key that groups examples of similar token length."""
+    return sum(len(str(message.get("content", ""))) for message in example["messages"])
+
+
 def _list_column(flat: np.ndarray, counts: list[int], dtype: str) -> pa.Array:
     """One list per example, ``counts[i]`` items each, from the concatenated ``flat`` values (as ``dtype``)."""
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
@@ -65,23 +70,25 @@ def _list_column(flat: np.ndarray, counts: list[int], dtype: str) -> pa.Array:
 
 
 class _ShardWriter:
-    """Collects encoded examples and writes them as one Parquet shard (to a temporary name, then renamed)."""
+    """Collects encoded examples (in any order) and writes them, in dataset order, as one Parquet shard (to a
+    temporary name, then renamed)."""
+
+    NAMES = ("input_ids", "labels", "ids", "values", "tail")
 
     def __init__(self, encoding: CacheEncoding):
         self.encoding = encoding
-        self.columns: dict[str, list[np.ndarray]] = {
-            name: [] for name in ("input_ids", "labels", "ids", "values", "tail")
-        }
+        self.examples: dict[int, tuple[np.ndarray, ...]] = {}
 
-    def add(self, input_ids, labels, ids, values, tail) -> None:
-        for name, value in zip(self.columns, (input_ids, labels, ids, values, tail)):
-            self.columns[name].append(value)
+    def add(self, index: int, input_ids, labels, ids, values, tail) -> None:
+        self.examples[index] = (input_ids, labels, ids, values, tail)
 
     def write(self, path: Path) -> dict[str, Any]:
         enc = self.encoding
-        counts = [len(x) for x in self.columns["input_ids"]]
-        tokens = [len(x) for x in self.columns["tail"]]
-        flat = {name: np.concatenate(parts) if parts else np.zeros(0) for name, parts in self.columns.items()}
+        rows = [self.examples[i] for i in sorted(self.examples)]
+        columns = {name: [row[j] for row in rows] for j, name in enumerate(self.NAMES)}
+        counts = [len(x) for x in columns["input_ids"]]
+        tokens = [len(x) for x in columns["tail"]]
+        flat = {name: np.concatenate(parts) if parts else np.zeros(0) for name, parts in columns.items()}
         table = pa.table(
             {
                 "input_ids": _list_column(flat["input_ids"], counts, "int32"),
@@ -106,7 +113,9 @@ class _ShardWriter:
 
 
 @torch.inference_mode()
-def _encode_batch(teacher, batch, encoding: CacheEncoding, temperature: float, device, writer: _ShardWriter) -> None:
+def _encode_batch(
+    teacher, indices: list[int], batch, encoding: CacheEncoding, temperature: float, device, writer: _ShardWriter
+) -> None:
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     logits = teacher(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1]
     selected = (labels[:, 1:] != -100).to(device)
@@ -123,6 +132,7 @@ def _encode_batch(teacher, batch, encoding: CacheEncoding, temperature: float, d
         keep = mask[j].bool()  # the collator pads on the left; drop the padding
         a, b = bounds[j], bounds[j + 1]
         writer.add(
+            indices[j],
             ids[j][keep].numpy(),
             labels[j][keep].numpy(),
             top_ids[a:b].reshape(-1),
@@ -196,9 +206,13 @@ def cache_teacher(
     for index in range(len(shards), num_shards):
         writer = _ShardWriter(encoding)
         stop = min((index + 1) * shard_size, len(dataset))
-        for start in range(index * shard_size, stop, batch_size):
-            examples = [dataset[i] for i in range(start, min(start + batch_size, stop))]
-            _encode_batch(teacher, collator(examples), encoding, temperature, device, writer)
+        # Batches of similar length pad less (about a third fewer teacher tokens on chat data); the shard keeps
+        # dataset order.
+        order = sorted(range(index * shard_size, stop), key=lambda i: _text_length(dataset[i]))
+        for start in range(0, len(order), batch_size):
+            indices = order[start : start + batch_size]
+            examples = [dataset[i] for i in indices]
+            _encode_batch(teacher, indices, collator(examples), encoding, temperature, device, writer)
             bar.update(len(examples))
         shards.append(writer.write(folder / "data" / f"train-{index:05d}.parquet"))
         write_manifest(folder, {**identity, "shards": shards, "complete": index + 1 == num_shards})
