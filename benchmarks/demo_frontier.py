@@ -3,11 +3,13 @@ the same threads, its held-out Rouge-L, repetition loops and KL against its wall
 
     python benchmarks/demo_frontier.py --steps 40 80 120 --threads 2      # results/demo/frontier_cpu.{json,md,png}
     python benchmarks/demo_frontier.py --resume --steps 160               # add a point, keep the others
+    python benchmarks/demo_frontier.py --resume --steps 80 --seeds 3      # seeds 1 and 2 of the 80-step point
     python benchmarks/demo_frontier.py --render benchmarks/results/demo/frontier_cpu.json --readme README.md
 
 Other demo flags pass through after `--` (`-- --kd_loss fkl`); they are part of a point's identity. The first run
 builds the teacher cache (later ones reuse it), so each point records the seconds its run spent building it and the
-wall time without them. The run at the demo's default steps is also copied to `results/demo/` (its table, answers,
+wall time without them. A row with several seeds shows their mean and, in brackets, the lowest and highest seed.
+The run at the demo's default steps and seed 0 is also copied to `results/demo/` (its table, answers,
 training curves), and `--readme` rewrites README's "### Demo results" section from these files.
 """
 
@@ -33,19 +35,19 @@ README_SECTION = "### Demo results"
 ROUGE_L_BAR, MINUTES_BAR = 30.0, 15.0  # the targets the demo is measured against
 
 
-def run_point(steps: int, extra: list[str], threads: int, keep: Path | None) -> dict[str, Any]:
-    """One `hf-kd demo --max_steps steps` in a fresh process; its demo_results.json plus the cache build time.
-    The run's output folder is copied to ``keep`` when given."""
+def run_point(steps: int, seed: int, extra: list[str], threads: int, keep: Path | None) -> dict[str, Any]:
+    """One `hf-kd demo --max_steps steps --seed seed` in a fresh process; its demo_results.json plus the cache build
+    time. The run's output folder is copied to ``keep`` when given."""
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     with tempfile.TemporaryDirectory() as cwd:  # the run writes to the demo's default outputs/demo, under cwd
         out = Path(cwd) / "outputs" / "demo"
-        argv = ["demo", "--max_steps", str(steps), "--output_dir", "outputs/demo", *extra]
+        argv = ["demo", "--max_steps", str(steps), "--seed", str(seed), "--output_dir", "outputs/demo", *extra]
         code = f"import sys; from hf_kd.cli import main; sys.exit(main({argv!r}))"
         command = [sys.executable, "-c", code]
         proc = subprocess.run(command, cwd=cwd, env={**os.environ, **env}, capture_output=True, text=True)
         if proc.returncode != 0:
             tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
-            raise SystemExit(f"hf-kd demo --max_steps {steps} failed (exit {proc.returncode}): {tail}")
+            raise SystemExit(f"hf-kd demo --max_steps {steps} --seed {seed} failed (exit {proc.returncode}): {tail}")
         record = json.loads((out / "demo_results.json").read_text())
         if keep is not None:
             keep.mkdir(parents=True, exist_ok=True)
@@ -55,6 +57,7 @@ def run_point(steps: int, extra: list[str], threads: int, keep: Path | None) -> 
     cache_s = starts["evaluate_before"] - starts["teacher"]
     return {
         "steps": steps,
+        "seed": seed,
         "extra": extra,
         "threads": threads,
         "wall_s": record["wall_s"],
@@ -79,18 +82,41 @@ def _warm_s(point: dict[str, Any]) -> float:
     return point["wall_s"] - point["teacher_cache_s"]
 
 
+def _seed(point: dict[str, Any]) -> int:
+    return point.get("seed", point["settings"].get("seed", 0))
+
+
+def by_steps(points: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
+    """The points grouped by step budget (one per seed), in order of steps."""
+    groups: dict[int, list[dict[str, Any]]] = {}
+    for p in sorted(points, key=lambda p: (p["steps"], _seed(p))):
+        groups.setdefault(p["steps"], []).append(p)
+    return groups
+
+
+def _after(group: list[dict[str, Any]], metric: str) -> list[float]:
+    return [p["results"]["student after"][metric] for p in group]
+
+
+def _spread(values: list[float], digits: int) -> str:
+    """The mean, and with several seeds the lowest and highest in brackets."""
+    mean = f"{sum(values) / len(values):.{digits}f}"
+    return mean if len(values) == 1 else f"{mean} [{min(values):.{digits}f}, {max(values):.{digits}f}]"
+
+
 def markdown_table(points: list[dict[str, Any]]) -> str:
     build = cache_build_s(points)
     lines = [
-        f"| steps | minutes, cache built | minutes, first run (+{_minutes(build)} to build the cache) | Rouge-L | "
-        "first-sentence EM % | loops % | held-out KL |",
-        "|---|---|---|---|---|---|---|",
+        f"| steps | seeds | minutes, cache built | minutes, first run (+{_minutes(build)} to build the cache) | "
+        "Rouge-L | first-sentence EM % | loops % | held-out KL |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for p in sorted(points, key=lambda p: p["steps"]):
-        after = p["results"]["student after"]
+    for steps, group in by_steps(points).items():
+        warm = sum(_warm_s(p) for p in group) / len(group)
         lines.append(
-            f"| {p['steps']} | {_minutes(_warm_s(p))} | {_minutes(_warm_s(p) + build)} | {after['rouge_l']:.2f} | "
-            f"{after['exact_match']:.1f} | {after['loop_rate']:.1f} | {after['kl']:.3f} |"
+            f"| {steps} | {', '.join(str(_seed(p)) for p in group)} | {_minutes(warm)} | {_minutes(warm + build)} | "
+            f"{_spread(_after(group, 'rouge_l'), 2)} | {_spread(_after(group, 'exact_match'), 1)} | "
+            f"{_spread(_after(group, 'loop_rate'), 1)} | {_spread(_after(group, 'kl'), 3)} |"
         )
     return "\n".join(lines)
 
@@ -102,16 +128,19 @@ def plot_frontier(points: list[dict[str, Any]], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = sorted(points, key=lambda p: p["steps"])
-    rouge = [p["results"]["student after"]["rouge_l"] for p in points]
+    groups = list(by_steps(points).values())
+    rouge = [_after(g, "rouge_l") for g in groups]
+    mean = [sum(r) / len(r) for r in rouge]
+    spread = [[m - min(r) for m, r in zip(mean, rouge)], [max(r) - m for m, r in zip(mean, rouge)]]
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    warm = [_warm_s(p) / 60 for p in points]
+    warm = [sum(_warm_s(p) for p in g) / len(g) / 60 for g in groups]
     first = [minutes + cache_build_s(points) / 60 for minutes in warm]
-    ax.plot(warm, rouge, "o-", label="teacher cache already built")
-    ax.plot(first, rouge, "s--", alpha=0.6, label="first run (builds the cache)")
-    for x, y, p in zip(warm, rouge, points):
-        ax.annotate(f"{p['steps']} steps, loops {p['results']['student after']['loop_rate']:.0f}%", (x, y), fontsize=8,
-                    textcoords="offset points", xytext=(4, -10))  # fmt: skip
+    ax.errorbar(warm, mean, yerr=spread, fmt="o-", capsize=3, label="teacher cache already built (seed range)")
+    ax.plot(first, mean, "s--", alpha=0.6, label="first run (builds the cache)")
+    for x, y, g in zip(warm, mean, groups):
+        loops = sum(_after(g, "loop_rate")) / len(g)
+        ax.annotate(f"{g[0]['steps']} steps, loops {loops:.0f}%", (x, y), fontsize=8, textcoords="offset points",
+                    xytext=(4, -10))  # fmt: skip
     ax.axhline(ROUGE_L_BAR, color="grey", linestyle=":", linewidth=1)
     ax.axvline(MINUTES_BAR, color="grey", linestyle=":", linewidth=1)
     ax.set_xlabel(f"wall minutes, `hf-kd demo` on {points[0]['threads']} CPU threads")
@@ -133,7 +162,8 @@ def render(payload: dict[str, Any], json_path: Path) -> str:
             "# `hf-kd demo`: quality against time",
             f"Regenerated by `python benchmarks/demo_frontier.py` (torch {env['torch']}, {env['cpu_count']} CPUs "
             f"on the machine, {payload['points'][0]['threads']} threads per run). Each row is one run "
-            "of the demo with that many optimizer steps and its other defaults"
+            "(or, with several seeds, the mean of the runs) of the demo with that many optimizer steps and its other "
+            "defaults"
             + (f" plus `{' '.join(payload['points'][0]['extra'])}`" if payload["points"][0]["extra"] else "")
             + "; Rouge-L, first-sentence exact match and repetition loops are over the demo's held-out prompts "
             "(greedy), KL is KL(teacher || student) per answer token.",
@@ -183,6 +213,7 @@ def update_readme(readme: Path, payload: dict[str, Any], json_path: Path) -> Non
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, nargs="+", default=[40, 80, 120], help="optimizer steps per point")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 of each step budget")
     parser.add_argument("--threads", type=int, default=2, help="torch/OMP threads of each run")
     parser.add_argument("--out", type=Path, default=RESULTS / "frontier_cpu.json", help="results JSON")
     parser.add_argument("--resume", action="store_true", help="keep the JSON's points, run only missing steps")
@@ -215,15 +246,16 @@ def main(argv: list[str] | None = None) -> None:
         default_steps = defaults["max_steps"]
         if args.rebuild_cache:
             shutil.rmtree(bundled_cache_folder(STUDENT_SOURCE, DROPPED_LOOPS_DATA, defaults["cache_top_k"]), True)
-        done = {(p["steps"], tuple(p["extra"])) for p in payload["points"]}
-        for steps in args.steps:
-            if (steps, tuple(extra)) in done:
+        done = {(p["steps"], _seed(p), tuple(p["extra"])) for p in payload["points"]}
+        for steps, seed in [(steps, seed) for seed in range(args.seeds) for steps in args.steps]:
+            if (steps, seed, tuple(extra)) in done:
                 continue
-            keep = json_path.parent if steps == default_steps and not extra else None
-            point = run_point(steps, extra, args.threads, keep)
+            keep = json_path.parent if steps == default_steps and seed == 0 and not extra else None
+            point = run_point(steps, seed, extra, args.threads, keep)
             after = point["results"]["student after"]
             print(
-                f"{steps} steps: {point['wall_s']:.0f} s, Rouge-L {after['rouge_l']:.2f}, loops {after['loop_rate']}%"
+                f"{steps} steps, seed {seed}: {point['wall_s']:.0f} s, Rouge-L {after['rouge_l']:.2f}, "
+                f"loops {after['loop_rate']}%"
             )
             payload["points"].append(point)
             json_path.parent.mkdir(parents=True, exist_ok=True)
