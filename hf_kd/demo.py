@@ -74,7 +74,20 @@ class DemoSettings:
     )
     max_steps: int = field(default=80, metadata={"help": "Optimizer steps."})
     batch_size: int = field(default=4, metadata={"help": "Conversations per step."})
-    learning_rate: float = field(default=5e-4, metadata={"help": "Peak learning rate (cosine schedule)."})
+    group_by_length: bool = field(
+        default=True,
+        metadata={
+            "help": "Batch conversations of similar length (transformers' LengthGroupedSampler): less padding, so "
+            "fewer tokens per step on the bundled data's mixed lengths."
+        },
+    )
+    learning_rate: float = field(
+        default=2e-4,
+        metadata={
+            "help": "Peak learning rate (cosine schedule). Measured: 5e-4 undoes what the pruned student kept "
+            "(held-out KL 0.69 after 80 steps against 0.57 at 2e-4 and 1e-4; README, Demo results)."
+        },
+    )
     max_length: int = field(default=256, metadata={"help": "Tokens per training conversation (longer are cut)."})
     lmbda: float = field(default=0.0, metadata={"help": "Fraction of batches the student generates (on-policy)."})
     eval_samples: int = field(default=40, metadata={"help": "Held-out conversations scored before and after."})
@@ -214,6 +227,7 @@ def run_demo(settings: DemoSettings) -> dict[str, dict]:
         max_steps=settings.max_steps,
         per_device_train_batch_size=settings.batch_size,
         learning_rate=settings.learning_rate,
+        train_sampling_strategy="group_by_length" if settings.group_by_length else "random",
         lr_scheduler_type="cosine",
         warmup_steps=max(1, settings.max_steps // 10),
         max_length=settings.max_length,
