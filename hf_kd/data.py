@@ -120,3 +120,18 @@ def load_bundled_dataset(split: str = "train") -> datasets.Dataset:
     with path.open(encoding="utf-8") as handle:
         rows = [json.loads(line) for line in handle if line.strip()]
     return datasets.Dataset.from_list(rows)
+
+
+def with_token_lengths(dataset: Any, tokenizer: Any, column: str = "length") -> Any:
+    """``dataset`` with a ``column`` of each conversation's token count under ``tokenizer``'s chat template, the
+    lengths transformers' ``group_by_length`` sampler reads (it can only infer them from an ``input_ids`` column).
+    Datasets that already have the column, or no ``messages``, are returned as they are."""
+    columns = getattr(dataset, "column_names", None) or []
+    if not isinstance(dataset, datasets.Dataset) or column in columns or "messages" not in columns:
+        return dataset
+
+    def count(example: Mapping[str, Any]) -> dict[str, int]:
+        text = tokenizer.apply_chat_template(example["messages"], tokenize=False)
+        return {column: len(tokenizer(text, add_special_tokens=False)["input_ids"])}
+
+    return dataset.map(count, desc="Counting tokens for group_by_length")

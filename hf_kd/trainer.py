@@ -28,6 +28,7 @@ from trl.trainer.utils import disable_dropout_in_model
 
 from .bridge import bridge_class
 from .config import DistillationConfig
+from .data import with_token_lengths
 from .heads import output_head, padded_token_ids, real_vocab_size, verify_output_head
 from .hub import MODULES_FILE, DistillationHubMixin
 from .losses import DistillationLoss, build_loss
@@ -152,6 +153,8 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
 
         args.remove_unused_columns = False
         args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+        if args.train_sampling_strategy in ("group_by_length", "batch_rebalance"):
+            train_dataset = with_token_lengths(train_dataset, processing_class, args.length_column_name)
         if data_collator is None:
             if self.teacher_cache is not None:
                 data_collator = TeacherCacheCollator(self.teacher_cache, processing_class.pad_token_id)

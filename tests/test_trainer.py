@@ -81,6 +81,27 @@ def test_generated_modes_train(tmp_path, tokenizer, student, teacher, train_data
         assert heldout_kl(trainer.model, teacher, tokenizer, heldout_dataset) < before
 
 
+def test_group_by_length_counts_chat_tokens_and_pads_less(tmp_path, tokenizer, student, teacher):
+    """transformers' group_by_length sampler can only infer lengths from input_ids; the trainer counts a chat
+    dataset's tokens as the collator lays them out, so batches of similar length pad less, and training runs."""
+    train_dataset = Dataset.from_list(make_conversations(80, seed=3))  # sorted within groups of 5 batches
+    args = make_args(tmp_path, max_steps=3, per_device_train_batch_size=4, train_sampling_strategy="group_by_length")
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, args=args, train_dataset=train_dataset, processing_class=tokenizer
+    )
+    lengths = trainer.train_dataset["length"]
+    assert lengths == [len(trainer.data_collator([example])["input_ids"][0]) for example in train_dataset]
+
+    def padded_tokens(order):
+        return sum(4 * max(lengths[i] for i in order[j : j + 4]) for j in range(0, len(order), 4))
+
+    grouped = list(trainer._get_train_sampler(trainer.train_dataset))
+    assert sorted(grouped) == list(range(len(train_dataset)))
+    assert padded_tokens(grouped) < padded_tokens(list(range(len(train_dataset))))
+    trainer.train()
+    assert trainer.state.global_step == 3
+
+
 def test_teacher_is_frozen_and_in_eval_mode(tmp_path, tokenizer, student, teacher, train_dataset):
     before = copy.deepcopy(teacher.state_dict())
     trainer = DistillationTrainer(
