@@ -7,10 +7,11 @@ the same threads, its held-out Rouge-L, repetition loops and KL against its wall
     python benchmarks/demo_frontier.py --render benchmarks/results/demo/frontier_cpu.json --readme README.md
 
 Other demo flags pass through after `--` (`-- --kd_loss fkl`); they are part of a point's identity. The first run
-builds the teacher cache (later ones reuse it), so each point records the seconds its run spent building it and the
-wall time without them. A row with several seeds shows their mean and, in brackets, the lowest and highest seed.
-The run at the demo's default steps and seed 0 is also copied to `results/demo/` (its table, answers,
-training curves), and `--readme` rewrites README's "### Demo results" section from these files.
+of a step budget builds its teacher cache (of the conversations that budget trains on; later runs reuse it), so
+each point records the seconds its run spent building it and the wall time without them. A row with several seeds
+shows their mean and, in brackets, the lowest and highest seed. The run at the demo's default steps and seed 0 is
+also copied to `results/demo/` (its table, answers, training curves), and `--readme` rewrites README's
+"### Demo results" section from these files.
 """
 
 from __future__ import annotations
@@ -72,9 +73,10 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f}"
 
 
-def cache_build_s(points: list[dict[str, Any]]) -> float:
-    """Seconds the run that built the teacher cache spent on it (0 when every run found it built)."""
-    return max(p["teacher_cache_s"] for p in points)
+def cache_build_s(group: list[dict[str, Any]]) -> float:
+    """Seconds the run that built a step budget's teacher cache spent on it (0 when every run found it built):
+    each budget caches the conversations it trains on (hf_kd.demo.training_data)."""
+    return max(p["teacher_cache_s"] for p in group)
 
 
 def _warm_s(point: dict[str, Any]) -> float:
@@ -105,16 +107,16 @@ def _spread(values: list[float], digits: int) -> str:
 
 
 def markdown_table(points: list[dict[str, Any]]) -> str:
-    build = cache_build_s(points)
     lines = [
-        f"| steps | seeds | minutes, cache built | minutes, first run (+{_minutes(build)} to build the cache) | "
-        "Rouge-L | first-sentence EM % | loops % | held-out KL |",
-        "|---|---|---|---|---|---|---|---|",
+        "| steps | seeds | minutes, cache built | minutes to build the cache | minutes, first run | Rouge-L | "
+        "first-sentence EM % | loops % | held-out KL |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for steps, group in by_steps(points).items():
-        warm = sum(_warm_s(p) for p in group) / len(group)
+        warm, build = sum(_warm_s(p) for p in group) / len(group), cache_build_s(group)
         lines.append(
-            f"| {steps} | {', '.join(str(_seed(p)) for p in group)} | {_minutes(warm)} | {_minutes(warm + build)} | "
+            f"| {steps} | {', '.join(str(_seed(p)) for p in group)} | {_minutes(warm)} | {_minutes(build)} | "
+            f"{_minutes(warm + build)} | "
             f"{_spread(_after(group, 'rouge_l'), 2)} | {_spread(_after(group, 'exact_match'), 1)} | "
             f"{_spread(_after(group, 'loop_rate'), 1)} | {_spread(_after(group, 'kl'), 3)} |"
         )
@@ -134,7 +136,7 @@ def plot_frontier(points: list[dict[str, Any]], path: Path) -> Path:
     spread = [[m - min(r) for m, r in zip(mean, rouge)], [max(r) - m for m, r in zip(mean, rouge)]]
     fig, ax = plt.subplots(figsize=(6.5, 4))
     warm = [sum(_warm_s(p) for p in g) / len(g) / 60 for g in groups]
-    first = [minutes + cache_build_s(points) / 60 for minutes in warm]
+    first = [minutes + cache_build_s(g) / 60 for minutes, g in zip(warm, groups)]
     ax.errorbar(warm, mean, yerr=spread, fmt="o-", capsize=3, label="teacher cache already built (seed range)")
     ax.plot(first, mean, "s--", alpha=0.6, label="first run (builds the cache)")
     for x, y, g in zip(warm, mean, groups):
@@ -228,7 +230,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from hf_kd.demo import DROPPED_LOOPS_DATA, STUDENT_SOURCE, DemoSettings, bundled_cache_folder
+    from hf_kd.data import load_bundled_dataset
+    from hf_kd.demo import STUDENT_SOURCE, DemoSettings, bundled_cache_folder, training_data
 
     args = parse_args(argv)
     extra = [flag for flag in args.demo_flags if flag != "--"]
@@ -244,8 +247,10 @@ def main(argv: list[str] | None = None) -> None:
         payload["environment"] = environment()
         defaults = {f.name: f.default for f in fields(DemoSettings)}
         default_steps = defaults["max_steps"]
-        if args.rebuild_cache:
-            shutil.rmtree(bundled_cache_folder(STUDENT_SOURCE, DROPPED_LOOPS_DATA, defaults["cache_top_k"]), True)
+        if args.rebuild_cache:  # each step budget's own cache (the conversations it trains on)
+            for steps in args.steps:
+                _, name = training_data(load_bundled_dataset("train"), DemoSettings(max_steps=steps))
+                shutil.rmtree(bundled_cache_folder(STUDENT_SOURCE, name, defaults["cache_top_k"]), True)
         done = {(p["steps"], _seed(p), tuple(p["extra"])) for p in payload["points"]}
         for steps, seed in [(steps, seed) for seed in range(args.seeds) for steps in args.steps]:
             if (steps, seed, tuple(extra)) in done:

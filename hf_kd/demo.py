@@ -91,6 +91,10 @@ class DemoSettings:
     max_length: int = field(default=256, metadata={"help": "Tokens per training conversation (longer are cut)."})
     lmbda: float = field(default=0.0, metadata={"help": "Fraction of batches the student generates (on-policy)."})
     eval_samples: int = field(default=40, metadata={"help": "Held-out conversations scored before and after."})
+    eval_batch_size: int = field(
+        default=20,
+        metadata={"help": "Prompts generated at once (on 2 CPU cores 20 take 35-40% less time than 8, measured)."},
+    )
     max_new_tokens: int = field(default=64, metadata={"help": "Greedy tokens per held-out answer."})
     seed: int = field(default=0, metadata={"help": "Random seed."})
 
@@ -126,6 +130,22 @@ def without_looping_answers(dataset):
     from .evaluation import has_repetition_loop
 
     return dataset.filter(lambda row: not has_repetition_loop(row["messages"][-1]["content"]))
+
+
+def training_data(train, settings: DemoSettings):
+    """The conversations the demo trains on, and the name of their teacher cache.
+
+    Without the answers that loop (``drop_looping_answers``); and when the run takes less than an epoch, only the
+    ``max_steps * batch_size`` conversations it uses (drawn once, the same for every seed), so that a first run
+    caches no more than it trains on.
+    """
+    data_name = BUNDLED_DATA
+    if settings.drop_looping_answers:
+        train, data_name = without_looping_answers(train), DROPPED_LOOPS_DATA
+    used = settings.max_steps * settings.batch_size
+    if used < len(train):
+        train, data_name = train.shuffle(seed=0).select(range(used)), f"{data_name}-{used}"
+    return train, data_name
 
 
 def bundled_teacher_cache(
@@ -185,11 +205,9 @@ def run_demo(settings: DemoSettings) -> dict[str, dict]:
     num_layers = source.config.num_hidden_layers
     stage(2, "student", f"Student: SmolLM2-135M-Instruct layers {keep} of {num_layers} ({settings.layer_selection})")
     student_init = make_layer_pruned_student(source, keep, out / "student-init", tokenizer=source_tok)
-    data_name = BUNDLED_DATA
-    if settings.drop_looping_answers:
-        kept = without_looping_answers(train)
-        print(f"      Training data: {len(kept)} of {len(train)} conversations (looping answers left out)")
-        train, data_name = kept, DROPPED_LOOPS_DATA
+    bundled = len(train)
+    train, data_name = training_data(train, settings)
+    print(f"      Training data: {len(train)} of the {bundled} bundled conversations ({data_name})")
     del source
     student = AutoModelForCausalLM.from_pretrained(student_init, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(student_init)
@@ -213,6 +231,7 @@ def run_demo(settings: DemoSettings) -> dict[str, dict]:
             teacher=kl_teacher if with_kl else None,
             max_new_tokens=settings.max_new_tokens,
             max_samples=settings.eval_samples,
+            batch_size=settings.eval_batch_size,
             return_predictions=True,
         )
 
@@ -253,6 +272,7 @@ def run_demo(settings: DemoSettings) -> dict[str, dict]:
                 trainer=trainer,
                 max_new_tokens=settings.max_new_tokens,
                 max_samples=settings.curve_samples,
+                batch_size=settings.eval_batch_size,
                 at_start=True,
             )
         )

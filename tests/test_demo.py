@@ -1,6 +1,6 @@
 import datasets
 
-from hf_kd.demo import without_looping_answers
+from hf_kd.demo import BUNDLED_DATA, DROPPED_LOOPS_DATA, DemoSettings, training_data, without_looping_answers
 
 
 def _conversation(answer: str) -> dict:
@@ -25,3 +25,17 @@ def test_only_the_answer_decides_not_the_prompt():
     row = _conversation("A fine answer.")
     row["messages"][0]["content"] = "again again again again"
     assert len(without_looping_answers(datasets.Dataset.from_list([row]))) == 1
+
+
+def test_a_run_shorter_than_an_epoch_caches_only_the_conversations_it_trains_on():
+    rows = [_conversation(f"Answer number {i}.") for i in range(30)] + [_conversation("again again again again")]
+    bundled = datasets.Dataset.from_list(rows)
+    short, name = training_data(bundled, DemoSettings(max_steps=5, batch_size=4, seed=3))
+    assert len(short) == 20 and name == f"{DROPPED_LOOPS_DATA}-20"
+    again, _ = training_data(bundled, DemoSettings(max_steps=5, batch_size=4, seed=7))
+    assert short["messages"] == again["messages"]  # every seed trains on (and caches) the same conversations
+    assert all("again" not in row[-1]["content"] for row in short["messages"])
+    full, name = training_data(bundled, DemoSettings(max_steps=10, batch_size=4))
+    assert len(full) == 30 and name == DROPPED_LOOPS_DATA
+    everything, name = training_data(bundled, DemoSettings(max_steps=10, drop_looping_answers=False))
+    assert len(everything) == 31 and name == BUNDLED_DATA

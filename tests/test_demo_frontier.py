@@ -49,8 +49,8 @@ def test_page_plot_and_readme_section_come_from_the_points(frontier, tmp_path):
     page = frontier.render(payload, json_path)
     assert (results / "frontier_cpu.png").stat().st_size > 0
     rows = [line for line in page.splitlines() if line.startswith("| 40 ") or line.startswith("| 120 ")]
-    assert rows[0].startswith("| 40 | 0 | 7.0 | 11.0 | 24.25 |")  # sorted by steps; the cache took 4 min to build
-    assert rows[1].startswith("| 120 | 0 | 11.0 | 15.0 | 33.50 |")
+    assert rows[0].startswith("| 40 | 0 | 7.0 | 0.0 | 7.0 | 24.25 |")  # sorted by steps; 40 found its cache built
+    assert rows[1].startswith("| 120 | 0 | 11.0 | 4.0 | 15.0 | 33.50 |")  # 120 built its cache in 4 minutes
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\n### Demo results\n\nold text\n\n### Methods side by side\n\nkept\n")
     frontier.update_readme(readme, payload, json_path)
@@ -66,9 +66,9 @@ def test_seeds_of_a_step_budget_share_a_row_with_their_mean_and_range(frontier):
         _point(40, 300.0, 0.0, 20.0, seed=0),
     ]
     rows = frontier.markdown_table(points).splitlines()[2:]
-    assert rows[0] == "| 40 | 0 | 5.0 | 8.0 | 20.00 | 25.0 | 12.5 | 1.000 |"
+    assert rows[0] == "| 40 | 0 | 5.0 | 0.0 | 5.0 | 20.00 | 25.0 | 12.5 | 1.000 |"
     # warm minutes: (360 + 600) / 2 s; the first run adds the 3 minutes the seed-0 run spent building the cache
     assert rows[1] == (
-        "| 80 | 0, 1 | 8.0 | 11.0 | 29.00 [27.00, 31.00] | 25.0 [25.0, 25.0] | 12.5 [12.5, 12.5] | "
+        "| 80 | 0, 1 | 8.0 | 3.0 | 11.0 | 29.00 [27.00, 31.00] | 25.0 [25.0, 25.0] | 12.5 [12.5, 12.5] | "
         "0.600 [0.500, 0.700] |"
     )

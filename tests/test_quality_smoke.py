@@ -104,6 +104,18 @@ def test_run_method_fields(quality, method, tmp_path):
         assert any(key.startswith("scrg/") for key in record["last_logged"])
 
 
+@pytest.mark.parametrize("method", ["sft", "fkl-live", "trl-gkd", "dskd-cma"])
+def test_group_by_length_budget_trains_every_kind_of_row(quality, method, tmp_path):
+    """The cpu-demo budget batches by length: from the cache, with a live teacher, in TRL's trainer, across
+    vocabularies."""
+    budget = dataclasses.replace(tiny_budget(quality), train_sampling_strategy="group_by_length")
+    spec = quality.RunSpec(method=method, seed=0, budget=budget, output_dir=str(tmp_path / method),
+                           cache_dir=str(tmp_path / "teacher-cache"))  # fmt: skip
+    train = Dataset.from_list(make_conversations(24, seed=0))
+    heldout = Dataset.from_list(make_conversations(6, seed=1))
+    assert quality.run_method(spec, tiny_pair(quality, method), train, heldout)["global_step"] == 2
+
+
 def _record(method: str, seed: int, rouge: list[float], kl: list[float] | None = None, **more) -> dict:
     """A finished run's record with per-prompt scores (each prompt's KL over 2 answer tokens)."""
     sample = {"rouge_l": rouge, "exact_match": [0] * len(rouge), "loop": [0] * len(rouge)}
