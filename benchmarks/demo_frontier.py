@@ -189,6 +189,7 @@ def update_readme(readme: Path, payload: dict[str, Any], json_path: Path) -> Non
         f"student = {len(default['student_layers'])} of SmolLM2-135M-Instruct's 30 layers by block influence, "
         f"top-{settings['cache_top_k']} teacher cache"
         + (", training answers that loop left out" if settings.get("drop_looping_answers") else "")
+        + (", batches of similar length" if settings.get("group_by_length") else "")
         + f"; {settings['eval_samples']} held-out prompts, "
         f"{settings['max_new_tokens']} new tokens, greedy), one run, seed {settings['seed']}, "
         f"{default['wall_s'] / 60:.1f} min wall ([{rel}/demo_results.json]({rel}/demo_results.json), every answer "
