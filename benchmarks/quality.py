@@ -85,33 +85,28 @@ class Budget:
     """transformers' sampler: "group_by_length" batches conversations of similar length (less padding)."""
 
 
-# The cpu budget is the demo's recipe at half its steps: the 20-layer block-influence student starts at a held-out
-# KL of about 2 and writes fluent but wrong answers, so 40 steps at lr 5e-4 separate what the methods teach.
+# The cpu budget is the demo's former recipe at half its steps: the 20-layer block-influence student starts at a
+# held-out KL of about 2 and writes fluent but wrong answers, so 40 steps at lr 5e-4 separate what the methods teach.
 # Measured on 2 cores: about 4-5 s per cached step, 7 s per live-teacher step, more with generation.
+CPU = Budget(
+    steps=40,
+    batch=4,
+    learning_rate=5e-4,
+    max_length=256,
+    eval_samples=40,
+    max_new_tokens=48,
+    lmbda=0.0,
+    mgsr_lmbda=0.25,
+    seeds=3,
+)
 BUDGETS: dict[str, Budget] = {
-    "cpu": Budget(
-        steps=40,
-        batch=4,
-        learning_rate=5e-4,
-        max_length=256,
-        eval_samples=40,
-        max_new_tokens=48,
-        lmbda=0.0,
-        mgsr_lmbda=0.25,
-        seeds=3,
-    ),
-    # The demo's recipe (hf_kd.demo): 24 layers, lr 2e-4, batches of similar length, training answers that loop
-    # left out, 80 steps. Its student answers on topic and loops in 5-15% of answers (the teacher: 17.5%).
-    "cpu-demo": Budget(
+    "cpu": CPU,
+    # The demo's recipe (hf_kd.demo): 24 layers, lr 2e-4, batches of similar length, training answers that loop left
+    # out, 80 steps; its student loops in 5% of the demo's held-out answers (the teacher in 17.5%).
+    "cpu-demo": dataclasses.replace(
+        CPU,
         steps=80,
-        batch=4,
         learning_rate=2e-4,
-        max_length=256,
-        eval_samples=40,
-        max_new_tokens=48,
-        lmbda=0.0,
-        mgsr_lmbda=0.25,
-        seeds=3,
         student_layers=24,
         drop_looping_answers=True,
         train_sampling_strategy="group_by_length",
