@@ -100,6 +100,13 @@ def _after(group: list[dict[str, Any]], metric: str) -> list[float]:
     return [p["results"]["student after"][metric] for p in group]
 
 
+def repeated_run_pct(predictions: list[str]) -> float:
+    """Share of answers that say a run of 6+ words twice in a row (hf_kd.evaluation.repeats_a_run), in %."""
+    from hf_kd.evaluation import repeats_a_run
+
+    return 100.0 * sum(map(repeats_a_run, predictions)) / len(predictions)
+
+
 def _spread(values: list[float], digits: int) -> str:
     """The mean, and with several seeds the lowest and highest in brackets."""
     mean = f"{sum(values) / len(values):.{digits}f}"
@@ -109,16 +116,17 @@ def _spread(values: list[float], digits: int) -> str:
 def markdown_table(points: list[dict[str, Any]]) -> str:
     lines = [
         "| steps | seeds | minutes, cache built | minutes to build the cache | minutes, first run | Rouge-L | "
-        "first-sentence EM % | loops % | held-out KL |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "first-sentence EM % | loops % | repeats a 6+ word run % | held-out KL |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for steps, group in by_steps(points).items():
         warm, build = sum(_warm_s(p) for p in group) / len(group), cache_build_s(group)
+        repeats = [repeated_run_pct(p["results"]["student after"]["predictions"]) for p in group]
         lines.append(
             f"| {steps} | {', '.join(str(_seed(p)) for p in group)} | {_minutes(warm)} | {_minutes(build)} | "
             f"{_minutes(warm + build)} | "
             f"{_spread(_after(group, 'rouge_l'), 2)} | {_spread(_after(group, 'exact_match'), 1)} | "
-            f"{_spread(_after(group, 'loop_rate'), 1)} | {_spread(_after(group, 'kl'), 3)} |"
+            f"{_spread(_after(group, 'loop_rate'), 1)} | {_spread(repeats, 1)} | {_spread(_after(group, 'kl'), 3)} |"
         )
     return "\n".join(lines)
 

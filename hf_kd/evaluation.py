@@ -40,6 +40,15 @@ def first_sentence(text: str) -> str:
 _WORD = re.compile(r"[a-z0-9']+")
 
 
+def _repeats_back_to_back(words: list[str], span: int, times: int) -> bool:
+    """True when some run of ``span`` words occurs ``times`` times in a row."""
+    for start in range(len(words) - span * times + 1):
+        unit = words[start : start + span]
+        if all(words[start + k * span : start + (k + 1) * span] == unit for k in range(1, times)):
+            return True
+    return False
+
+
 def has_repetition_loop(text: str, max_span: int = 12, repeats: int = 3) -> bool:
     """True when the text repeats a run of words back to back: a span of 2 to ``max_span`` words ``repeats`` times
     in a row, or one word ``repeats + 1`` times in a row (lower-cased alphanumeric words, punctuation ignored).
@@ -48,13 +57,17 @@ def has_repetition_loop(text: str, max_span: int = 12, repeats: int = 3) -> bool
     stillness"), not legitimate repetition spread over a text.
     """
     words = _WORD.findall(text.lower())
-    for span in range(1, max_span + 1):
-        times = repeats + 1 if span == 1 else repeats
-        for start in range(len(words) - span * times + 1):
-            unit = words[start : start + span]
-            if all(words[start + k * span : start + (k + 1) * span] == unit for k in range(1, times)):
-                return True
-    return False
+    return any(
+        _repeats_back_to_back(words, span, repeats + 1 if span == 1 else repeats) for span in range(1, max_span + 1)
+    )
+
+
+def repeats_a_run(text: str, min_span: int = 6, max_span: int = 40) -> bool:
+    """True when a run of ``min_span`` to ``max_span`` words is said twice in a row ("I am not so cruel, and I am
+    not so cruel. I am not so cruel, and ..."): the sentence-level repetition that a short answer cannot fit three
+    times, so ``has_repetition_loop`` lets it through. A stricter count, for reading answers, not a loop verdict."""
+    words = _WORD.findall(text.lower())
+    return any(_repeats_back_to_back(words, span, 2) for span in range(min_span, max_span + 1))
 
 
 def _split_conversation(messages: Sequence[dict[str, str]]) -> tuple[list[dict[str, str]], str]:

@@ -12,11 +12,18 @@ def frontier():
     return load_script("benchmarks/demo_frontier.py")
 
 
-def _scores(rouge_l: float, loops: float, kl: float) -> dict:
-    return {"rouge_l": rouge_l, "exact_match": 25.0, "loop_rate": loops, "kl": kl, "num_samples": 40}
+REPEATING = "I am not so cruel, and I am not so cruel. I am not so cruel, and I am not so cruel."
 
 
-def _point(steps: int, wall_s: float, cache_s: float, rouge_l: float, seed: int = 0, kl: float = 1.0) -> dict:
+def _scores(rouge_l: float, loops: float, kl: float, answers: list[str]) -> dict:
+    return {"rouge_l": rouge_l, "exact_match": 25.0, "loop_rate": loops, "kl": kl, "num_samples": len(answers),
+            "predictions": answers}  # fmt: skip
+
+
+def _point(
+    steps: int, wall_s: float, cache_s: float, rouge_l: float, seed: int = 0, kl: float = 1.0, repeating: int = 1
+) -> dict:
+    answers = [REPEATING] * repeating + ["The sea is calm tonight."] * (4 - repeating)
     return {
         "steps": steps,
         "seed": seed,
@@ -26,7 +33,7 @@ def _point(steps: int, wall_s: float, cache_s: float, rouge_l: float, seed: int 
         "teacher_cache_s": cache_s,
         "stage_starts_s": {},
         "settings": {},
-        "results": {"student after": _scores(rouge_l, 12.5, kl)},
+        "results": {"student after": _scores(rouge_l, 12.5, kl, answers)},
     }
 
 
@@ -49,7 +56,8 @@ def test_page_plot_and_readme_section_come_from_the_points(frontier, tmp_path):
     page = frontier.render(payload, json_path)
     assert (results / "frontier_cpu.png").stat().st_size > 0
     rows = [line for line in page.splitlines() if line.startswith("| 40 ") or line.startswith("| 120 ")]
-    assert rows[0].startswith("| 40 | 0 | 7.0 | 0.0 | 7.0 | 24.25 |")  # sorted by steps; 40 found its cache built
+    # sorted by steps; 40 found its cache built; one answer of four says a sentence twice
+    assert rows[0].startswith("| 40 | 0 | 7.0 | 0.0 | 7.0 | 24.25 | 25.0 | 12.5 | 25.0 |")
     assert rows[1].startswith("| 120 | 0 | 11.0 | 4.0 | 15.0 | 33.50 |")  # 120 built its cache in 4 minutes
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\n### Demo results\n\nold text\n\n### Methods side by side\n\nkept\n")
@@ -61,14 +69,14 @@ def test_page_plot_and_readme_section_come_from_the_points(frontier, tmp_path):
 
 def test_seeds_of_a_step_budget_share_a_row_with_their_mean_and_range(frontier):
     points = [
-        _point(80, 600.0, 0.0, 31.0, seed=1, kl=0.5),
-        _point(80, 540.0, 180.0, 27.0, seed=0, kl=0.7),
+        _point(80, 600.0, 0.0, 31.0, seed=1, kl=0.5, repeating=0),
+        _point(80, 540.0, 180.0, 27.0, seed=0, kl=0.7, repeating=2),
         _point(40, 300.0, 0.0, 20.0, seed=0),
     ]
     rows = frontier.markdown_table(points).splitlines()[2:]
-    assert rows[0] == "| 40 | 0 | 5.0 | 0.0 | 5.0 | 20.00 | 25.0 | 12.5 | 1.000 |"
+    assert rows[0] == "| 40 | 0 | 5.0 | 0.0 | 5.0 | 20.00 | 25.0 | 12.5 | 25.0 | 1.000 |"
     # warm minutes: (360 + 600) / 2 s; the first run adds the 3 minutes the seed-0 run spent building the cache
     assert rows[1] == (
         "| 80 | 0, 1 | 8.0 | 3.0 | 11.0 | 29.00 [27.00, 31.00] | 25.0 [25.0, 25.0] | 12.5 [12.5, 12.5] | "
-        "0.600 [0.500, 0.700] |"
+        "25.0 [0.0, 50.0] | 0.600 [0.500, 0.700] |"
     )

@@ -15,6 +15,7 @@ from hf_kd.evaluation import (
     first_sentence,
     generate_answers,
     has_repetition_loop,
+    repeats_a_run,
     rouge_l,
     token_kl,
 )
@@ -49,6 +50,15 @@ def test_repetition_loops_are_caught_and_ordinary_text_is_not():
     assert not has_repetition_loop("1. Eat well. 2. Sleep well. 3. Exercise well.")
     assert not has_repetition_loop("Paris is the capital of France. Paris is big. Paris is old.")
     assert not has_repetition_loop("")
+
+
+def test_a_sentence_said_twice_in_a_row_is_a_repeated_run_but_not_a_loop():
+    text = "I am not so cruel, and I am not so cruel. I am not so cruel, and I am not so cruel."
+    assert repeats_a_run(text) and not has_repetition_loop(text)
+    assert not repeats_a_run("Paris is the capital of France. Paris is the capital city of a large country.")
+    assert not repeats_a_run("one two three four five, one two three four five")  # five words: below min_span
+    assert repeats_a_run("one two three four five, one two three four five", min_span=5)
+    assert not repeats_a_run("")
 
 
 def test_first_sentence():
