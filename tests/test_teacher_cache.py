@@ -301,6 +301,18 @@ def test_a_finished_cache_is_reused_with_a_copy_of_its_tokenizer(tmp_path, token
     assert (folder / "data" / "train-00000.parquet").stat().st_mtime_ns == written
 
 
+def test_a_cache_is_reused_for_the_same_rows_made_another_way_and_refused_for_other_rows(
+    tmp_path, tokenizer, teacher, train_dataset
+):
+    folder = cache_teacher(teacher, tokenizer, train_dataset, tmp_path / "c", top_k=4, progress=False)
+    written = (folder / "data" / "train-00000.parquet").stat().st_mtime_ns
+    same_rows = train_dataset.filter(lambda row: len(row["messages"]) > 0).map(lambda row: row)  # other transforms
+    assert cache_teacher(teacher, tokenizer, same_rows, folder, top_k=4, progress=False) == folder
+    assert (folder / "data" / "train-00000.parquet").stat().st_mtime_ns == written  # reused, not rebuilt
+    with pytest.raises(ValueError, match="data differ"):
+        cache_teacher(teacher, tokenizer, train_dataset.select(range(20)), folder, top_k=4, progress=False)
+
+
 def test_cli_cache_teacher(tmp_path, tokenizer, teacher, train_dataset):
     teacher.save_pretrained(tmp_path / "teacher")
     tokenizer.save_pretrained(tmp_path / "teacher")

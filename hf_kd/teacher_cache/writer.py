@@ -41,10 +41,13 @@ ENCODE_ROWS = 1024  # rows of [rows, V] float32 log-probs encoded at once
 
 
 def _dataset_fingerprint(dataset: Any) -> str:
-    fingerprint = getattr(dataset, "_fingerprint", None)
-    if fingerprint:
-        return str(fingerprint)
-    return hashlib.sha256(json.dumps(list(dataset), sort_keys=True, default=str).encode()).hexdigest()
+    """A sha256 of the rows themselves. Not ``datasets``' own fingerprint: that one follows the code of the
+    transforms that made the dataset (a refactored filter would orphan a cache of the same rows) and is random when
+    a transform cannot be hashed."""
+    digest = hashlib.sha256()
+    for row in dataset:
+        digest.update(json.dumps(row, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
 
 
 def _load_teacher(teacher_model: nn.Module | str, device: torch.device, dtype: torch.dtype | None) -> nn.Module:
