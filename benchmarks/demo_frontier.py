@@ -257,8 +257,9 @@ def main(argv: list[str] | None = None) -> None:
         defaults = {f.name: f.default for f in fields(DemoSettings)}
         default_steps = defaults["max_steps"]
         if args.rebuild_cache:  # each step budget's own cache (the conversations it trains on)
+            bundled = load_bundled_dataset("train")
             for steps in args.steps:
-                _, name = training_data(load_bundled_dataset("train"), DemoSettings(max_steps=steps))
+                _, name = training_data(bundled, DemoSettings(max_steps=steps))
                 shutil.rmtree(bundled_cache_folder(STUDENT_SOURCE, name, defaults["cache_top_k"]), True)
         done = {(p["steps"], _seed(p), tuple(p["extra"])) for p in payload["points"]}
         for steps, seed in [(steps, seed) for seed in range(args.seeds) for steps in args.steps]:
