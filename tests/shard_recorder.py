@@ -21,14 +21,17 @@ SHARDS_DIR = "shards"
 
 
 class ShardRecorder:
-    """A collator wrapper that notes the `example_id` of every example collated on this process."""
+    """A collator wrapper that notes the `example_id` of every example collated on this process, and each batch's
+    token counts when the trainer added them (the `length` column of length-grouped sampling)."""
 
     def __init__(self, collator: Any):
         self.collator = collator
         self.example_ids: list[int] = []
+        self.batch_lengths: list[list[int]] = []
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         self.example_ids.extend(int(feature[EXAMPLE_ID_COLUMN]) for feature in features)
+        self.batch_lengths.append([int(feature["length"]) for feature in features if "length" in feature])
         return self.collator([{k: v for k, v in f.items() if k != EXAMPLE_ID_COLUMN} for f in features])
 
 
@@ -53,6 +56,7 @@ def main() -> None:
     result = train_and_save(trainer, dataset_name=None)
 
     state = trainer.accelerator.state
+    columns = trainer.train_dataset.column_names
     record = {
         "rank": state.process_index,
         "world_size": state.num_processes,
@@ -61,6 +65,8 @@ def main() -> None:
         "global_step": trainer.state.global_step,
         "train_loss": result.training_loss,
         "example_ids": recorder.example_ids,
+        "batch_lengths": recorder.batch_lengths,
+        "dataset_lengths": list(trainer.train_dataset["length"]) if "length" in columns else [],
         "student_digest": parameter_digest(trainer.accelerator.unwrap_model(trainer.model)),
     }
     path = Path(trainer.args.output_dir) / SHARDS_DIR / f"rank{state.process_index}.json"

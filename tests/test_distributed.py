@@ -105,3 +105,18 @@ def test_two_ranks_update_like_one_process_with_the_global_batch(tmp_path):
         assert got.keys() == want.keys()
         for key in want:
             torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=f"{name}: {key}")
+
+
+def test_length_grouped_batches_are_sharded_across_ranks(tmp_path):
+    """``train_sampling_strategy="group_by_length"`` (transformers' sampler over the token counts hf_kd adds to a
+    chat dataset) under two ranks: each rank trains on examples of its own, the ranks stay in sync, and the first
+    global batch holds the longest conversation (the sampler puts it first; a random order would in 4 of 64)."""
+    flags = ["--train_sampling_strategy", "group_by_length", "--max_steps", str(MAX_STEPS)]
+    out = launch(tmp_path / "out", *flags, "--per_device_train_batch_size", str(BATCH_SIZE))
+    records = read_records(out)
+    rank0, rank1 = (set(r["example_ids"]) for r in records)
+    assert len(rank0) >= MAX_STEPS * BATCH_SIZE and len(rank1) >= MAX_STEPS * BATCH_SIZE
+    assert not rank0 & rank1, f"both ranks saw examples {sorted(rank0 & rank1)}"
+    assert records[0]["student_digest"] == records[1]["student_digest"]
+    longest = max(records[0]["dataset_lengths"])
+    assert longest in records[0]["batch_lengths"][0] + records[1]["batch_lengths"][0]
