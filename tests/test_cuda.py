@@ -25,16 +25,16 @@ NAMES = sorted(name for name, cls in LOSS_REGISTRY.items() if not cls.requires)
 BF16_GRADIENT_COSINE = {"bild": 0.95}
 
 
-def _problem(dtype: torch.dtype = torch.float32):
-    """Student and teacher hidden states [2, 48, D], heads [V, D] with logits of standard deviation ~2, labels
-    with a prompt and padding left out."""
+def _problem() -> list[torch.Tensor]:
+    """Student and teacher hidden states [2, 48, D], heads [V, D] with logits of standard deviation ~2 (float32),
+    labels with a prompt and padding left out."""
     g = torch.Generator().manual_seed(0)
     h_s, h_t = (torch.randn(2, 48, D, generator=g) for _ in range(2))
     w_s, w_t = (torch.randn(V, D, generator=g) * (2 / D**0.5) for _ in range(2))
     labels = torch.randint(0, V, (2, 48), generator=g)
     labels[0, :10] = IGNORE_INDEX
     labels[1, -7:] = IGNORE_INDEX
-    return [x.to(dtype) for x in (h_s, w_s, h_t, w_t)] + [labels]
+    return [h_s, w_s, h_t, w_t, labels]
 
 
 def _head(weight: torch.Tensor, trainable: bool) -> nn.Linear:
@@ -46,8 +46,7 @@ def _head(weight: torch.Tensor, trainable: bool) -> nn.Linear:
 def _fused(name: str, h_s, w_s, h_t, w_t, labels, chunk_size: int | None = None):
     """Value and the gradients of the student hidden states and head through ``forward_fused``."""
     torch.manual_seed(0)  # the DAC-KL band starts from the same initialisation on every side
-    dtype = torch.float64 if h_s.dtype == torch.float64 else torch.float32
-    loss_fn = build_loss(name, chunk_size=chunk_size).to(device=h_s.device, dtype=dtype)
+    loss_fn = build_loss(name, chunk_size=chunk_size).to(device=h_s.device, dtype=h_s.dtype)
     x = h_s.detach().clone().requires_grad_(True)
     head_s = _head(w_s, trainable=True)
     value = loss_fn.forward_fused(x, head_s, h_t, _head(w_t, trainable=False), labels)
