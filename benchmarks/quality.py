@@ -435,6 +435,7 @@ def run_in_subprocess(spec: RunSpec, timeout: float) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- the table
 RESAMPLES = 2000
+FINDINGS_HEADING = "Findings (commentary on this run, written after it)"  # the results page's and README's heading
 # The papers' claims, as (claim, row, baseline row): the row should score above the baseline.
 CLAIMS = [
     ("AKL over FKL (AKL paper)", "akl", "fkl-tail"),
@@ -696,7 +697,7 @@ def render_markdown(payload: dict[str, Any], intervals: dict[str, dict], figure:
     if failed:
         lines += ["Failed runs:", ""] + [f"- {r['method']} seed {r['seed']}: {r['error']}" for r in failed] + [""]
     if payload.get("commentary"):
-        lines += ["## Findings (commentary on this run, written after it)", "", payload["commentary"].strip(), ""]
+        lines += [f"## {FINDINGS_HEADING}", "", payload["commentary"].strip(), ""]
     return "\n".join(lines)
 
 
@@ -746,7 +747,7 @@ def update_readme(readme: Path, payload: dict[str, Any], page: str, json_path: P
             "",
         ]
     if payload.get("commentary"):
-        section += [payload["commentary"].strip(), ""]
+        section += [f"#### {FINDINGS_HEADING}", "", payload["commentary"].strip(), ""]
     replace_readme_section(readme, README_SECTION, section)
 
 
