@@ -1,14 +1,15 @@
-"""Regenerates README's result tables from the benchmarks' own results pages, so no number there is typed.
+"""Regenerates the result tables of README (and of the other docs) from the benchmarks' own results pages.
 
-A table in README is generated when a marker comment precedes it and an end marker follows it::
+A table is generated when a marker comment precedes it and an end marker follows it::
 
     <!-- table from results/a.md, results/b.md; rows: method=floor,jsd and vocab=151936; columns: vocab, method, ms -->
     | vocab | method | ms |
     ...
     <!-- end table -->
 
-- ``from``: results pages (paths relative to README); the first markdown table of each is read, and their rows are
-  stacked in the order given. ``path=label`` adds the label as a first column named by ``label``;
+- ``from``: results pages (paths relative to the file holding the marker); the first markdown table of each is
+  read, and their rows are stacked in the order given. ``path=label`` adds the label as a first column named
+  by ``label``;
 - ``rows`` (optional): conditions ``column=value,value`` joined by ``and``, alternatives joined by ``or``; rows
   that meet one alternative are kept, in their page's order;
 - ``columns``: the columns to keep, in order;

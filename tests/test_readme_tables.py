@@ -93,7 +93,9 @@ def test_an_unknown_column_names_the_page_and_its_columns(tables, pages):
         tables.render_table(tables.parse_spec("from b.md; columns: tokens/s"), pages)
 
 
-@pytest.mark.parametrize("readme, tables_marked", [("README.md", 5), ("benchmarks/README.md", 1)])
+@pytest.mark.parametrize(
+    "readme, tables_marked", [("README.md", 5), ("benchmarks/README.md", 1), ("docs/scaling.md", 1)]
+)
 def test_readme_tables_match_their_results_pages(tables, readme, tables_marked):
     """The project's marked tables are what the results pages say (rerun the script after a benchmark)."""
     text, changed = tables.regenerate(ROOT / readme)
