@@ -3,7 +3,8 @@
 Importing it applies hf_kd's offline environment defaults (hf_kd/environment.py, loaded by path so that no Hugging
 Face library reads the environment before they are set). `environment` records library versions and hardware;
 `run_in_fresh_process` runs one configuration in a new Python process, so that each row starts from a clean state
-(peak memory, caches, threads) and a crash becomes a record instead of ending the benchmark.
+(peak memory, caches, threads) and a crash becomes a record instead of ending the benchmark. `format_table` and
+`replace_readme_section` write the results pages and README sections.
 """
 
 from __future__ import annotations
@@ -61,6 +62,13 @@ def run_in_fresh_process(script: str | Path, spec: Any, threads: int | None, tim
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
         return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
     return json.loads(text)
+
+
+def format_table(head: list[str], rows: list[list[str]]) -> str:
+    """A markdown table of ``head`` and ``rows`` (cells already formatted), ending in a newline."""
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines) + "\n"
 
 
 def replace_readme_section(readme: Path, heading: str, lines: list[str]) -> None:

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import environment, replace_readme_section, run_in_fresh_process  # noqa: E402  (offline defaults, shared with speed_memory.py)
+from harness import environment, format_table, replace_readme_section, run_in_fresh_process  # noqa: E402  (offline defaults, shared with speed_memory.py)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SMOLLM2 = "smollm2-135m-instruct"
@@ -519,7 +519,7 @@ def markdown_table(results: list[dict[str, Any]], order: list[str], intervals: d
     """One row per method: point estimates with their 95% bootstrap ``intervals`` (:func:`row_intervals`)."""
     head = ["method", "recipe", "teacher", "lmbda", "seeds", "Rouge-L [95% CI]", "KL(teacher‖student) [95% CI]"]
     head += ["first-sentence EM %", "loops %", "answer words", "train s / run"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for name in order:
         records = [r for r in results if r["method"] == name]
         if not records:
@@ -543,8 +543,8 @@ def markdown_table(results: list[dict[str, Any]], order: list[str], intervals: d
                 _mean(ok, "mean_answer_words", ".1f"),
                 _mean(ok, "train_s", ".0f"),
             ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append(cells)
+    return format_table(head, rows)
 
 
 # Differences whose whole interval lies within these margins count as ties: a fifth of the spread between the live

@@ -27,8 +27,12 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import format_table  # noqa: E402  (the table format every results page is written in)
 
 MARKER = re.compile(r"<!-- table (?P<spec>.+?) -->\n(?P<table>.*?)<!-- end table -->", re.DOTALL)
 
@@ -58,7 +62,7 @@ def parse_spec(text: str) -> TableSpec:
         path, _, label = item.partition("=")
         sources.append((path.strip(), label.strip() or None))
     rows = []
-    for alternative in fields.get("rows", "").split(" or ") if fields.get("rows") else []:
+    for alternative in fields["rows"].split(" or ") if "rows" in fields else []:
         conditions = []
         for condition in alternative.split(" and "):
             column, sep, values = condition.partition("=")
@@ -66,8 +70,7 @@ def parse_spec(text: str) -> TableSpec:
                 raise ValueError(f"row condition '{condition}' in '{text}' is not 'column=value,value'")
             conditions.append((column.strip(), {v.strip() for v in values.split(",")}))
         rows.append(conditions)
-    labelled = any(label for _, label in sources)
-    if labelled and "label" not in fields:
+    if any(label for _, label in sources) and "label" not in fields:
         raise ValueError(f"table marker '{text}' labels its pages but names no 'label:' column")
     return TableSpec(sources, rows, [c.strip() for c in fields["columns"].split(", ")], fields.get("label"))
 
@@ -97,8 +100,7 @@ def _keep(row: dict[str, str], rows: list[list[tuple[str, set[str]]]]) -> bool:
 
 def render_table(spec: TableSpec, base: Path) -> str:
     """The markdown table a marker asks for, read from its results pages under ``base``."""
-    header = ([spec.label] if spec.label else []) + spec.columns
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    selected = []
     for path, label in spec.sources:
         prefix = [label or ""] if spec.label else []
         for row in read_first_table(base / path):
@@ -107,8 +109,8 @@ def render_table(spec: TableSpec, base: Path) -> str:
             missing = [c for c in spec.columns if c not in row]
             if missing:
                 raise ValueError(f"{path} has no column(s) {missing}; its columns: {list(row)}")
-            lines.append("| " + " | ".join(prefix + [row[c] for c in spec.columns]) + " |")
-    return "\n".join(lines) + "\n"
+            selected.append(prefix + [row[c] for c in spec.columns])
+    return format_table(([spec.label] if spec.label else []) + spec.columns, selected)
 
 
 def regenerate(readme: Path) -> tuple[str, int]:

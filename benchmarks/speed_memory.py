@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import environment, run_in_fresh_process  # noqa: E402  (offline defaults, shared with quality.py)
+from harness import environment, format_table, run_in_fresh_process  # noqa: E402  (offline defaults, shared with quality.py)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(RESULTS_DIR.parent.parent))  # time this checkout's hf_kd, not another installed copy
@@ -691,12 +691,11 @@ def loss_side_table(results: list[dict[str, Any]], peak_tflops: float | None = N
         head = ["vocab", "method", "ms", "tokens/s", "×floor", "×TRL", "×jsd", "MFU", "peak MiB", "peak ×TRL"]
     else:
         head = ["vocab", "method", "CPU s", "wall s", "×floor", "×TRL", "×jsd", "peak MiB", "peak ×TRL", "faults/step"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for r in results:
         cells = [str(r["vocab"]), r["method"]]
         if "step_time_s" not in r:
-            cells += ["; ".join(map(str, r.get("errors", [])))] + ["-"] * (len(head) - 3)
-            lines.append("| " + " | ".join(cells) + " |")
+            rows.append(cells + ["; ".join(map(str, r.get("errors", [])))] + ["-"] * (len(head) - 3))
             continue
         ratios = [_fmt(r.get(f"x_{ref}"), ".2f") for ref in ("floor", "trl-chunked", "jsd")]
         peaks = [_fmt(r["peak_mem_mib"], ".0f"), _fmt(r.get("peak_x_trl-chunked"), ".2f")]
@@ -707,8 +706,8 @@ def loss_side_table(results: list[dict[str, Any]], peak_tflops: float | None = N
         else:
             cells += [_fmt(r["cpu_time_s"], ".2f"), _fmt(r["step_time_s"], ".2f"), *ratios, *peaks]
             cells.append(_fmt(r["minor_faults_per_step"], ".0f"))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append(cells)
+    return format_table(head, rows)
 
 
 def run_loss_side_rounds(args: argparse.Namespace, argv: list[str] | None, device: str) -> str:
@@ -829,7 +828,7 @@ def markdown_table(results: list[dict[str, Any]], cuda: bool) -> str:
     ]
     if cuda:
         head.append("MFU")
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for r in results:
         cells = [str(r["vocab"]), str(r["seq"]), r["method"]]
         if "step_time_s" not in r:
@@ -851,8 +850,8 @@ def markdown_table(results: list[dict[str, Any]], cuda: bool) -> str:
             ]
             if cuda:
                 cells.append(_percent(r.get("mfu"), ".1f"))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append(cells)
+    return format_table(head, rows)
 
 
 def build_specs(args: argparse.Namespace, device: str) -> list[RunSpec]:
