@@ -190,3 +190,7 @@ def test_page_renders_from_records(quality, tmp_path):
     text = readme.read_text()
     assert "old table" not in text and text.endswith("### Speed\n\nkept\n") and text.startswith("# T\n\n")
     assert fkl_row in text and "(quality_tiny.png)" in text and "Observed on this run only." in text
+    planned = f"{budget.seeds} seeds per trained row are planned; rows or seeds still missing"
+    assert planned in " ".join(text.split())  # most rows have no seed yet
+    quality.update_readme(readme, {**payload, "methods": ["teacher", "fkl"]}, page, tmp_path / "quality_tiny.json")
+    assert f"{budget.seeds} seeds per trained row." in " ".join(readme.read_text().split())  # fkl has them all
