@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import ROOT, environment, replace_readme_section  # noqa: E402  (offline defaults, shared with the other benchmarks)
+from harness import ROOT, environment, replace_readme_section, write_text_atomically  # noqa: E402  (offline defaults, shared with the other benchmarks)
 
 RESULTS = ROOT / "benchmarks" / "results" / "demo"
 README_SECTION = "### Demo results"
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
         payload = json.loads(args.render.read_text())
         if args.commentary:
             payload["commentary"] = args.commentary.read_text()
-            args.render.write_text(json.dumps(payload, indent=1) + "\n")
+            write_text_atomically(args.render, json.dumps(payload, indent=1) + "\n")
         json_path = args.render
     else:
         json_path = args.out
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             payload["points"].append(point)
             json_path.parent.mkdir(parents=True, exist_ok=True)
-            json_path.write_text(json.dumps(payload, indent=1) + "\n")
+            write_text_atomically(json_path, json.dumps(payload, indent=1) + "\n")
     print(render(payload, json_path))
     if args.readme:
         update_readme(args.readme, payload, json_path)

@@ -23,6 +23,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 _ENVIRONMENT = runpy.run_path(str(ROOT / "hf_kd" / "environment.py"))
 _ENVIRONMENT["apply_defaults"](_ENVIRONMENT["OFFLINE_DEFAULTS"])
+write_text_atomically = runpy.run_path(str(ROOT / "hf_kd" / "atomic.py"))["write_text_atomically"]
+"""How the benchmarks write their results: a kill mid-write never leaves half a JSON for ``--resume`` to read."""
 
 
 def environment() -> dict[str, Any]:
@@ -80,4 +82,4 @@ def replace_readme_section(readme: Path, heading: str, lines: list[str]) -> None
     start = text.index(heading)
     end = text.find("\n### ", start + len(heading))
     end = len(text) if end < 0 else end + 1
-    readme.write_text(text[:start] + "\n".join(lines) + "\n" + text[end:])
+    write_text_atomically(readme, text[:start] + "\n".join(lines) + "\n" + text[end:])

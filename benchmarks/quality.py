@@ -46,7 +46,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import environment, format_table, replace_readme_section, run_in_fresh_process  # noqa: E402  (offline defaults, shared with speed_memory.py)
+from harness import (  # noqa: E402  (offline defaults, shared with speed_memory.py)
+    environment,
+    format_table,
+    replace_readme_section,
+    run_in_fresh_process,
+    write_text_atomically,
+)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SMOLLM2 = "smollm2-135m-instruct"
@@ -705,7 +711,7 @@ def write_outputs(payload: dict[str, Any], json_path: Path) -> str:
     """Writes the JSON (the record of truth), the plot and the markdown page rendered from them; returns the page."""
     json_path.parent.mkdir(parents=True, exist_ok=True)
     payload["json_name"] = json_path.name
-    json_path.write_text(json.dumps(payload, indent=2) + "\n")
+    write_text_atomically(json_path, json.dumps(payload, indent=2) + "\n")
     intervals = row_intervals(payload["results"], payload["methods"])
     figure = plot_methods(intervals, json_path.with_suffix(".png"))
     page = render_markdown(payload, intervals, figure.name if figure else None)

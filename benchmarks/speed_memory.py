@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import environment, format_table, run_in_fresh_process  # noqa: E402  (offline defaults, shared with quality.py)
+from harness import environment, format_table, run_in_fresh_process, write_text_atomically  # noqa: E402  (offline defaults, shared with quality.py)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(RESULTS_DIR.parent.parent))  # time this checkout's hf_kd, not another installed copy
@@ -754,7 +754,7 @@ def run_loss_side_rounds(args: argparse.Namespace, argv: list[str] | None, devic
                     "records": records,
                 }
                 args.out_dir.mkdir(parents=True, exist_ok=True)
-                (args.out_dir / f"speed_memory_{tag}.json").write_text(json.dumps(payload, indent=2) + "\n")
+                write_text_atomically(args.out_dir / f"speed_memory_{tag}.json", json.dumps(payload, indent=2) + "\n")
                 table = loss_side_table(merged, args.peak_tflops if gpu else None)
                 (args.out_dir / f"speed_memory_{tag}.md").write_text(table)
     return table
@@ -928,7 +928,7 @@ def main(argv: list[str] | None = None) -> None:
         payload = json.loads(args.render.read_text())
         add_ratios(payload["results"], _overhead_basis(payload["device"]))
         table = markdown_table(payload["results"], cuda=payload["device"] == "cuda")
-        args.render.write_text(json.dumps(payload, indent=2) + "\n")
+        write_text_atomically(args.render, json.dumps(payload, indent=2) + "\n")
         args.render.with_suffix(".md").write_text(table)
         print(table)
         return
@@ -964,7 +964,7 @@ def write_results(args: argparse.Namespace, argv: list[str] | None, device: str,
         "preset_shapes": dataclasses.asdict(PRESETS[args.preset]),
         "results": results,
     }
-    (args.out_dir / f"speed_memory_{tag}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    write_text_atomically(args.out_dir / f"speed_memory_{tag}.json", json.dumps(payload, indent=2) + "\n")
     table = markdown_table(results, cuda=device == "cuda")
     (args.out_dir / f"speed_memory_{tag}.md").write_text(table)
     return table

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import environment  # noqa: E402  (offline defaults, shared with the other benchmarks)
+from harness import environment, write_text_atomically  # noqa: E402  (offline defaults, shared with the other benchmarks)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TEACHER = "smollm2-135m-instruct"
@@ -307,7 +307,7 @@ def main() -> None:
             args.tokens, args.max_length
         )
         results["fidelity_command"] = "python benchmarks/teacher_cache.py " + " ".join(sys.argv[1:])
-        out.write_text(json.dumps(results, indent=2) + "\n")
+        write_text_atomically(out, json.dumps(results, indent=2) + "\n")
         out.with_suffix(".md").write_text(render(results))
         return
     results: dict[str, Any] = {"command": "python benchmarks/teacher_cache.py " + " ".join(sys.argv[1:])}
@@ -316,7 +316,7 @@ def main() -> None:
     out = RESULTS_DIR / "teacher_cache.json"
 
     def save() -> None:  # after every part, so an interrupted run keeps what it measured
-        out.write_text(json.dumps(results, indent=2) + "\n")
+        write_text_atomically(out, json.dumps(results, indent=2) + "\n")
 
     results["fidelity"], results["fidelity_tokens"], results["fidelity_info"] = fidelity(args.tokens, args.max_length)
     save()

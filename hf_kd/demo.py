@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .atomic import write_text_atomically
+
 STUDENT_SOURCE = "smollm2-135m-instruct"
 CROSS_VOCABULARY_TEACHER = "gemma-3-270m"  # taught through a bridge: a different tokenizer and vocabulary
 BUNDLED_DATA = "bundled-train"  # names the teacher cache of the bundled training data
@@ -303,8 +305,8 @@ def run_demo(settings: DemoSettings) -> dict[str, dict]:
         "wall_s": round(time.perf_counter() - started, 1),
         "results": results,
     }
-    (out / "demo_results.json").write_text(json.dumps(record, indent=2))
-    (out / "demo_results.md").write_text(table + "\n\n![training curves](training_curves.png)\n")
+    write_text_atomically(out / "demo_results.json", json.dumps(record, indent=2))
+    write_text_atomically(out / "demo_results.md", table + "\n\n![training curves](training_curves.png)\n")
     print(table)
     print(f"Student, model card, results and training curves saved to {out} ({record['wall_s']:.0f} s in all)")
     return results

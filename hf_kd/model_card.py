@@ -20,6 +20,7 @@ import yaml
 from huggingface_hub import try_to_load_from_cache
 from transformers.utils import logging
 
+from .atomic import write_text_atomically
 from .bridge import BRIDGE_REGISTRY
 from .losses import parse_recipe
 from .losses.registry import loss_class
@@ -339,7 +340,7 @@ def write_model_card(output_dir: str | Path, data: ModelCardData, template: str 
     """Render the card and write it as ``output_dir/README.md``; returns its path."""
     path = Path(output_dir) / CARD_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_model_card(data, template), encoding="utf-8")
+    write_text_atomically(path, render_model_card(data, template))
     return path
 
 

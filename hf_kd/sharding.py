@@ -25,6 +25,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from .atomic import write_atomically
+
 
 def _dtensor_type() -> type | None:
     try:
@@ -148,7 +150,7 @@ def helper_optimizer_state_aside(
             rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
             if rank0:
                 settings = [{k: v for k, v in g.items() if k != "params"} for g in groups]
-                torch.save({"param_groups": settings, "state": state}, path)
+                write_atomically(path, lambda partial: torch.save({"param_groups": settings, "state": state}, partial))
         elif params:
             saved = torch.load(path, map_location="cpu", weights_only=True)
             for group, settings in zip(groups, saved["param_groups"]):

@@ -26,7 +26,9 @@ from trl.models.utils import prepare_fsdp, unwrap_model_for_generation
 from trl.trainer.sft_trainer import SFTTrainer
 from trl.trainer.utils import disable_dropout_in_model
 
+from .atomic import write_atomically
 from .bridge import bridge_class
+from .checkpoints import check_checkpoint, newest_complete_checkpoint
 from .config import DistillationConfig
 from .data import with_token_lengths
 from .heads import output_head, padded_token_ids, real_vocab_size, verify_output_head
@@ -35,7 +37,7 @@ from .losses import DistillationLoss, build_loss
 from .losses.core import LogitSource
 from .model_loading import init_kwargs
 from .rollout import GeneratedBatch, GenerationCallback, GenerationContext
-from .sharding import gathered, helper_optimizer_state_aside
+from .sharding import HELPER_OPTIMIZER_FILE, gathered, helper_optimizer_state_aside
 from .teacher_cache import TeacherCacheCollator, TopKReconstruction, cache_manifest
 from .teacher_cache.run_checks import check_cache_matches_run, check_config_for_cache
 from .validation import (
@@ -529,7 +531,7 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
                 for name, module in modules.items()
                 for key, value in module.state_dict().items()
             }
-            save_file(tensors, str(target / MODULES_FILE))
+            write_atomically(target / MODULES_FILE, lambda partial: save_file(tensors, str(partial)))
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         """Trainer's save; under FSDP the helper modules' optimizer state goes to a file of its own (see
@@ -547,6 +549,23 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
         if folder is None or not (self.is_fsdp_enabled and helpers) or self.optimizer is None:
             return contextlib.nullcontext()
         return helper_optimizer_state_aside(self.optimizer, helpers, folder, save)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """Trainer's `train`, resuming from complete checkpoints only (`hf_kd.checkpoints`): with
+        `resume_from_checkpoint=True` the newest complete `checkpoint-N` of `output_dir` (a folder whose save was cut
+        short is skipped with a warning); a path to an incomplete folder is refused with the reason."""
+        required = self._checkpoint_helper_files()
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = newest_complete_checkpoint(self.args.output_dir, required)
+        elif resume_from_checkpoint:
+            check_checkpoint(resume_from_checkpoint, required)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _checkpoint_helper_files(self) -> list[str]:
+        """hf_kd's files in every checkpoint of this run: the helper modules (and, under FSDP, their optimizer)."""
+        if not self.distillation_modules():
+            return []
+        return [MODULES_FILE, HELPER_OPTIMIZER_FILE] if self.is_fsdp_enabled else [MODULES_FILE]
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)

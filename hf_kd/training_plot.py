@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_atomically
+
 
 def curves(log_history: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
     """``{metric: [(step, value), ...]}`` for the training loss, each ``loss/<term>`` and the ``eval/*`` metrics."""
@@ -55,6 +57,6 @@ def plot_training_curves(log_history: list[dict[str, Any]], path: str | os.PathL
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    write_atomically(path, lambda partial: fig.savefig(partial, dpi=110))
     plt.close(fig)
     return path
