@@ -1,6 +1,8 @@
 """The loss library against direct reference computations, invariants, gradients and chunking."""
 
+import contextlib
 import math
+import signal
 
 import pytest
 import torch
@@ -133,6 +135,43 @@ def test_akl_topk_search_equals_full_sort():
     head[:, 0] = True
     expected = (err * head).sum(-1) / err.sum(-1)
     torch.testing.assert_close(akl_head_weight(p, q, 0.5), expected)
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int):
+    """Raise TimeoutError in the block after ``seconds`` (a hang fails the test instead of stalling the suite)."""
+
+    def stop(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("vocab", [V, 300])  # inside and past the first top-64 prefix of the head search
+def test_akl_on_non_finite_rows_terminates_and_gives_nan(vocab):
+    from hf_kd.losses.akl import AdaptiveKL, akl_head_weight
+    from hf_kd.losses.recipe import DistillationLoss
+
+    s, t, labels = random_logits(seed=2, length=6, vocab_size=vocab)
+    bad = t.clone()
+    bad[0, 3] = float("nan")
+    bad[1, 2, 5] = float("inf")
+    p, q = F.softmax(bad, -1).reshape(-1, vocab), F.softmax(s, -1).reshape(-1, vocab)
+    with time_limit(20):
+        weights = akl_head_weight(p, q, 0.5)
+        value = build_loss("akl")(s, bad, labels)
+        at_zero_temperature = DistillationLoss([AdaptiveKL(temperature=0.0)], [1.0])(s, t, labels)
+    rows = torch.tensor([3, 6 + 2])
+    assert weights[rows].isnan().all()
+    others = torch.ones(len(weights), dtype=torch.bool).index_fill_(0, rows, False)
+    torch.testing.assert_close(weights[others], akl_head_weight(F.softmax(t, -1).reshape(-1, vocab), q, 0.5)[others])
+    assert value.isnan() and at_zero_temperature.isnan()
 
 
 @pytest.mark.parametrize("recipe", ["bild", "jsd", "fkl", "rkl", "sfkl", "srkl", "ce", "0.3*ce+0.7*srkl"])

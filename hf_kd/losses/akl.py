@@ -32,7 +32,8 @@ def akl_head_weight(p: torch.Tensor, q: torch.Tensor, mu: float, start_k: int = 
     """g_head / (g_head + g_tail) per row (p, q: probabilities [n, V], no gradient).
 
     The top-``start_k`` teacher entries settle almost every row; the rare rows whose head reaches past them
-    (flat teachers) are retried on their own with a 4x longer prefix, up to the whole vocabulary.
+    (flat teachers) are retried on their own with a 4x longer prefix, up to the whole vocabulary. A row holding
+    NaN (non-finite logits, a temperature of 0) gives NaN, which the caller sees in the loss value.
     """
     return _head_error_prefix(p, q, mu, start_k) / (p - q).norm(p=1, dim=-1).clamp_min(torch.finfo(p.dtype).tiny)
 
@@ -40,8 +41,8 @@ def akl_head_weight(p: torch.Tensor, q: torch.Tensor, mu: float, start_k: int = 
 def _head_error_prefix(p: torch.Tensor, q: torch.Tensor, mu: float, start_k: int) -> torch.Tensor:
     vocab = p.shape[-1]
     head_error = _head_error(p, q, mu, min(start_k, vocab))
-    open_rows, k = head_error.isnan().nonzero().squeeze(-1), start_k
-    while open_rows.numel():
+    open_rows, k = head_error.isnan().nonzero().squeeze(-1), min(start_k, vocab)
+    while open_rows.numel() and k < vocab:  # the whole vocabulary is exact: a NaN left there is the input's
         k = min(4 * k, vocab)
         retry = _head_error(p[open_rows], q[open_rows], mu, k)
         head_error[open_rows] = retry
