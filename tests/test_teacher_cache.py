@@ -429,3 +429,95 @@ def test_corrupt_rows_are_refused_by_the_collator(cache_dir):
     with pytest.raises(ValueError, match="corrupt"):
         collator([example])
     assert math.isfinite(float(collator([cache[0], cache[1]])["teacher_rows"].sum()))
+
+
+# ---------------------------------------------------------------- a manifest that does not match its shards
+
+
+def _edit_manifest(folder, change) -> None:
+    path = folder / "teacher_cache.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def _copy_first_shard(folder, destination):
+    """A copy of the cache's first shard at ``destination`` (a folder outside or inside the cache)."""
+    destination.mkdir(parents=True, exist_ok=True)
+    copy = destination / "train-00000.parquet"
+    copy.write_bytes((folder / "data" / "train-00000.parquet").read_bytes())
+    return copy
+
+
+def _drop_last_shard(manifest, num_examples=None):
+    manifest["shards"].pop()
+    if num_examples is not None:
+        manifest["data"]["num_examples"] = num_examples
+
+
+def _move_a_row(manifest):
+    manifest["shards"][0]["rows"] += 1
+    manifest["shards"][2]["rows"] -= 1
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (_drop_last_shard, r"lists 2 shards holding 20 rows, but it was built from 24 examples"),
+        (lambda m: _drop_last_shard(m, 20), r"shard files data/train-00002.parquet, which are not listed"),
+        (lambda m: m["shards"].append(dict(m["shards"][1])), r"lists the shard data/train-00001.parquet twice"),
+        (_move_a_row, r"train-00000.parquet holds 10 rows, its manifest says 11"),
+        (lambda m: m["encoding"].update(value_dtype="float16"), r"teacher_values is stored as uint8.*says uint16"),
+        (lambda m: m["encoding"].update(top_k=4), r"train-00000.parquet was written with the encoding .*top_k.: 8"),
+    ],
+    ids=["shards-left-out", "shards-and-total-left-out", "shard-twice", "rows", "value-dtype", "top-k"],
+)
+def test_a_manifest_that_does_not_match_its_shards_is_refused(cache_dir, change, message):
+    _edit_manifest(cache_dir, change)
+    with pytest.raises(ValueError, match=message):
+        load_teacher_cache(cache_dir)
+
+
+@pytest.mark.parametrize("outside", ["absolute", "dotdot"])
+def test_shard_paths_outside_the_cache_folder_are_refused(cache_dir, tmp_path, outside):
+    copy = _copy_first_shard(cache_dir, tmp_path / "elsewhere")
+    path = str(copy) if outside == "absolute" else "../elsewhere/train-00000.parquet"
+    assert (cache_dir / path).is_file()  # the file is there: only its place outside the cache is wrong
+    _edit_manifest(cache_dir, lambda m: m["shards"][0].update(file=path))
+    with pytest.raises(ValueError, match="outside the cache folder"):
+        load_teacher_cache(cache_dir)
+
+
+def test_a_16_bit_value_dtype_is_checked_against_the_one_the_shards_were_written_with(
+    tmp_path, tokenizer, teacher, train_dataset
+):
+    """float16 and bfloat16 values share one stored column type; each shard records which one it holds."""
+    folder = cache_teacher(teacher, tokenizer, train_dataset, tmp_path / "c", top_k=4, value_dtype="float16")
+    _edit_manifest(folder, lambda m: m["encoding"].update(value_dtype="bfloat16"))
+    with pytest.raises(ValueError, match=r"was written with the encoding .*float16"):
+        load_teacher_cache(folder)
+
+
+@pytest.mark.parametrize("column", ["teacher_ids", "input_ids", "labels"])
+def test_token_ids_outside_the_vocabulary_are_refused_naming_shard_and_row(cache_dir, tokenizer, column):
+    """A shard whose checksum matches but whose ids do not fit the vocabulary (written by another tool or a bug)
+    is refused at load with its shard and row, not with an index error inside torch at the first batch."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from hf_kd.teacher_cache.manifest import file_sha256
+
+    shard = cache_dir / "data" / "train-00001.parquet"
+    table = pq.read_table(shard)
+    ids = table.column(column).to_pylist()
+    ids[3][5] = len(tokenizer) + 2
+    altered = pa.array(ids, type=table.schema.field(column).type)
+    pq.write_table(table.set_column(table.schema.get_field_index(column), column, altered), shard)
+
+    def rewritten(manifest):
+        manifest["shards"][1].update(bytes=shard.stat().st_size, sha256=file_sha256(shard))
+
+    _edit_manifest(cache_dir, rewritten)
+    message = rf"train-00001.parquet row 3: {column} holds the token id {len(tokenizer) + 2}, outside the vocab"
+    with pytest.raises(ValueError, match=message):
+        load_teacher_cache(cache_dir)

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from .encoding import CacheEncoding, pack_rows
-from .manifest import COLUMNS, MANIFEST_FILE, file_sha256, read_manifest, weights_sha256
+from .manifest import COLUMNS, MANIFEST_FILE, read_manifest, weights_sha256
+from .shard_checks import checked_shards
 
 MANIFEST_KEY = "hf_kd_teacher_cache"
 
@@ -33,8 +34,9 @@ def load_teacher_cache(
     """The cache in ``folder`` as a Dataset, after checking it.
 
     Errors when the cache is incomplete, a shard is missing, truncated or altered (its sha256 differs from
-    the manifest's; ``verify=False`` checks sizes only), or when the cache does not match what the caller
-    expects: ``teacher`` (a model, compared by a hash of its weights, or a name/path, compared with the
+    the manifest's; ``verify=False`` skips the sha256), when the manifest does not match its shards (see
+    ``shard_checks``: rows, shard list, column types, encoding, token ids), or when the cache does not match what
+    the caller expects: ``teacher`` (a model, compared by a hash of its weights, or a name/path, compared with the
     recorded one), ``top_k`` or ``temperature``.
     """
     folder = Path(folder)
@@ -44,24 +46,9 @@ def load_teacher_cache(
             f"The teacher cache in {folder} is incomplete ({len(manifest['shards'])} shards written): rerun "
             "cache_teacher with the same arguments and output_dir to finish it."
         )
-    files = []
-    for shard in manifest["shards"]:
-        path = folder / shard["file"]
-        problem = None
-        if not path.is_file():
-            problem = "is missing"
-        elif path.stat().st_size != shard["bytes"]:
-            problem = f"has {path.stat().st_size} bytes instead of {shard['bytes']} (truncated or altered)"
-        elif verify and file_sha256(path) != shard["sha256"]:
-            problem = "does not match its sha256 in the manifest (corrupt or altered)"
-        if problem:
-            raise ValueError(
-                f"Teacher cache shard {path} {problem}: delete it and rerun cache_teacher with the same arguments "
-                f"and output_dir to rewrite it (the other shards are kept)."
-            )
-        files.append(str(path))
+    files = checked_shards(folder, manifest, verify=verify)
     _check_expectations(manifest, teacher, top_k, temperature, folder)
-    dataset = datasets.load_dataset("parquet", data_files=files, split="train")
+    dataset = datasets.load_dataset("parquet", data_files=[str(path) for path in files], split="train")
     dataset.info.description = json.dumps({MANIFEST_KEY: manifest})
     return dataset
 

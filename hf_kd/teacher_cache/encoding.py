@@ -71,6 +71,17 @@ class CacheEncoding:
         """The Arrow/Parquet type of the value column (16-bit floats are stored as their raw bits)."""
         return {"float32": "float32", "uint8": "uint8"}.get(self.value_dtype, "uint16")
 
+    @property
+    def column_dtypes(self) -> dict[str, str]:
+        """The item type of each list column of a shard (what the writer stores and the reader checks)."""
+        return {
+            "input_ids": "int32",
+            "labels": "int32",
+            "teacher_ids": self.id_dtype,
+            "teacher_values": self.stored_value_dtype,
+            "teacher_log_tail": "float32",
+        }
+
     def to_dict(self) -> dict:
         return {
             **asdict(self),

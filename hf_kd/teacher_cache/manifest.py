@@ -18,6 +18,8 @@ from torch import nn
 MANIFEST_FILE = "teacher_cache.json"
 FORMAT = "hf_kd.teacher_cache/1"
 COLUMNS = ("input_ids", "labels", "teacher_ids", "teacher_values", "teacher_log_tail")
+SHARD_ENCODING_KEY = "hf_kd.encoding"
+"""Key of the Parquet metadata in which each shard records its encoding (``CacheEncoding.to_dict``, as JSON)."""
 
 
 def tokenizer_identity(tokenizer: Any) -> dict[str, Any]:
@@ -66,6 +68,19 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{path} has format {manifest.get('format')!r}; this version of hf_kd reads {FORMAT!r}.")
     return manifest
+
+
+def shard_path(folder: Path, shard: dict[str, Any]) -> Path:
+    """Where a shard listed in the manifest lies: a relative path inside ``folder``, never outside it (a manifest
+    naming an absolute path or one through ``..`` would make the reader open files that are not the cache's)."""
+    relative = Path(shard["file"])
+    if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+        raise ValueError(
+            f"The teacher cache manifest {folder / MANIFEST_FILE} names the shard {shard['file']!r}, a path outside "
+            "the cache folder (shards are relative paths inside it, such as data/train-00000.parquet): the manifest "
+            "was edited. Rebuild the cache with cache_teacher into a new output_dir."
+        )
+    return folder / relative
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:

@@ -30,8 +30,10 @@ from .encoding import CacheEncoding
 from .manifest import (
     FORMAT,
     MANIFEST_FILE,
+    SHARD_ENCODING_KEY,
     file_sha256,
     read_manifest,
+    shard_path,
     teacher_identity,
     tokenizer_identity,
     write_manifest,
@@ -92,16 +94,19 @@ class _ShardWriter:
         counts = [len(x) for x in columns["input_ids"]]
         tokens = [len(x) for x in columns["tail"]]
         flat = {name: np.concatenate(parts) if parts else np.zeros(0) for name, parts in columns.items()}
+        dtypes = enc.column_dtypes
         table = pa.table(
             {
-                "input_ids": _list_column(flat["input_ids"], counts, "int32"),
-                "labels": _list_column(flat["labels"], counts, "int32"),
-                "teacher_ids": _list_column(flat["ids"], [n * enc.top_k for n in tokens], enc.id_dtype),
+                "input_ids": _list_column(flat["input_ids"], counts, dtypes["input_ids"]),
+                "labels": _list_column(flat["labels"], counts, dtypes["labels"]),
+                "teacher_ids": _list_column(flat["ids"], [n * enc.top_k for n in tokens], dtypes["teacher_ids"]),
                 "teacher_values": _list_column(
-                    flat["values"], [n * enc.top_k for n in tokens], enc.stored_value_dtype
+                    flat["values"], [n * enc.top_k for n in tokens], dtypes["teacher_values"]
                 ),
-                "teacher_log_tail": _list_column(flat["tail"], tokens, "float32"),
-            }
+                "teacher_log_tail": _list_column(flat["tail"], tokens, dtypes["teacher_log_tail"]),
+            },
+            # Each shard names its own encoding: float16 and bfloat16 values share one stored type.
+            metadata={SHARD_ENCODING_KEY: json.dumps(enc.to_dict())},
         )
         partial = path.with_name(path.name + ".partial")
         pq.write_table(table, partial)
@@ -248,7 +253,7 @@ def _resume(folder: Path, identity: dict[str, Any]) -> list[dict[str, Any]]:
         )
     kept = []
     for shard in manifest["shards"]:
-        path = folder / shard["file"]
+        path = shard_path(folder, shard)
         if not path.is_file() or file_sha256(path) != shard["sha256"]:
             break  # this shard and the ones after it are rewritten
         kept.append(shard)
