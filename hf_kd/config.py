@@ -8,6 +8,7 @@ knobs (``hf_kd.knobs.Knob``) and ``MethodKnobs`` turns the registered ones into 
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -120,6 +121,14 @@ class DistillationConfig(MethodKnobs, GKDConfig):
             self.activation_checkpointing = cuda
         if self.use_cpu or not torch.accelerator.is_available():
             self.dataloader_pin_memory = False
+        parse_recipe(self.kd_loss)  # unknown terms fail here listing the known ones, as do weights summing to 0
+        if self.kd_temperature is not None and not 0 < self.kd_temperature < math.inf:
+            raise ValueError(
+                f"kd_temperature must be a positive number, got {self.kd_temperature}: the logits are divided by "
+                "it, so 0 gives NaN and a negative value trains the student towards the inverted distribution. "
+                "Use 1.0 (the distributions as they are), a larger value for softer ones, or None for each "
+                "method's default."
+            )
         if self.bridge is not None:
             bridge_class(self.bridge)  # unknown names fail here, listing the known ones
         if self.teacher_cache_tail not in TAIL_SHAPES:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import re
 from typing import Any
 
@@ -18,7 +19,10 @@ _TERM = re.compile(
 
 
 def parse_recipe(recipe: str) -> list[tuple[float, str]]:
-    """``"0.5*ce+0.5*akl"`` -> [(0.5, "ce"), (0.5, "akl")]; a bare name has weight 1."""
+    """``"0.5*ce+0.5*akl"`` -> [(0.5, "ce"), (0.5, "akl")]; a bare name has weight 1.
+
+    Weights are numbers >= 0 (a negative one would push the student away from the teacher) with a positive,
+    finite sum (at 0 nothing is trained); a single term may have weight 0 to be logged only."""
     if not isinstance(recipe, str) or not recipe.strip():
         raise ValueError("A loss recipe must be a non-empty string such as 'akl' or '0.5*ce+0.5*akl'.")
     terms = []
@@ -27,13 +31,20 @@ def parse_recipe(recipe: str) -> list[tuple[float, str]]:
         if match is None:
             raise ValueError(
                 f"Cannot parse recipe term '{part.strip()}' in '{recipe}': write terms as 'name' or 'weight*name' "
-                "joined by '+', e.g. '0.5*ce+0.5*akl'."
+                "joined by '+', with weights >= 0 (no subtraction: a negative weight would push the student away "
+                "from the teacher), e.g. '0.5*ce+0.5*akl'."
             )
         loss_class(match["name"])  # fails early, listing the known names
         terms.append((float(match["weight"] or 1.0), match["name"]))
     names = [name for _, name in terms]
     if len(set(names)) != len(names):
         raise ValueError(f"Recipe '{recipe}' names a term twice; combine the weights instead.")
+    total = sum(weight for weight, _ in terms)
+    if not 0 < total < math.inf:
+        raise ValueError(
+            f"The weights of recipe '{recipe}' sum to {total:g}: the loss would be {total:g} whatever the student "
+            "does. Give at least one term a positive, finite weight, e.g. '1*fkl' (a term of weight 0 is only logged)."
+        )
     return terms
 
 
@@ -145,7 +156,14 @@ def build_loss(recipe: str, chunk_size: int | None = None, **kwargs: Any) -> Dis
     terms, weights = [], []
     for weight, name in parse_recipe(recipe):
         cls = loss_class(name)
-        terms.append(cls(**_term_kwargs(name, cls, kwargs, used)))
+        term_kwargs = _term_kwargs(name, cls, kwargs, used)
+        temperature = term_kwargs.get("temperature")
+        if temperature is not None and not 0 < temperature < math.inf:
+            raise ValueError(
+                f"{name}: temperature must be a positive number, got {temperature}: the logits are divided by it "
+                "(0 gives NaN, a negative value inverts the distributions). Use e.g. 1.0, or 2.0 for softer ones."
+            )
+        terms.append(cls(**term_kwargs))
         weights.append(weight)
     unused = sorted(set(kwargs) - used)
     if unused:
