@@ -2,9 +2,10 @@
 
 ``DistillationHubMixin`` goes before the Trainer in a trainer's bases. It writes the model card (hf_kd.model_card)
 on every save and pushes the student (full weights or LoRA adapter) through Trainer's own ``push_to_hub``, or a
-merged copy of a LoRA student. The trainable distillation helpers are saved as ``MODULES_FILE``, whose leading
-underscore puts it under Trainer's ``"_*"`` ignore pattern, so they stay local unless ``include_helpers=True``
-uploads them under ``distillation_modules/``; the merged copy's folder is skipped the same way.
+merged copy of a LoRA student. A push uploads an allow-list of the output folder (``UPLOAD_PATTERNS``: the student,
+tokenizer, card, curves and results), never whatever else a user keeps there. The trainable distillation helpers
+(``MODULES_FILE``) stay local unless ``include_helpers=True`` uploads them under ``distillation_modules/``. The Hub
+token is never written to disk: ``training_args.bin`` is saved from a copy of the arguments without it.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import fnmatch
+import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,6 +34,28 @@ HELPER_PATTERN = "_hf_kd_modules*"
 HELPER_SUBFOLDER = "distillation_modules"
 MERGED_SUBFOLDER = "_merged"
 """Where a merged copy of a LoRA student is saved inside ``output_dir`` (skipped by Trainer's ``"_*"`` pattern)."""
+MERGED_MARKER = ".hf_kd_merged"
+"""Marks a folder ``save_merged_model`` wrote: only such a folder (or an empty one) is replaced by the next merge."""
+UPLOAD_PATTERNS = (
+    # the student: full weights (one file, or shards and their index) or a LoRA adapter, and its configs
+    *("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json"),
+    *("pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json"),
+    *("adapter_model.safetensors", "adapter_model.bin", "adapter_config.json", "config.json"),
+    "generation_config.json",
+    *("configuration_*.py", "modeling_*.py", "tokenization_*.py"),  # a remote-code student's own code
+    # the tokenizer
+    *("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model"),
+    *("vocab.json", "vocab.txt", "merges.txt", "spiece.model", "chat_template.jinja", "chat_template.json"),
+    "additional_chat_templates/*",
+    # the model card, training curves and results
+    *("README.md", "training_curves.png", "trainer_state.json", "runs/*"),
+    *("all_results.json", "train_results.json", "eval_results.json", "demo_results.json", "demo_results.md"),
+)
+"""What a push uploads of the output folder (``upload_folder`` allow patterns), with the card's figures
+(``trainer.card_figures``). Helper files go up only on request (``include_helpers``); anything else stays local."""
+TOKEN_FIELDS = ("hub_token",)
+"""Training-argument fields that hold a secret (transformers 5 has no other; ``push_to_hub_token`` was removed).
+A ``"token"`` key of a dict-valued field (``model_init_kwargs``: ``from_pretrained``'s token) is one too."""
 CARD_OPTIONS = ("dataset_name", "tags", "license", "language", "finetuned_from", "helpers_included")
 
 HELPERS_README = """# Distillation modules
@@ -66,30 +90,67 @@ def helper_files(folder: str | Path) -> list[tuple[Path, str]]:
     return [(entry, entry.name.lstrip("_")) for entry in entries if fnmatch.fnmatch(entry.name, HELPER_PATTERN)]
 
 
-class _UploadsWithout:
-    """The Hub API, with ``patterns`` added to the ignore patterns of every ``upload_folder``."""
+class _NarrowedUploads:
+    """The Hub API, with Trainer's ``upload_folder`` calls narrowed: an upload of ``output_dir`` takes ``allow`` as its
+    allow patterns, every upload skips ``ignore`` too, and ``token`` is used where the call names none."""
 
-    def __init__(self, api: Any, patterns: list[str]):
-        self._api, self._patterns = api, patterns
+    def __init__(self, api: Any, output_dir: Path, allow: list[str], ignore: list[str], token: str | None):
+        self._api, self._output_dir, self._allow, self._ignore, self._token = api, output_dir, allow, ignore, token
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._api, name)
 
-    def upload_folder(self, *, ignore_patterns: list[str] | str | None = None, **kwargs: Any) -> Any:
+    def upload_folder(
+        self, *, folder_path: str | Path, ignore_patterns: list[str] | str | None = None, **kwargs: Any
+    ) -> Any:
         ignore = [ignore_patterns] if isinstance(ignore_patterns, str) else list(ignore_patterns or [])
-        return self._api.upload_folder(ignore_patterns=ignore + self._patterns, **kwargs)
+        if Path(folder_path).resolve() == self._output_dir.resolve():
+            kwargs["allow_patterns"] = self._allow
+        if kwargs.get("token") is None:
+            kwargs["token"] = self._token
+        return self._api.upload_folder(folder_path=folder_path, ignore_patterns=ignore + self._ignore, **kwargs)
 
 
 @contextlib.contextmanager
-def _uploads_without(patterns: list[str]) -> Iterator[None]:
-    """Within the block, Trainer's Hub calls (``transformers.trainer.hf_api``) skip ``patterns`` in every upload.
+def _narrowed_uploads(
+    output_dir: Path, allow: list[str], ignore: Sequence[str] = (), token: str | None = None
+) -> Iterator[None]:
+    """Within the block, Trainer's Hub calls (``transformers.trainer.hf_api``) go through ``_NarrowedUploads``.
     Only the scheduling of the uploads happens inside: their arguments are bound when they are called."""
     original = trainer_module.hf_api
-    trainer_module.hf_api = lambda: _UploadsWithout(original(), patterns)
+    trainer_module.hf_api = lambda: _NarrowedUploads(original(), output_dir, allow, list(ignore), token)
     try:
         yield
     finally:
         trainer_module.hf_api = original
+
+
+def _check_replaceable(target: Path, default: Path) -> None:
+    """Refuse a merge target that exists and is not an empty folder or a merged copy hf_kd wrote."""
+    if not target.exists() and not target.is_symlink():
+        return
+    if target.is_symlink() or not target.is_dir():
+        raise FileExistsError(f"save_merged_model cannot write to {target}: it exists and is not a folder.")
+    if (target / MERGED_MARKER).is_file() or not any(target.iterdir()):
+        return
+    raise FileExistsError(
+        f"save_merged_model will not write to {target}: the folder holds files and is not a merged copy that "
+        f"hf_kd wrote (it has no {MERGED_MARKER}), and replacing it would delete them. Pass a new or empty folder "
+        f"(the default is {default}), or move this one away first."
+    )
+
+
+def _replace_folder(partial: Path, target: Path) -> None:
+    """Rename ``partial`` onto ``target``; an existing ``target`` (checked by ``_check_replaceable``) is moved aside
+    first and deleted only once the new folder is in place."""
+    if not target.exists():
+        partial.rename(target)
+        return
+    previous = target.with_name(f"_{target.name}.previous-{os.getpid()}")
+    shutil.rmtree(previous, ignore_errors=True)
+    target.rename(previous)
+    partial.rename(target)
+    shutil.rmtree(previous)
 
 
 class DistillationHubMixin:
@@ -97,10 +158,12 @@ class DistillationHubMixin:
 
     Use as ``class DistillationTrainer(DistillationHubMixin, GKDTrainer)``. Set ``push_helpers = True`` on the
     trainer to include the helper files in the checkpoint pushes of ``hub_strategy`` ``checkpoint`` and
-    ``all_checkpoints`` (Trainer uploads those folders whole); by default every push leaves them out.
+    ``all_checkpoints`` (Trainer uploads those folders whole); by default every push leaves them out. Pushes of
+    ``output_dir`` upload ``upload_patterns`` only (``UPLOAD_PATTERNS``; extend it to upload more).
     """
 
     push_helpers: bool = False
+    upload_patterns: tuple[str, ...] = UPLOAD_PATTERNS
 
     def model_card_data(self, model_name: str | None = None, **options: Any) -> Any:
         """The card's contents for this trainer (see ``hf_kd.model_card.card_data_from_trainer``)."""
@@ -136,6 +199,35 @@ class DistillationHubMixin:
         options = self._card_options({"dataset_name": dataset_name, "tags": tags, **kwargs})
         write_model_card(self.args.output_dir, self.model_card_data(model_name, **options))
 
+    def _upload_allow_list(self) -> list[str]:
+        """``upload_patterns`` and the card's figures (``card_figures``, files beside the card)."""
+        return [*self.upload_patterns, *(getattr(self, "card_figures", None) or [])]
+
+    @contextlib.contextmanager
+    def _args_without_tokens(self) -> Iterator[None]:
+        """Within the block ``self.args`` is a copy with the ``TOKEN_FIELDS`` blanked: Trainer pickles the arguments
+        into ``training_args.bin`` (output folder, every checkpoint, checkpoint pushes), which must not hold them."""
+        args = self.args
+        blanked = {name: None for name in TOKEN_FIELDS if getattr(args, name, None) is not None}
+        for name, value in vars(args).items():
+            if isinstance(value, dict) and "token" in value:
+                blanked[name] = {key: item for key, item in value.items() if key != "token"}
+        if not blanked:
+            yield
+            return
+        self.args = copy.copy(args)
+        for name, value in blanked.items():
+            setattr(self.args, name, value)
+        try:
+            yield
+        finally:
+            self.args = args
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Trainer's save, with ``training_args.bin`` written from arguments without the Hub token."""
+        with self._args_without_tokens():
+            super()._save(output_dir, state_dict)
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save as Trainer does, then write the model card next to the weights."""
         super().save_model(output_dir, _internal_call=_internal_call)
@@ -161,17 +253,33 @@ class DistillationHubMixin:
             )
 
     def save_merged_model(self, output_dir: str | Path | None = None, **card_kwargs: Any) -> Path:
-        """Save the LoRA student merged into its base (a copy: the trained adapter is left as it is), with card."""
+        """Save the LoRA student merged into its base (a copy: the trained adapter is left as it is), with card.
+
+        The copy is written to a temporary folder beside the target (default ``args.output_dir/_merged``) and
+        renamed into place. An existing folder is replaced only when it is empty or a merged copy that hf_kd wrote
+        (it holds ``MERGED_MARKER``); any other is refused with an error, and nothing in it is touched.
+        """
         self._refuse_merge()
-        target = Path(output_dir) if output_dir is not None else Path(self.args.output_dir) / MERGED_SUBFOLDER
-        if target.exists():
-            shutil.rmtree(target)  # a stale merge could leave shards that no longer belong
-        merged = copy.deepcopy(self.accelerator.unwrap_model(self.model)).merge_and_unload()
-        merged.save_pretrained(target)
-        if getattr(self, "processing_class", None) is not None:
-            self.processing_class.save_pretrained(target)
-        del merged
-        write_model_card(target, self.model_card_data(merged=True, **card_kwargs))
+        default = Path(self.args.output_dir) / MERGED_SUBFOLDER
+        target = Path(output_dir) if output_dir is not None else default
+        _check_replaceable(target, default)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f"_{target.name}.partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)  # left by a merge of this name that was killed
+        try:
+            merged = copy.deepcopy(self.accelerator.unwrap_model(self.model)).merge_and_unload()
+            merged.save_pretrained(partial)
+            if getattr(self, "processing_class", None) is not None:
+                self.processing_class.save_pretrained(partial)
+            del merged
+            write_model_card(partial, self.model_card_data(merged=True, **card_kwargs))
+            (partial / MERGED_MARKER).write_text(
+                "Written by hf_kd's save_merged_model: the next merge into this folder replaces it whole.\n"
+            )
+            _replace_folder(partial, target)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
         return target
 
     def _hub_call(self, what: str, folder: str | Path, call: Callable[[], _T]) -> _T:
@@ -222,11 +330,12 @@ class DistillationHubMixin:
             result = self._push_merged(commit_message, blocking, token, revision, options)
         else:
             push = super().push_to_hub  # saves, writes the card (create_model_card above), uploads output_dir
-            result = self._hub_call(
-                "upload the model folder",
-                output_dir,
-                lambda: push(commit_message, blocking, token, revision, **options),
-            )
+            with _narrowed_uploads(output_dir, self._upload_allow_list()):
+                result = self._hub_call(
+                    "upload the model folder",
+                    output_dir,
+                    lambda: push(commit_message, blocking, token, revision, **options),
+                )
         if include_helpers and self.is_world_process_zero():
             self._push_helpers(commit_message, token, revision)
         return result
@@ -249,6 +358,7 @@ class DistillationHubMixin:
             lambda: trainer_module.hf_api().upload_folder(
                 repo_id=self.hub_model_id,
                 folder_path=folder,
+                allow_patterns=self._upload_allow_list(),
                 commit_message=commit_message,
                 token=token,
                 run_as_future=not blocking,
@@ -293,10 +403,11 @@ class DistillationHubMixin:
         )
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        """Trainer's checkpoint pushes (``hub_strategy`` other than ``end``), without the helper files unless
-        ``push_helpers`` is set: Trainer uploads checkpoint folders with no ignore pattern of its own."""
-        if self.push_helpers:
-            super()._push_from_checkpoint(checkpoint_folder)
-            return
-        with _uploads_without([HELPER_PATTERN]):
+        """Trainer's checkpoint pushes (``hub_strategy`` other than ``end``): ``output_dir`` through the allow-list,
+        the checkpoint folder whole (it is what a resume needs) but without the helper files unless ``push_helpers``
+        is set, and ``training_args.bin`` (which Trainer rewrites into ``output_dir`` here) without the token."""
+        token = self.args.hub_token
+        ignore = [] if self.push_helpers else [HELPER_PATTERN]
+        allow = self._upload_allow_list()
+        with self._args_without_tokens(), _narrowed_uploads(Path(self.args.output_dir), allow, ignore, token):
             super()._push_from_checkpoint(checkpoint_folder)

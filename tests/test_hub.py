@@ -23,7 +23,7 @@ from tiny import make_model, make_tokenizer
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast, Trainer, TrainingArguments
 
 from hf_kd import model_card
-from hf_kd.hub import MODULES_FILE, DistillationHubMixin, HubPushError
+from hf_kd.hub import MERGED_MARKER, MODULES_FILE, DistillationHubMixin, HubPushError
 from hf_kd.model_card import ModelCardData, TrainingBudget, find_template, methods_used, render_model_card
 
 STUDENT_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -139,9 +139,8 @@ class RecordingHubApi:
     def upload_folder(
         self, *, repo_id, folder_path, path_in_repo=None, allow_patterns=None, ignore_patterns=None, **kw
     ):
-        self._record(
-            "upload_folder", {"repo_id": repo_id, "folder_path": folder_path, "ignore_patterns": ignore_patterns}
-        )
+        recorded = {"folder_path": folder_path, "ignore_patterns": ignore_patterns, "token": kw.get("token")}
+        self._record("upload_folder", {"repo_id": repo_id, **recorded})
         root = Path(folder_path)
         relative = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
         prefix = f"{path_in_repo.strip('/')}/" if path_in_repo else ""
@@ -185,19 +184,29 @@ def local_files(folder: Path) -> set[str]:
 # ---------------------------------------------------------------- uploads
 
 
-def test_full_model_push_uploads_weights_config_tokenizer_and_card(tmp_path, fake_hub):
+def write_user_files(output_dir: Path) -> set[str]:
+    """Files a user keeps in the output folder, none of which a push may upload."""
+    (output_dir / "notes").mkdir(parents=True, exist_ok=True)
+    (output_dir / ".env").write_text("HF_TOKEN=hf_user_secret\n")
+    (output_dir / "notes" / "private.txt").write_text("not for the Hub\n")
+    (output_dir / "my_scores.json").write_text("{}\n")
+    return {".env", "notes/private.txt", "my_scores.json"}
+
+
+def test_full_model_push_uploads_weights_config_tokenizer_and_card_only(tmp_path, fake_hub):
     trainer = make_trainer(tmp_path)
     output_dir = Path(trainer.args.output_dir)
     write_helpers(output_dir)
+    user_files = write_user_files(output_dir)
 
     trainer.push_to_hub()
 
     assert fake_hub.call_names() == ["create_repo", "upload_folder"]
     assert fake_hub.calls[0][1]["repo_id"] == REPO_ID
     uploaded = set(fake_hub.repo)
-    expected = local_files(output_dir) - set(HELPER_NAMES)
-    assert uploaded == expected
-    assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "README.md"} <= uploaded
+    student = {"model.safetensors", "config.json", "generation_config.json"}
+    assert uploaded == student | {"tokenizer.json", "tokenizer_config.json", "README.md"}
+    assert user_files | set(HELPER_NAMES) | {"training_args.bin"} <= local_files(output_dir)  # all kept, none sent
     assert not any(name.startswith("adapter_") for name in uploaded)
     meta = front_matter(fake_hub.repo["README.md"].decode())
     assert meta["library_name"] == "transformers"
@@ -253,6 +262,31 @@ def test_merged_push_uploads_full_weights_with_lora_folded_in(tmp_path, fake_hub
     assert isinstance(trainer.model, PeftModel)
     torch.testing.assert_close(q_proj.base_layer.weight, base)
     assert (Path(trainer.args.output_dir) / "adapter_model.safetensors").is_file()
+    assert (merged_dir / MERGED_MARKER).is_file() and MERGED_MARKER not in uploaded
+
+
+def test_merge_never_deletes_a_folder_that_hf_kd_did_not_write(tmp_path, fake_hub):
+    trainer = make_trainer(tmp_path, student=lora_student())
+    output_dir = Path(trainer.args.output_dir)
+    trainer.save_model()  # the adapter, its card and tokenizer
+    for step in (1, 2):
+        trainer.save_model(str(output_dir / f"checkpoint-{step}"), _internal_call=True)
+    (output_dir / "my_results.json").write_text('{"rouge_l": 41.5}\n')
+    before = {name: (output_dir / name).read_bytes() for name in local_files(output_dir)}
+    assert {"adapter_model.safetensors", "checkpoint-2/adapter_model.safetensors"} <= set(before)
+
+    with pytest.raises(FileExistsError, match=f"will not write to {output_dir}:.*move this one away"):
+        trainer.save_merged_model(output_dir)
+
+    assert {name: (output_dir / name).read_bytes() for name in local_files(output_dir)} == before
+    merged = trainer.save_merged_model()  # the default folder, output_dir/_merged
+    again = trainer.save_merged_model()  # a merged copy hf_kd wrote is replaced whole
+    assert merged == again == output_dir / "_merged" and (merged / "model.safetensors").is_file()
+    assert sorted(p.name for p in output_dir.iterdir() if p.name.startswith("__merged")) == []
+    assert {name: (output_dir / name).read_bytes() for name in before} == before
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert (trainer.save_merged_model(empty) / MERGED_MARKER).is_file()
 
 
 def test_merge_request_for_a_full_model_fails_before_any_hub_call(tmp_path, fake_hub):
@@ -283,6 +317,34 @@ def test_helpers_stay_local_by_default_and_go_to_a_subfolder_on_request(tmp_path
         assert name not in fake_hub.repo
     assert "load_state_dict" in fake_hub.repo["distillation_modules/README.md"].decode()
     assert "distillation_modules/" in fake_hub.repo["README.md"].decode()
+
+
+def test_the_hub_token_is_never_written_nor_uploaded(tmp_path, fake_hub):
+    """Checkpoint pushes every step, then a final push: no file on disk or in the repo holds the token, every
+    upload still authenticates with it, and files the user keeps in output_dir stay local."""
+    secret = "hf_secretTokenThatMustNotLeak"
+    arguments = dict(push_to_hub=True, hub_strategy="checkpoint", save_strategy="steps", save_steps=1, max_steps=2)
+    trainer = distillation_trainer(tmp_path, hub_token=secret, **arguments)
+    trainer.args.model_init_kwargs = {"token": secret, "dtype": "float32"}  # as for a student given by name
+    output_dir = Path(trainer.args.output_dir)
+    user_files = write_user_files(output_dir)
+
+    trainer.train()
+    trainer.push_to_hub()
+
+    on_disk = {p: p.read_bytes() for p in output_dir.rglob("*") if p.is_file() and p.name != ".env"}
+    assert "checkpoint-2/training_args.bin" in {p.relative_to(output_dir).as_posix() for p in on_disk}
+    assert [p for p, content in on_disk.items() if secret.encode() in content] == []
+    assert [name for name, content in fake_hub.repo.items() if secret.encode() in content] == []
+    assert not user_files & set(fake_hub.repo)
+    assert "training_args.bin" not in fake_hub.repo  # the root holds the student; last-checkpoint/ can resume
+    assert "last-checkpoint/trainer_state.json" in fake_hub.repo
+    uploads = [kwargs for name, kwargs in fake_hub.calls if name == "upload_folder"]
+    assert len(uploads) == 5 and all(kwargs["token"] == secret for kwargs in uploads)
+    saved = torch.load(output_dir / "training_args.bin", weights_only=False)
+    assert saved.hub_token is None and saved.model_init_kwargs == {"dtype": "float32"}
+    assert saved.kd_loss == trainer.args.kd_loss and saved.hub_model_id == REPO_ID
+    assert trainer.args.hub_token == secret  # the run keeps its token
 
 
 # ---------------------------------------------------------------- failures leave the local output intact
