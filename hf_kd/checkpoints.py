@@ -95,6 +95,14 @@ def newest_complete_checkpoint(output_dir: str | os.PathLike, required_files: Se
     )
 
 
+def mark_rewrite(run_dir: str | os.PathLike, step: int) -> None:
+    """Before the Trainer saves step ``step`` into ``run_dir``, drop the ``trainer_state.json`` an earlier save left in
+    that ``checkpoint-N`` folder (a run resumed from an older checkpoint rewrites the newer ones in place): the folder
+    reads as incomplete until the new state is written, so a kill mid-rewrite never leaves new and old files under a
+    valid state."""
+    (Path(run_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}" / TRAINER_STATE_NAME).unlink(missing_ok=True)
+
+
 def check_checkpoint(folder: str | os.PathLike, required_files: Sequence[str] = ()) -> None:
     """Refuse a checkpoint folder given by path that cannot be resumed from, naming the reason and the fix."""
     problem = checkpoint_problem(folder, required_files)

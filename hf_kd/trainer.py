@@ -28,7 +28,7 @@ from trl.trainer.utils import disable_dropout_in_model
 
 from .atomic import write_atomically
 from .bridge import bridge_class
-from .checkpoints import check_checkpoint, newest_complete_checkpoint
+from .checkpoints import check_checkpoint, mark_rewrite, newest_complete_checkpoint
 from .config import DistillationConfig
 from .data import with_token_lengths
 from .heads import output_head, padded_token_ids, real_vocab_size, verify_output_head
@@ -560,6 +560,12 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
         elif resume_from_checkpoint:
             check_checkpoint(resume_from_checkpoint, required)
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """Trainer's checkpoint save; a folder it rewrites reads as incomplete until saved again (`mark_rewrite`)."""
+        if self.args.should_save:
+            mark_rewrite(self._get_output_dir(trial=trial), self.state.global_step)
+        super()._save_checkpoint(model, trial)
 
     def _checkpoint_helper_files(self) -> list[str]:
         """hf_kd's files in every checkpoint of this run: the helper modules (and, under FSDP, their optimizer)."""

@@ -123,3 +123,22 @@ def test_helper_file_survives_a_save_that_fails_midway(tmp_path, tokenizer, trai
         trainer.save_model(str(folder))
     after = load_file(str(folder / MODULES_FILE))
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_a_checkpoint_rewritten_after_resuming_from_an_older_one_is_incomplete_until_saved(
+    tmp_path, tokenizer, train_dataset, monkeypatch
+):
+    full = distillation_trainer(tmp_path, tokenizer, train_dataset, max_steps=2)
+    full.train()
+    checkpoint_2 = Path(full.args.output_dir) / "checkpoint-2"
+    assert checkpoint_problem(checkpoint_2, [MODULES_FILE]) is None
+
+    def killed(self, output_dir):
+        raise KeyboardInterrupt("killed while writing the optimizer")
+
+    monkeypatch.setattr(DistillationTrainer, "_save_optimizer_and_scheduler", killed)
+    resumed = distillation_trainer(tmp_path, tokenizer, train_dataset, max_steps=2)
+    with pytest.raises(KeyboardInterrupt):
+        resumed.train(resume_from_checkpoint=str(checkpoint_2.with_name("checkpoint-1")))
+    assert "no trainer_state.json" in checkpoint_problem(checkpoint_2, [MODULES_FILE])
+    assert newest_complete_checkpoint(full.args.output_dir, [MODULES_FILE]).endswith("checkpoint-1")
