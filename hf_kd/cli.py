@@ -8,6 +8,8 @@ hf-kd evaluate --model <path> --teacher <path> --dataset bundled:heldout
 hf-kd cache-teacher --teacher <path> --output_dir <dir>  # then train with teacher_model=None (README)
 
 A bad command line, recipe or model path ends with one `hf-kd <verb>: error: ...` line and exit status 1.
+Recipes are code: a recipe can switch on trust_remote_code for both models and set environment variables (`env:`);
+a run that does either logs a warning naming the keys (`hf-kd distill --help`).
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import datasets
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.integrations import is_deepspeed_zero3_enabled
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
@@ -60,6 +61,13 @@ SMOKE_OVERRIDES: dict[str, Any] = {
 }
 """Training fields that `--smoke` sets; the recipe's loss, rollout and LoRA settings are kept. Flags given on the
 command line still win (e.g. `--smoke --max_steps 5`)."""
+
+RECIPES_ARE_CODE = (
+    "Recipes are code: a recipe (or flag) can switch on `trust_remote_code` for both models (the field, or in "
+    "`model_init_kwargs` / `teacher_model_init_kwargs`), which runs the Python files shipped with the models on this "
+    "machine, and a recipe's `env:` mapping sets environment variables of this process (TRL's parser exports them). "
+    "Run only recipes and models you trust; a warning names the keys whenever a run does either."
+)
 
 
 class CommandLineError(ValueError):
@@ -109,7 +117,7 @@ DATACLASS_TYPES = (DistillScriptArguments, DistillationConfig, ModelConfig)
 
 def make_parser(prog: str | None = None) -> TrlParser:
     """The parser of the script's three dataclasses (each field is a `--flag` and a recipe key)."""
-    return TrlParser(DATACLASS_TYPES, prog=prog)
+    return TrlParser(DATACLASS_TYPES, prog=prog, description=RECIPES_ARE_CODE)
 
 
 def _recipe_path(argv: Sequence[str]) -> str | None:
@@ -147,7 +155,32 @@ def parse_args(
     if parsed[0].smoke:
         smoke_flags = [item for key, value in SMOKE_OVERRIDES.items() for item in (f"--{key}", str(value))]
         parsed = _parse(parser, smoke_flags + argv)
+    warn_about_code(recipe, parsed[1])
     return parsed
+
+
+def warn_about_code(recipe: str | None, config: DistillationConfig) -> None:
+    """Log loudly what makes a run execute code or change its environment (see `RECIPES_ARE_CODE`): the
+    `trust_remote_code` switches that are on, and the names (never the values) of the recipe's `env:` variables."""
+    enabled = ["trust_remote_code"] if config.trust_remote_code else []
+    for key in ("model_init_kwargs", "teacher_model_init_kwargs"):
+        if (getattr(config, key) or {}).get("trust_remote_code"):
+            enabled.append(f"{key}.trust_remote_code")
+    if enabled:
+        logger.warning(
+            f"This run enables remote code ({', '.join(enabled)}): loading the models runs the Python files shipped "
+            "with them (their Hub repositories or folders) on this machine, with your permissions. Recipes are code: "
+            "run only recipes and models you trust."
+        )
+    if recipe is not None:
+        with open(recipe) as handle:
+            env = yaml.safe_load(handle).get("env") or {}
+        if env:
+            logger.warning(
+                f"The recipe {recipe} sets the environment variables {', '.join(sorted(env))} (its `env:` mapping) "
+                "in this process: they can change where models and data come from, which credentials are used and "
+                "what libraries run. Recipes are code: run only recipes you trust."
+            )
 
 
 def resolve_model_path(name: str) -> str:

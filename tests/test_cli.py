@@ -4,6 +4,7 @@ and no warnings caused by hf_kd's own settings."""
 from __future__ import annotations
 
 import argparse
+import logging
 import subprocess
 import sys
 import warnings
@@ -76,3 +77,46 @@ def test_a_cli_run_warns_about_none_of_our_settings(tmp_path):
         assert main([*argv, "--use_cpu", "false"]) == 0
     ours = [str(w.message) for w in caught if any(name in str(w.message) for name in ("checkpointing", "pin_memory"))]
     assert not ours
+
+
+REMOTE_CODE_RECIPES = {
+    "trust_remote_code": "trust_remote_code: true\n",
+    "model_init_kwargs.trust_remote_code": "model_init_kwargs:\n  trust_remote_code: true\n",
+    "teacher_model_init_kwargs.trust_remote_code": "teacher_model_init_kwargs:\n  trust_remote_code: true\n",
+}
+
+
+@pytest.mark.parametrize("key", sorted(REMOTE_CODE_RECIPES))
+def test_a_recipe_enabling_remote_code_is_logged_loudly_naming_the_key(tmp_path, caplog, key):
+    from hf_kd.distill import parse_args
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"smoke: true\n{REMOTE_CODE_RECIPES[key]}")
+    with caplog.at_level(logging.WARNING, logger="hf_kd.distill"):
+        parse_args(["--config", str(recipe), "--output_dir", str(tmp_path)])
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "remote code" in r.message]
+    assert len(warned) == 1 and f"remote code ({key})" in warned[0]
+
+
+def test_a_recipe_setting_environment_variables_is_logged_naming_them_not_their_values(tmp_path, caplog, monkeypatch):
+    from hf_kd.distill import parse_args
+
+    monkeypatch.setenv("HF_KD_RECIPE_TEST", "before")  # restored after the test
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("smoke: true\nenv:\n  HF_KD_RECIPE_TEST: secret-value\n")
+    with caplog.at_level(logging.WARNING, logger="hf_kd.distill"):
+        parse_args(["--config", str(recipe), "--output_dir", str(tmp_path)])
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("environment variables HF_KD_RECIPE_TEST" in message for message in warned)
+    assert not any("secret-value" in message for message in warned)
+
+
+def test_a_recipe_that_runs_no_code_logs_no_warning_and_the_help_says_recipes_are_code(tmp_path, caplog, capsys):
+    from hf_kd.distill import parse_args
+
+    with caplog.at_level(logging.WARNING, logger="hf_kd.distill"):
+        parse_args(["--config", str(SMOKE_RECIPE), "--output_dir", str(tmp_path)])
+    assert not [r for r in caplog.records if r.name == "hf_kd.distill"]
+    with pytest.raises(SystemExit):
+        main(["distill", "--help"])
+    assert "Recipes are code" in " ".join(capsys.readouterr().out.split())
