@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from .finiteness import LIKELY_CAUSES, valid_rows
 from .losses.core import LinearForm, autocast_dtype
 
 MULTIPLY_BY_LOGITS_SCALING = ("hyperclovax", "hyperclovax_vision_v2")
@@ -170,9 +171,15 @@ def verify_output_head(head: OutputHead, outputs: Any) -> None:
     ``outputs`` is the model's output of a forward with ``output_hidden_states=True`` (and typically
     ``logits_to_keep=1``): its last logits row is compared with the head applied to the last hidden state there,
     within a tolerance of a few rounding steps of the model's dtype (of the autocast dtype, under autocast: call it
-    under the autocast the model ran in).
+    under the autocast the model ran in). Logits holding NaN or +inf fail as such: nothing can be compared.
     """
     logits = outputs.logits[:, -1:].detach()
+    if not valid_rows(logits).all():
+        raise FloatingPointError(
+            f"{head.model_name} gives non-finite logits (NaN or inf) at the last position of this batch, so the "
+            "fused head cannot be checked against them: the model's own outputs are broken, whatever its logit "
+            f"transforms. Likely causes: {LIKELY_CAUSES}."
+        )
     with torch.no_grad():
         rebuilt = head(outputs.hidden_states[-1][:, -1:].detach())
     expected = logits[..., : rebuilt.shape[-1]].float()

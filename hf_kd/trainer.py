@@ -31,6 +31,7 @@ from .bridge import bridge_class
 from .checkpoints import check_checkpoint, mark_rewrite, newest_complete_checkpoint
 from .config import DistillationConfig
 from .data import with_token_lengths
+from .finiteness import LIKELY_CAUSES, valid_rows
 from .heads import output_head, padded_token_ids, real_vocab_size, verify_output_head
 from .hub import MODULES_FILE, DistillationHubMixin
 from .losses import DistillationLoss, build_loss
@@ -445,19 +446,23 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
             with self.accelerator.autocast():  # as for the other losses: heads in the mixed-precision dtype
                 loss, terms = self.bridge.compute_loss(model, self.teacher_model, inputs, num_items_in_batch)
             loss, outputs = loss * self._process_scale(num_items_in_batch), None
+            checked = []
         elif "reference" in inputs:  # a generated step: ce on the reference answers (see _split_reference_terms)
             ref_items = inputs["reference_num_items"]
-            loss, terms, _ = self._logit_space_loss(model, inputs["reference"], ref_items, self._reference_loss)
+            loss, terms, _, valid = self._logit_space_loss(model, inputs["reference"], ref_items, self._reference_loss)
             loss = loss * self._process_scale(ref_items, normalised_locally=False)
-            outputs = None
+            outputs, checked = None, [(inputs["reference"], valid)]
             if self._generated_loss is not None:
-                generated, more_terms, outputs = self._logit_space_loss(
+                generated, more_terms, outputs, valid = self._logit_space_loss(
                     model, inputs, num_items_in_batch, self._generated_loss
                 )
                 loss, terms = loss + generated * self._process_scale(num_items_in_batch), {**terms, **more_terms}
+                checked.append((inputs, valid))
         else:
-            loss, terms, outputs = self._logit_space_loss(model, inputs, num_items_in_batch)
+            loss, terms, outputs, valid = self._logit_space_loss(model, inputs, num_items_in_batch)
             loss = loss * self._process_scale(num_items_in_batch)
+            checked = [(inputs, valid)]
+        self._stop_on_non_finite(inputs, checked, loss)
         mode = "train" if model.training else "eval"
         for name, value in terms.items():
             self._metrics[mode][f"loss/{name}"].append(float(value))
@@ -490,6 +495,8 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
             with torch.no_grad():
                 teacher_out = self.teacher_model(**forward_kwargs)
             teacher = self._logit_source(teacher_out, self.teacher_model if fused else None)
+        # Teacher rows without NaN/+inf, or padding; checked with the loss (one host sync per step)
+        valid = valid_rows(teacher.rows) | ~inputs["attention_mask"][:, :-1].bool()
         labels = inputs["labels"][:, 1:]
         extras = self._loss_extras(inputs, loss_fn)
         models = [model] if self.teacher_cache is not None else [model, self.teacher_model]
@@ -498,13 +505,53 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
         # dtype, as in the models' own forward (the engine keeps the divergences in float32).
         with gathered(*heads), self.accelerator.autocast():
             if fused and not self._heads_verified:  # the models kept their last position's logits: check them
+                self._stop_on_non_finite(inputs, [(inputs, valid)])  # a NaN teacher first, with the step and batch
                 verify_output_head(student.head, student_out)
                 if self.teacher_cache is None:
                     verify_output_head(teacher.head, teacher_out)
                 self._heads_verified = True
             counts = inputs.get(POSITION_COUNTS)
             loss = loss_fn.forward_sources(student, teacher, labels, num_items_in_batch, counts, **extras)
-        return loss, loss_fn.last_values, student_out
+        return loss, loss_fn.last_values, student_out, valid
+
+    def _stop_on_non_finite(
+        self,
+        inputs: dict[str, Any],
+        checked: list[tuple[dict[str, Any], torch.Tensor]],
+        loss: torch.Tensor | None = None,
+    ) -> None:
+        """Raise, before the update, when a teacher row or the loss is NaN/inf: the Trainer would log the step's
+        loss as 0 (its NaN filter) and save a NaN student. ``checked`` holds each batch with its teacher-row
+        validity ([B, T], ``valid_rows``); ``inputs`` is the step's batch. One host sync when all is finite."""
+        flags = [valid.all() for _, valid in checked] + ([] if loss is None else [loss.detach().isfinite().all()])
+        if not flags or bool(torch.stack(flags).all()):
+            return
+        step = self.state.global_step
+        where = f"training step {step + 1}" if self.model.training else f"evaluation at global step {step}"
+        rows = "last hidden states" if self.args.fused_loss else "logits"
+        rows = "cached rows" if self.teacher_cache is not None else rows
+        found = []
+        for batch, valid in checked:
+            bad = (~valid).any(-1).nonzero().flatten().tolist()
+            if bad:
+                found.append(
+                    f"the teacher's {rows} hold NaN or inf in {len(bad)} of the batch's {len(valid)} sequences "
+                    f"(rows {bad[:8]}; row {bad[0]} reads {self._row_text(batch, bad[0])!r})"
+                )
+        if not found:  # the teacher is fine: the loss itself (the student, a temperature, a term) is not
+            found.append(
+                f"the loss is {loss.item()} on the batch of {len(inputs['input_ids'])} sequences (row 0 reads "
+                f"{self._row_text(inputs, 0)!r})"
+            )
+        raise FloatingPointError(
+            f"Non-finite values at {where}: {'; '.join(found)}. Stopped before this step's update, so the student "
+            f"is not ruined (nor saved or pushed NaN). Likely causes: {LIKELY_CAUSES}."
+        )
+
+    def _row_text(self, batch: dict[str, Any], row: int, chars: int = 80) -> str:
+        """The start of one sequence of a batch, as text, to find it in the dataset."""
+        ids = batch["input_ids"][row][batch["attention_mask"][row].bool()]
+        return self.processing_class.decode(ids, skip_special_tokens=True)[:chars]
 
     def _logit_source(self, outputs: Any, fused_model: nn.Module | None) -> LogitSource:
         """One side's rows aligned with the shifted labels: last hidden states + head (fused), or logits."""

@@ -113,6 +113,16 @@ def test_unknown_logit_transform_is_refused_on_the_first_step(tmp_path, tokenize
     assert torch.isfinite(unfused.compute_loss(unfused.model, batch))
 
 
+def test_non_finite_logits_are_reported_as_such_not_blamed_on_logit_transforms():
+    model = make_model(29, 32, 1, seed=1).eval()
+    with torch.no_grad():
+        model.lm_head.weight[3] = float("nan")
+    ids = torch.randint(0, 29, (2, 6), generator=torch.Generator().manual_seed(0))
+    out = model(input_ids=ids, output_hidden_states=True, logits_to_keep=1)
+    with pytest.raises(FloatingPointError, match="LlamaForCausalLM gives non-finite logits.*whatever its logit"):
+        verify_output_head(output_head(model), out)
+
+
 def test_dskd_bridge_uses_the_models_logit_scaling():
     """DSKD's heads are the models' own: its loss on Granite equals the loss computed from Granite's logits."""
     tok = make_tokenizer()

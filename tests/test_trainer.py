@@ -335,6 +335,46 @@ class TestErrors:
         assert args.bf16 is False and args.gradient_checkpointing is False
 
 
+def _stops_before_the_first_update(tmp_path, tokenizer, student, teacher, match: str, **args) -> None:
+    """Training on 8 conversations (one batch a step, a checkpoint a step) fails on step 1 with ``match``, leaving
+    the student as it was and no checkpoint."""
+    before = copy.deepcopy(student.state_dict())
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=make_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=1, **args),
+        train_dataset=Dataset.from_list(make_conversations(8, seed=0)),
+        processing_class=tokenizer,
+    )
+    with pytest.raises(FloatingPointError, match=match):
+        trainer.train()
+    torch.testing.assert_close(student.state_dict(), before, rtol=0, atol=0, equal_nan=True)
+    assert not list((tmp_path / "out").glob("checkpoint-*"))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_non_finite_teacher_stops_training_naming_the_step_and_rows(tmp_path, tokenizer, student, teacher, fused):
+    """A NaN embedding of one word makes the teacher's rows NaN in the sequences holding it (as a float16
+    overflow would): training stops at step 1 naming those rows and the likely causes, before the update. AKL's
+    head search used to loop forever on such rows; unfused, the step logged loss 0.0 and the student became NaN."""
+    word = "three"
+    holding = sum(word in " ".join(m["content"] for m in row["messages"]).split() for row in make_conversations(8))
+    assert 0 < holding < 8
+    with torch.no_grad():
+        teacher.model.embed_tokens.weight[tokenizer.convert_tokens_to_ids(word)] = float("nan")
+    rows = "last hidden states" if fused else "logits"
+    match = rf"training step 1: the teacher's {rows} hold NaN or inf in {holding} of the batch's 8 .*{word}.*float16"
+    _stops_before_the_first_update(tmp_path, tokenizer, student, teacher, match, kd_loss="akl", fused_loss=fused)
+
+
+def test_a_non_finite_loss_stops_training_before_the_update(tmp_path, tokenizer, student, teacher):
+    """A student whose logits hold NaN (one diverged head row) gives a NaN loss with a finite teacher."""
+    with torch.no_grad():
+        student.lm_head.weight[5] = float("nan")
+    match = r"training step 1: the loss is nan on the batch of 8 sequences.*learning rate"
+    _stops_before_the_first_update(tmp_path, tokenizer, student, teacher, match, fused_loss=False)
+
+
 def test_conversations_fixture_is_learnable():
     rows = make_conversations(4)
     assert all(r["messages"][1]["content"].endswith(".") for r in rows)
