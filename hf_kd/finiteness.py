@@ -11,9 +11,10 @@ import math
 import torch
 
 LIKELY_CAUSES = (
-    "a teacher run in float16 that overflows (load it in bfloat16 or float32), a temperature of 0, NaN or inf in "
-    "the inputs (the data, a teacher cache, the model weights), or a student that diverged (lower the learning rate)"
+    "a model run in float16 that overflows (load it in bfloat16 or float32), a temperature of 0, or NaN or inf in "
+    "the inputs (the data, a teacher cache, the model's weights)"
 )
+TRAINING_CAUSES = f"{LIKELY_CAUSES}, or a student that diverged (lower the learning rate)"
 
 
 def valid_rows(rows: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .finiteness import LIKELY_CAUSES, valid_rows
+from .finiteness import TRAINING_CAUSES, valid_rows
 from .losses.core import LinearForm, autocast_dtype
 
 MULTIPLY_BY_LOGITS_SCALING = ("hyperclovax", "hyperclovax_vision_v2")
@@ -178,7 +178,7 @@ def verify_output_head(head: OutputHead, outputs: Any) -> None:
         raise FloatingPointError(
             f"{head.model_name} gives non-finite logits (NaN or inf) at the last position of this batch, so the "
             "fused head cannot be checked against them: the model's own outputs are broken, whatever its logit "
-            f"transforms. Likely causes: {LIKELY_CAUSES}."
+            f"transforms. Likely causes: {TRAINING_CAUSES}."
         )
     with torch.no_grad():
         rebuilt = head(outputs.hidden_states[-1][:, -1:].detach())

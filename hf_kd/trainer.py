@@ -31,7 +31,7 @@ from .bridge import bridge_class
 from .checkpoints import check_checkpoint, mark_rewrite, newest_complete_checkpoint
 from .config import DistillationConfig
 from .data import with_token_lengths
-from .finiteness import LIKELY_CAUSES, valid_rows
+from .finiteness import TRAINING_CAUSES, valid_rows
 from .heads import output_head, padded_token_ids, real_vocab_size, verify_output_head
 from .hub import MODULES_FILE, DistillationHubMixin
 from .losses import DistillationLoss, build_loss
@@ -545,7 +545,7 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
             )
         raise FloatingPointError(
             f"Non-finite values at {where}: {'; '.join(found)}. Stopped before this step's update, so the student "
-            f"is not ruined (nor saved or pushed NaN). Likely causes: {LIKELY_CAUSES}."
+            f"is not ruined (nor saved or pushed NaN). Likely causes: {TRAINING_CAUSES}."
         )
 
     def _row_text(self, batch: dict[str, Any], row: int, chars: int = 80) -> str:

@@ -257,6 +257,31 @@ def test_caching_stopped_inside_its_first_shard_resumes(tmp_path, tokenizer, tea
     assert len(load_teacher_cache(folder)) == len(train_dataset)
 
 
+def test_a_non_finite_teacher_is_refused_naming_the_dataset_rows(tmp_path, tokenizer, teacher, train_dataset):
+    """A NaN embedding of one word makes the teacher's logits NaN after it (as a float16 overflow would): no cache
+    row is written and the cache is not marked complete (it used to be, with codes of p = 1 and a NaN tail)."""
+    from hf_kd.teacher_cache.manifest import read_manifest
+
+    word = "three"
+    holding = [
+        i for i, row in enumerate(train_dataset) if word in " ".join(m["content"] for m in row["messages"]).split()
+    ]
+    assert 0 < len(holding) < len(train_dataset)
+    with torch.no_grad():
+        teacher.model.embed_tokens.weight[tokenizer.convert_tokens_to_ids(word)] = float("nan")
+    n = len(train_dataset)
+    with pytest.raises(
+        FloatingPointError, match=r"NaN or inf at response tokens of dataset row\(s\) \[.*float16"
+    ) as e:
+        cache_teacher(
+            teacher, tokenizer, train_dataset, tmp_path / "c", top_k=4, batch_size=n, shard_size=n, progress=False
+        )
+    named = [int(i) for i in str(e.value).split("[", 1)[1].split("]", 1)[0].split(",")]
+    assert sorted(named) == holding
+    manifest = read_manifest(tmp_path / "c")
+    assert manifest["complete"] is False and manifest["shards"] == []
+
+
 def test_interrupted_caching_resumes_keeping_written_shards(tmp_path, tokenizer, teacher, train_dataset, monkeypatch):
     from hf_kd.teacher_cache import writer
 

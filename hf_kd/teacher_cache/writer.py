@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 from trl.experimental.utils import DataCollatorForChatML
 
+from ..finiteness import LIKELY_CAUSES, valid_rows
 from .encoding import CacheEncoding
 from .manifest import (
     FORMAT,
@@ -127,6 +128,7 @@ def _encode_batch(
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     logits = teacher(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1]
     selected = (labels[:, 1:] != -100).to(device)
+    _refuse_non_finite(logits, selected, indices)
     rows = logits[selected]
     parts = [[], [], []]
     for start in range(0, rows.shape[0], ENCODE_ROWS):
@@ -146,6 +148,19 @@ def _encode_batch(
             top_ids[a:b].reshape(-1),
             values[a:b].reshape(-1),
             tail[a:b],
+        )
+
+
+def _refuse_non_finite(logits: torch.Tensor, selected: torch.Tensor, indices: list[int]) -> None:
+    """Raise, naming the dataset rows, when the teacher's logits at a response token hold NaN or +inf: the cache
+    would store them as a confident, valid-looking distribution with a NaN tail and train every student on NaN."""
+    bad = (~valid_rows(logits) & selected).any(-1)
+    if bad.any():
+        rows = [indices[j] for j in bad.nonzero().flatten().tolist()]
+        raise FloatingPointError(
+            f"The teacher's logits are NaN or inf at response tokens of dataset row(s) {rows}: refusing to cache "
+            "them. The shards written so far are kept and the cache stays marked incomplete (a rerun resumes "
+            f"there). Likely causes: {LIKELY_CAUSES}."
         )
 
 
