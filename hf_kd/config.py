@@ -105,6 +105,16 @@ class DistillationConfig(MethodKnobs, GKDConfig):
             "replaces the student's worst token with the teacher's and lets the student re-generate the rest."
         },
     )
+    invalid_rows: str = field(
+        default="error",
+        metadata={
+            "help": "What to do with rows that cannot be trained on (a conversation that does not end with the "
+            "assistant's answer, text that is not valid UTF-8, a malformed turn), found before training (every "
+            "row of a map-style dataset, the first rows of a stream): 'error' (default) stops, naming the first "
+            "few rows and why; 'skip' drops them with a warning.",
+            "choices": ["error", "skip"],
+        },
+    )
     bf16: bool | None = field(
         default=None, metadata={"help": "bf16 mixed precision; None = on when CUDA supports it, off on CPU."}
     )
@@ -133,6 +143,8 @@ class DistillationConfig(MethodKnobs, GKDConfig):
             bridge_class(self.bridge)  # unknown names fail here, listing the known ones
         if self.teacher_cache_tail not in TAIL_SHAPES:
             raise ValueError(f"teacher_cache_tail must be one of {TAIL_SHAPES}, got {self.teacher_cache_tail!r}.")
+        if self.invalid_rows not in ("error", "skip"):
+            raise ValueError(f"invalid_rows must be 'error' or 'skip', got {self.invalid_rows!r}.")
         if self.scrg_corrections < 0:
             raise ValueError(f"scrg_corrections must be >= 0, got {self.scrg_corrections}.")
         super().__post_init__()

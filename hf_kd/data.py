@@ -1,7 +1,8 @@
 """Chat ``messages`` from common instruction-data layouts, and the conversations bundled with hf_kd.
 
-Distillation trainers read a ``messages`` column (a list of ``{"role", "content"}`` turns ending with the
-assistant's answer). :func:`map_to_messages` converts the usual Hub layouts to it; :func:`load_bundled_dataset`
+``DistillationTrainer`` reads TRL's formats as they are (``messages``, prompt/completion, ``text``, prompt-only; see
+``hf_kd.formats``). :func:`map_to_messages` converts the other usual Hub layouts (Dolly, Alpaca) to a ``messages``
+column (``{"role", "content"}`` turns ending with the assistant's answer); :func:`load_bundled_dataset`
 returns the small teacher-generated corpus shipped in ``hf_kd/data/`` (built by ``scripts/make_data.py``).
 """
 

@@ -224,7 +224,7 @@ def _student_kwargs(config: DistillationConfig, model_args: ModelConfig) -> dict
     kwargs = {"revision": model_args.model_revision, "dtype": model_args.dtype}
     if model_args.attn_implementation is not None:
         kwargs["attn_implementation"] = model_args.attn_implementation
-    return init_kwargs({**kwargs, **(config.model_init_kwargs or {})}, default_dtype="float32")
+    return init_kwargs({**kwargs, **(config.model_init_kwargs or {})}, "float32", config.trust_remote_code)
 
 
 def load_models(script_args: DistillScriptArguments, config: DistillationConfig, model_args: ModelConfig) -> Models:
@@ -240,7 +240,7 @@ def load_models(script_args: DistillScriptArguments, config: DistillationConfig,
         )
     teacher_path = resolve_model_path(script_args.teacher)
     teacher = AutoModelForCausalLM.from_pretrained(
-        teacher_path, **init_kwargs(config.teacher_model_init_kwargs, default_dtype="auto")
+        teacher_path, **init_kwargs(config.teacher_model_init_kwargs, "auto", config.trust_remote_code)
     )
     student_kwargs = _student_kwargs(config, model_args)
     if script_args.student_layers is not None:

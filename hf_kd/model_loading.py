@@ -17,8 +17,18 @@ def parse_dtype(dtype: str | torch.dtype) -> str | torch.dtype:
     return parsed
 
 
-def init_kwargs(kwargs: dict[str, Any] | None, default_dtype: str) -> dict[str, Any]:
-    """``kwargs`` with a parsed ``dtype`` (``default_dtype`` when unset), ready for ``from_pretrained``."""
+def init_kwargs(kwargs: dict[str, Any] | None, default_dtype: str, trust_remote_code: bool = False) -> dict[str, Any]:
+    """``kwargs`` with a parsed ``dtype`` (``default_dtype`` when unset) and ``trust_remote_code`` (the config's
+    `trust_remote_code` unless ``kwargs`` set it, as TRL's trainers do), ready for ``from_pretrained``."""
     kwargs = dict(kwargs or {})
     kwargs["dtype"] = parse_dtype(kwargs.get("dtype") or default_dtype)
+    kwargs.setdefault("trust_remote_code", trust_remote_code)
     return kwargs
+
+
+def config_kwargs(kwargs: dict[str, Any] | None, trust_remote_code: bool = False) -> dict[str, Any]:
+    """The ``AutoConfig.from_pretrained`` arguments of a model loaded with ``kwargs``: its revision and
+    ``trust_remote_code`` (as :func:`init_kwargs` resolves it), so that its config is read from what is loaded."""
+    kwargs = kwargs or {}
+    found = {"trust_remote_code": kwargs.get("trust_remote_code", trust_remote_code)}
+    return found | ({"revision": kwargs["revision"]} if kwargs.get("revision") else {})

@@ -32,16 +32,18 @@ from .checkpoints import check_checkpoint, mark_rewrite, newest_complete_checkpo
 from .config import DistillationConfig
 from .data import with_token_lengths
 from .finiteness import TRAINING_CAUSES, valid_rows
+from .formats import FormatCollator, screen_rows, uses_chat_template
 from .heads import output_head, padded_token_ids, real_vocab_size, verify_output_head
 from .hub import MODULES_FILE, DistillationHubMixin
 from .losses import DistillationLoss, build_loss
 from .losses.core import LogitSource
-from .model_loading import init_kwargs
+from .model_loading import config_kwargs, init_kwargs
 from .rollout import GeneratedBatch, GenerationCallback, GenerationContext
 from .sharding import HELPER_OPTIMIZER_FILE, gathered, helper_optimizer_state_aside
 from .teacher_cache import TeacherCacheCollator, TopKReconstruction, cache_manifest
 from .teacher_cache.run_checks import check_cache_matches_run, check_config_for_cache
 from .validation import (
+    check_conversational,
     check_dataset,
     check_inherited_options,
     check_lora_targets,
@@ -65,7 +67,8 @@ def load_teacher(teacher_model: nn.Module | str | None, args: DistillationConfig
         if args.teacher_model_init_kwargs:
             raise ValueError("`teacher_model_init_kwargs` is only used when `teacher_model` is a path or id string.")
         return teacher_model
-    return AutoModelForCausalLM.from_pretrained(teacher_model, **init_kwargs(args.teacher_model_init_kwargs, "auto"))
+    kwargs = init_kwargs(args.teacher_model_init_kwargs, "auto", args.trust_remote_code)
+    return AutoModelForCausalLM.from_pretrained(teacher_model, **kwargs)
 
 
 class _ZeroHelperGradients(TrainerCallback):
@@ -130,10 +133,13 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
         if not isinstance(args, DistillationConfig):
             raise TypeError(f"`args` must be a DistillationConfig, got {type(args).__name__}.")
         check_inherited_options(args)
-        check_tokenizer(processing_class, "processing_class (the student's tokenizer)")
+        chat = uses_chat_template(train_dataset) or uses_chat_template(eval_dataset)
+        check_tokenizer(processing_class, "processing_class (the student's tokenizer)", need_template=chat)
         self.teacher_cache = cache_manifest(train_dataset) if teacher_model is None else None
-        check_dataset(train_dataset, "train_dataset")
-        check_dataset(eval_dataset, "eval_dataset")
+        check_dataset(train_dataset, "train_dataset", args)
+        check_dataset(eval_dataset, "eval_dataset", args, evaluation=True)
+        train_dataset = screen_rows(train_dataset, "train_dataset", args.dataset_text_field, args.invalid_rows)
+        eval_dataset = screen_rows(eval_dataset, "eval_dataset", args.dataset_text_field, args.invalid_rows)
         if self.teacher_cache is not None:
             check_config_for_cache(args)
             if eval_dataset is not None and cache_manifest(eval_dataset) is None:
@@ -141,8 +147,9 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
             self.cross_tokenizer = False
         else:
             teacher_model = load_teacher(teacher_model, args)
+            student_config = config_kwargs(args.model_init_kwargs, args.trust_remote_code)
             self.cross_tokenizer = check_vocabularies(
-                model, teacher_model, processing_class, teacher_processing_class, args.bridge
+                model, teacher_model, processing_class, teacher_processing_class, args.bridge, student_config
             )
         if teacher_processing_class is not None:
             check_tokenizer(teacher_processing_class, "teacher_processing_class", need_template=False)
@@ -164,9 +171,13 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
             elif self.cross_tokenizer:
                 from .bridge.tokenization import DualTokenizationCollator
 
-                data_collator = DualTokenizationCollator(processing_class, teacher_processing_class, args.max_length)
+                check_conversational(train_dataset, "train_dataset")
+                check_conversational(eval_dataset, "eval_dataset")
+                chat = DualTokenizationCollator(processing_class, teacher_processing_class, args.max_length)
+                data_collator = FormatCollator(chat, processing_class, args.dataset_text_field)
             else:
-                data_collator = DataCollatorForChatML(tokenizer=processing_class, max_length=args.max_length)
+                chat = DataCollatorForChatML(tokenizer=processing_class, max_length=args.max_length)
+                data_collator = FormatCollator(chat, processing_class, args.dataset_text_field)
         # GKDTrainer.__init__ refuses differing vocabularies outright; its remaining set-up is done below.
         SFTTrainer.__init__(
             self,

@@ -8,6 +8,17 @@ from torch import nn
 from transformers import AutoConfig
 
 from .bridge import BRIDGE_REGISTRY, bridge_class
+from .formats import (
+    FORMATS_HELP,
+    MESSAGES,
+    PROMPT_COMPLETION,
+    PROMPT_ONLY,
+    TEXT,
+    data_format,
+    first_rows,
+    is_conversational,
+)
+from .losses import parse_recipe
 
 
 def check_tokenizer(tokenizer: Any, what: str, need_template: bool = True) -> None:
@@ -20,31 +31,73 @@ def check_tokenizer(tokenizer: Any, what: str, need_template: bool = True) -> No
         )
     if need_template and not getattr(tokenizer, "chat_template", None):
         raise ValueError(
-            f"{what} has no chat template, which the `messages` data needs. Set `tokenizer.chat_template` "
+            f"{what} has no chat template, which conversational data needs. Set `tokenizer.chat_template` "
             "(a Jinja template) or use an instruct model's tokenizer."
         )
 
 
-def check_dataset(dataset: Any, what: str) -> None:
-    """Datasets must be non-empty and carry `messages` (or pre-tokenized `input_ids`)."""
+def check_dataset(dataset: Any, what: str, args: Any, evaluation: bool = False) -> None:
+    """A dataset must be non-empty, in a format hf_kd reads (`hf_kd.formats`), and suit the run: plain `text` has no
+    prompt to generate from (lmbda=0, no seq_kd); a `prompt` alone has no answer, so only fully on-policy training
+    (lmbda=1, no 'ce' term) reads it. The format is read from the first row (a stream is not read further here)."""
     if dataset is None:
         return
     if isinstance(dataset, dict):
         for name, part in dataset.items():
-            check_dataset(part, f"{what}['{name}']")
+            check_dataset(part, f"{what}['{name}']", args, evaluation)
         return
-    if len(dataset) == 0:
-        raise ValueError(f"{what} is empty: give it at least one conversation.")
-    columns = set(getattr(dataset, "column_names", None) or dataset[0].keys())
-    if not {"messages", "input_ids"} & columns:
+    rows = first_rows(dataset, 1)
+    if not rows:
+        raise ValueError(f"{what} is empty: give it at least one row.")
+    fmt = data_format(rows[0], args.dataset_text_field)
+    if fmt is None:
         raise ValueError(
-            f"{what} has no `messages` column (found: {sorted(columns)}). Convert it to chat format, e.g. with "
-            "`hf_kd.data.map_to_messages(dataset)` for Dolly/Alpaca/prompt-completion columns."
+            f"{what} has no column of a format DistillationTrainer reads (found: {sorted(rows[0])}). Give it "
+            f"{FORMATS_HELP}; `hf_kd.data.map_to_messages(dataset)` converts Dolly/Alpaca columns to `messages`."
+        )
+    if fmt == TEXT and not evaluation and (args.lmbda > 0 or args.seq_kd):
+        raise ValueError(
+            f"{what} is plain `{args.dataset_text_field}` with no prompt, so a model has nothing to generate from: "
+            f"on-policy (lmbda={args.lmbda}) and seq_kd steps need prompts. Set lmbda=0 and seq_kd=False, or give "
+            "prompt/completion or `messages` rows."
+        )
+    if fmt == PROMPT_ONLY:
+        if evaluation:
+            raise ValueError(
+                f"{what} has prompts without completions, but evaluation scores the student against the teacher on "
+                "the dataset's completions: give eval rows with completions (prompt + completion, or `messages`)."
+            )
+        if args.lmbda < 1:
+            raise ValueError(
+                f"{what} has prompts without completions, which only fully on-policy training can use (the "
+                f"student's generations are its only targets): set lmbda=1 (it is {args.lmbda}), or add completions."
+            )
+        if "ce" in [name for _, name in parse_recipe(args.kd_loss)]:
+            raise ValueError(
+                f"{what} has prompts without completions, but kd_loss={args.kd_loss!r} has a 'ce' term, which "
+                "trains on reference completions: remove it from the recipe, or add completions."
+            )
+
+
+def check_conversational(dataset: Any, what: str) -> None:
+    """Cross-tokenizer runs re-render each conversation in the teacher's chat format: they need chat rows with an
+    answer (`messages`, or message-list prompt/completion); read from the first row."""
+    if dataset is None:
+        return
+    if isinstance(dataset, dict):
+        for name, part in dataset.items():
+            check_conversational(part, f"{what}['{name}']")
+        return
+    row = first_rows(dataset, 1)[0]
+    if data_format(row) not in (MESSAGES, PROMPT_COMPLETION) or not is_conversational(row):
+        raise ValueError(
+            f"{what} is not conversational (columns {sorted(row)}): a teacher with its own tokenizer re-renders "
+            "each conversation in its chat format, so give `messages`, or prompt/completion as message lists."
         )
 
 
-def _vocab_size(model: nn.Module | str) -> int:
-    config = AutoConfig.from_pretrained(model) if isinstance(model, str) else model.config
+def _vocab_size(model: nn.Module | str, config_kwargs: dict[str, Any] | None = None) -> int:
+    config = AutoConfig.from_pretrained(model, **(config_kwargs or {})) if isinstance(model, str) else model.config
     return config.get_text_config().vocab_size
 
 
@@ -54,16 +107,22 @@ def _bridge_hint() -> str:
 
 
 def check_vocabularies(
-    student: nn.Module | str, teacher: nn.Module, tokenizer: Any, teacher_tokenizer: Any, bridge: str | None
+    student: nn.Module | str,
+    teacher: nn.Module,
+    tokenizer: Any,
+    teacher_tokenizer: Any,
+    bridge: str | None,
+    student_config_kwargs: dict[str, Any] | None = None,
 ) -> bool:
     """True when the teacher has its own tokenizer (cross-vocabulary KD); errors where that needs a bridge.
+    ``student_config_kwargs`` read a student given as a path (`hf_kd.model_loading.config_kwargs`).
 
     Heads of different sizes over one tokenizer are accepted (a family pads its heads differently, e.g. Qwen2.5
     151936 vs 152064 rows for 151665 tokens): the losses then compare the ``len(tokenizer)`` real tokens. hf_kd
     only knows that the tokenizer is shared when the teacher's is given and has the student's vocabulary.
     """
     cross = teacher_tokenizer is not None and teacher_tokenizer.get_vocab() != tokenizer.get_vocab()
-    s_vocab, t_vocab = _vocab_size(student), _vocab_size(teacher)
+    s_vocab, t_vocab = _vocab_size(student, student_config_kwargs), _vocab_size(teacher)
     if cross and (bridge is None or not bridge_class(bridge).cross_vocabulary):
         raise ValueError(
             f"The student (vocab_size {s_vocab}) and the teacher (vocab_size {t_vocab}) do not share a vocabulary, "

@@ -347,7 +347,7 @@ def test_trainer_with_different_tokenizers(tmp_path, tokenizers_pair, lmbda):
         processing_class=student_tok,
         teacher_processing_class=teacher_tok,
     )
-    assert isinstance(trainer.data_collator, DualTokenizationCollator)
+    assert isinstance(trainer.data_collator.collator, DualTokenizationCollator)
     projector = trainer.bridge.cma.query.weight.detach().clone()
     trainer.train()
     history = trainer.state.log_history

@@ -315,7 +315,7 @@ class TestErrors:
 
     def test_missing_messages(self, tmp_path, tokenizer, student, teacher):
         data = Dataset.from_list([{"instruction": "count", "response": "one two"}])
-        with pytest.raises(ValueError, match="no `messages` column.*instruction.*map_to_messages"):
+        with pytest.raises(ValueError, match="no column of a format.*instruction.*map_to_messages"):
             self._trainer(tmp_path, tokenizer, student, teacher, data)
 
     def test_unknown_recipe_term(self, tmp_path, tokenizer, student, teacher, train_dataset):
