@@ -105,6 +105,17 @@ class DistillationConfig(MethodKnobs, GKDConfig):
             "replaces the student's worst token with the teacher's and lets the student re-generate the rest."
         },
     )
+    on_policy_normalization: str = field(
+        default="generated",
+        metadata={
+            "help": "What the loss of a generated step (on-policy with probability `lmbda`, or `seq_kd`) is divided "
+            "by. 'generated' (default): the tokens generated in the step, so each generated token counts as much as "
+            "a dataset token. 'gkd': the dataset labels the generations replaced, as TRL's GKDTrainer divides (its "
+            "on-policy loss and gradients then scale with the dataset answers' length over the generations'); set "
+            "it to reproduce a GKDTrainer run's losses exactly.",
+            "choices": ["generated", "gkd"],
+        },
+    )
     invalid_rows: str = field(
         default="error",
         metadata={
@@ -143,6 +154,10 @@ class DistillationConfig(MethodKnobs, GKDConfig):
             bridge_class(self.bridge)  # unknown names fail here, listing the known ones
         if self.teacher_cache_tail not in TAIL_SHAPES:
             raise ValueError(f"teacher_cache_tail must be one of {TAIL_SHAPES}, got {self.teacher_cache_tail!r}.")
+        if self.on_policy_normalization not in ("generated", "gkd"):
+            raise ValueError(
+                f"on_policy_normalization must be 'generated' or 'gkd', got {self.on_policy_normalization!r}."
+            )
         if self.invalid_rows not in ("error", "skip"):
             raise ValueError(f"invalid_rows must be 'error' or 'skip', got {self.invalid_rows!r}.")
         if self.scrg_corrections < 0:

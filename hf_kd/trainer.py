@@ -101,10 +101,15 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
 
     * honoured: `activation_offloading` (the training step runs in SFTTrainer's offloading context), `max_length`
       (the collators cut conversations), `eos_token`, `use_liger_kernel` (SFTTrainer's set-up patches the
-      models' kernels; its fused linear cross-entropy stays off) and the Trainer's own options;
-    * refused with an error (`hf_kd.validation.check_inherited_options`): `packing`, `padding_free`,
-      `assistant_only_loss`, `completion_only_loss=False`, `pad_to_multiple_of`, `loss_type` other than "nll"
-      and `label_smoothing_factor`, whose code paths (SFT's dataset preparation, collator and loss) never run.
+      models' kernels; its fused linear cross-entropy stays off), `chat_template_path` (a .jinja file),
+      `shuffle_dataset`, `teacher_model_name_or_path` (when `teacher_model` is None) and the Trainer's own options;
+    * refused with an error (`hf_kd.validation.check_inherited_options`): `packing`, `eval_packing`,
+      `padding_free`, `assistant_only_loss`, `completion_only_loss=False`, `pad_to_multiple_of`, `loss_type` other
+      than "nll", `label_smoothing_factor`, `truncation_mode="keep_end"`, `pad_token`, `dataset_num_proc`,
+      `dataset_kwargs` beyond `skip_prepare_dataset`, `model_init_kwargs` with a loaded student, and an MoE
+      student's router loss, whose code paths (SFT's dataset preparation, collator and loss) never run.
+
+    docs/trl_compatibility.md lists every inherited option with what hf_kd does with it.
     """
 
     _tag_names = ["trl", "gkd", "hf_kd", "knowledge-distillation"]
@@ -132,9 +137,13 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
             raise ValueError("Pass `args=DistillationConfig(output_dir=...)`.")
         if not isinstance(args, DistillationConfig):
             raise TypeError(f"`args` must be a DistillationConfig, got {type(args).__name__}.")
-        check_inherited_options(args)
+        check_inherited_options(args, student_is_loaded=model is not None and not isinstance(model, str))
+        if args.chat_template_path is not None and processing_class is not None:  # SFTTrainer reads it after the check
+            processing_class.chat_template = Path(args.chat_template_path).read_text(encoding="utf-8")
         chat = uses_chat_template(train_dataset) or uses_chat_template(eval_dataset)
         check_tokenizer(processing_class, "processing_class (the student's tokenizer)", need_template=chat)
+        if teacher_model is None and args.teacher_model_name_or_path is not None:  # GKDConfig's teacher field
+            teacher_model = args.teacher_model_name_or_path
         self.teacher_cache = cache_manifest(train_dataset) if teacher_model is None else None
         check_dataset(train_dataset, "train_dataset", args)
         check_dataset(eval_dataset, "eval_dataset", args, evaluation=True)
@@ -163,6 +172,8 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
 
         args.remove_unused_columns = False
         args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+        if args.shuffle_dataset:  # SFTConfig's option, which SFT applies while preparing the (skipped) dataset
+            train_dataset = train_dataset.shuffle(seed=args.seed)
         if args.train_sampling_strategy in ("group_by_length", "batch_rebalance"):
             train_dataset = with_token_lengths(train_dataset, processing_class, args.length_column_name)
         if data_collator is None:
@@ -196,6 +207,12 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
         )
         if peft_config is not None and isinstance(model, str):
             check_lora_targets(self.model, peft_config)
+        if self.aux_loss_enabled:  # set by SFTTrainer for MoE students; its compute_loss, not this one, adds the loss
+            raise ValueError(
+                "The student is a Mixture-of-Experts model whose router load-balancing loss SFT adds (coefficient "
+                f"{self.router_aux_loss_coef}), but DistillationTrainer's loss is `kd_loss` alone. Set "
+                "`router_aux_loss_coef=0.0` to distill without it."
+            )
         self.teacher_processing_class = teacher_processing_class
         # Logits are compared over the tokenizer's real tokens: rows a head is padded with are no token.
         # (A teacher cache keeps the widths it was written with, checked against the student.)
@@ -360,7 +377,8 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
         """GKD's rollout (student with probability lmbda, else teacher under seq_kd), then the callbacks.
 
         Fixes TRL's normalisation on generated steps: the loss is divided by the generated tokens of the
-        micro-batch (times the accumulation steps), not by the count of the collated labels it replaced.
+        micro-batch (times the accumulation steps), not by the count of the collated labels it replaced;
+        `on_policy_normalization="gkd"` keeps TRL's count, to reproduce a GKDTrainer run.
         """
         source = "student" if random.random() < self.lmbda else ("teacher" if self.seq_kd else None)
         if source is not None:
@@ -368,6 +386,7 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
             inputs = self._rollout(model, inputs, source)
             if self._reference_loss is not None:
                 inputs["reference"], inputs["reference_num_items"] = reference, num_items_in_batch
+        if source is not None and self.args.on_policy_normalization == "generated":
             count = (inputs["labels"][:, 1:] != -100).sum()
             num_items_in_batch = count.clamp_min(1) * self.current_gradient_accumulation_steps
             local = self._position_counts([inputs])
@@ -470,13 +489,18 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
                 loss, terms = loss + generated * self._process_scale(num_items_in_batch), {**terms, **more_terms}
                 checked.append((inputs, valid))
         else:
-            loss, terms, outputs, valid = self._logit_space_loss(model, inputs, num_items_in_batch)
+            loss, terms, outputs, valid = self._logit_space_loss(
+                model, inputs, num_items_in_batch, all_logits=return_outputs
+            )
             loss = loss * self._process_scale(num_items_in_batch)
             checked = [(inputs, valid)]
         self._stop_on_non_finite(inputs, checked, loss)
         mode = "train" if model.training else "eval"
         for name, value in terms.items():
             self._metrics[mode][f"loss/{name}"].append(float(value))
+        if return_outputs and outputs is None:  # the bridge runs its own forwards: the caller's logits need one more
+            with torch.no_grad():
+                outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         return (loss, outputs) if return_outputs else loss
 
     def _process_scale(self, num_items_in_batch: Any, normalised_locally: bool | None = None) -> int:
@@ -491,13 +515,16 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
         inputs: dict[str, Any],
         num_items_in_batch: Any,
         loss_fn: DistillationLoss | None = None,
+        all_logits: bool = False,
     ):
+        """The recipe's loss from both models' rows. ``all_logits``: the student's outputs keep their logits at every
+        position (what evaluation hands `compute_metrics`, as transformers' Trainer does); the loss is the same."""
         loss_fn = loss_fn or self.loss_fn
         fused = self.args.fused_loss
         forward_kwargs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
         if fused:
             forward_kwargs |= {"output_hidden_states": True, "logits_to_keep": 1}
-        student_out = model(**forward_kwargs)
+        student_out = model(**(forward_kwargs | {"logits_to_keep": 0} if fused and all_logits else forward_kwargs))
         student = self._logit_source(student_out, model if fused else None)
         if self.teacher_cache is not None:
             teacher = LogitSource(inputs["teacher_rows"].to(student.rows.device), self.cache_reconstruction)

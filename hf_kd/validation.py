@@ -167,17 +167,51 @@ _REPLACED_SFT_OPTIONS = {
         lambda a: a.label_smoothing_factor > 0,
         "the loss is `kd_loss`, which never reads the Trainer's label smoother",
     ),
+    "eval_packing": (lambda a: a.eval_packing, "eval conversations are batched one per row, like training ones"),
+    "truncation_mode": (
+        lambda a: a.truncation_mode != "keep_start",
+        "the collators keep the start of a conversation that is longer than `max_length`",
+    ),
+    "pad_token": (
+        lambda a: a.pad_token is not None,
+        "the collators pad with the tokenizer's own pad token: set `tokenizer.pad_token` instead (TRL deprecates "
+        "this option for the same)",
+    ),
+    "dataset_num_proc": (
+        lambda a: a.dataset_num_proc is not None,
+        "no dataset is tokenized ahead of training (rows are rendered and tokenized as they are collated), so there "
+        "is no preparation to spread over processes; use `dataloader_num_workers` to collate in parallel",
+    ),
+    "dataset_kwargs": (
+        lambda a: (
+            bool(set(a.dataset_kwargs or {}) - {"skip_prepare_dataset"})
+            or (a.dataset_kwargs or {}).get("skip_prepare_dataset") is False
+        ),
+        "SFT's dataset preparation, which these keys configure, never runs: rows go to the chat collator as they are "
+        "(as in GKDTrainer, which forces `skip_prepare_dataset=True`)",
+    ),
+    "chat_template_path": (
+        lambda a: a.chat_template_path is not None and not str(a.chat_template_path).endswith((".jinja", ".j2")),
+        "a model's template would be cloned with new tokens added to the student only, so the teacher no longer "
+        "shares its vocabulary: give a .jinja file, or set `tokenizer.chat_template` on both tokenizers",
+    ),
 }
 
 
-def check_inherited_options(args: Any) -> None:
-    """Refuse SFTConfig options that DistillationTrainer would otherwise silently ignore (see its docstring)."""
+def check_inherited_options(args: Any, student_is_loaded: bool = False) -> None:
+    """Refuse SFTConfig options that DistillationTrainer would otherwise silently ignore (see its docstring and
+    docs/trl_compatibility.md); ``student_is_loaded``: the student came as a model, not a path to load."""
     for option, (is_set, reason) in _REPLACED_SFT_OPTIONS.items():
         if is_set(args):
             raise ValueError(
                 f"`{option}={getattr(args, option)!r}` is not supported by DistillationTrainer: {reason}. "
                 f"Leave `{option}` at its default."
             )
+    if student_is_loaded and args.model_init_kwargs:
+        raise ValueError(
+            "`model_init_kwargs` is only used when `model` is a path or id string, but the student came loaded "
+            "(SFTTrainer would ignore them with a warning). Pass the path instead, or load the model with them."
+        )
 
 
 def check_lora_targets(model: nn.Module, peft_config: Any) -> None:
