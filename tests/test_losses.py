@@ -30,6 +30,16 @@ def _masked_mean(per_token, labels):
     return per_token[mask].sum() / mask.sum()
 
 
+def _akl_weight_by_sort(p, q, mu):
+    """AKL's head weight as defined: sort p descending (stable: ties by lower index first), the head is the longest
+    prefix whose cumulative mass is <= mu and at least the top-1; g_head / sum of |p - q|."""
+    p_sorted, idx = p.sort(dim=-1, descending=True, stable=True)
+    err = (p_sorted - q.gather(-1, idx)).abs()
+    head = p_sorted.cumsum(-1) <= mu
+    head[..., 0] = True
+    return (err * head).sum(-1) / err.sum(-1).clamp_min(torch.finfo(p.dtype).tiny)
+
+
 def _reference(name, s, t, labels, **kw):
     temp = kw.get("temperature", 1.0)
     s_t, t_t = s / temp, t / temp
@@ -47,14 +57,8 @@ def _reference(name, s, t, labels, **kw):
     elif name == "ce":
         per = -F.log_softmax(s, -1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     elif name == "akl":
-        mu = kw.get("mu", 0.5)
-        p, q = F.softmax(t_t, -1), F.softmax(s_t, -1).detach()
-        p_sorted, idx = p.sort(-1, descending=True)
-        err = (p_sorted - q.gather(-1, idx)).abs()
-        tail = p_sorted.cumsum(-1) > mu
-        tail[..., 0] = False
-        g_head, g_tail = (err * ~tail).sum(-1), (err * tail).sum(-1)
-        per = g_head / (g_head + g_tail) * _kl(t_t, s_t) + g_tail / (g_head + g_tail) * _kl(s_t, t_t)
+        w = _akl_weight_by_sort(F.softmax(t_t, -1), F.softmax(s_t, -1).detach(), kw.get("mu", 0.5))
+        per = w * _kl(t_t, s_t) + (1 - w) * _kl(s_t, t_t)
     elif name == "bild":
         k, temp = kw.get("top_k", 8), kw.get("temperature", 3.0)
         per = 0
@@ -121,20 +125,79 @@ def test_akl_weights_sum_to_one_and_interpolate(batch):
     assert min(fkl, rkl) - 1e-12 <= akl <= max(fkl, rkl) + 1e-12
 
 
-def test_akl_topk_search_equals_full_sort():
+def _akl_teachers(dtype):
+    """(name, p, mu) rows of every shape the head search meets: peaked, flat, uniform with exact ties, ties at
+    random places, random temperatures, mu exactly on a cumulative boundary, tiny vocabularies. Where mu falls on
+    a boundary the probabilities are dyadic, so that any order of summation gives the same cumulative sums."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(5, 3000, generator=g, dtype=torch.float64)
+    ties = torch.tensor([2.0**-8] * 128 + [2.0**-9] * 128 + [2.0**-10] * 256, dtype=torch.float64)  # sum 1
+    ties = ties[torch.randperm(512, generator=g)]
+    cases = [
+        (
+            "peaked",
+            F.softmax(logits * torch.tensor([[5.0], [12.0], [40.0], [200.0], [1000.0]], dtype=torch.float64), -1),
+            0.5,
+        ),
+        (
+            "flat",
+            F.softmax(logits * torch.tensor([[1e-6], [1e-4], [0.05], [0.6], [2.0]], dtype=torch.float64), -1),
+            0.5,
+        ),
+        ("uniform, boundary", torch.full((2, 256), 2.0**-8, dtype=torch.float64), 0.5),
+        ("uniform, off boundary", torch.full((2, 300), 1 / 300, dtype=torch.float64), (150.5) / 300),
+        (
+            "temperatures",
+            F.softmax(logits / torch.empty(5, 1, dtype=torch.float64).uniform_(0.05, 20, generator=g), -1),
+            0.9,
+        ),
+    ]
+    for mu in (0.25, 0.5, 0.625):
+        cases.append((f"dyadic ties, boundary {mu}", ties.unsqueeze(0), mu))
+    for vocab in (1, 2, 3, 5):
+        cases.append(
+            (f"vocabulary {vocab}", F.softmax(torch.randn(6, vocab, generator=g, dtype=torch.float64) * 3, -1), 0.5)
+        )
+    cases.append(
+        (
+            "top-1 above mu",
+            F.softmax(torch.tensor([[0.0, 3.0, 3.0, 1.0], [5.0, 5.0, 5.0, 5.0]], dtype=torch.float64), -1),
+            0.1,
+        )
+    )
+    return [(name, p.to(dtype), mu) for name, p, mu in cases]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_akl_head_weight_equals_the_sort_based_definition(dtype):
+    """The radix select gives the sorted definition's head on every teacher shape, ties in index order."""
     from hf_kd.losses.akl import akl_head_weight
 
-    g = torch.Generator().manual_seed(1)
-    # rows whose head spans all, about 1/2, about 1/20 of the entries (far more than 64), and a peaked one
-    flat = torch.randn(4, 3000, generator=g, dtype=torch.float64) * torch.tensor([[0.0], [0.05], [2.0], [5.0]])
-    p = F.softmax(flat + 1e-9 * torch.arange(3000), -1)
-    q = F.softmax(torch.randn(4, 3000, generator=g, dtype=torch.float64), -1)
-    p_sorted, idx = p.sort(-1, descending=True)
-    err = (p_sorted - q.gather(-1, idx)).abs()
-    head = p_sorted.cumsum(-1) <= 0.5
-    head[:, 0] = True
-    expected = (err * head).sum(-1) / err.sum(-1)
-    torch.testing.assert_close(akl_head_weight(p, q, 0.5), expected)
+    g = torch.Generator().manual_seed(2)
+    for name, p, mu in _akl_teachers(dtype):
+        assert p.sum(-1).sub(1).abs().max() < 1e-5, name
+        q = F.softmax(torch.randn(p.shape, generator=g, dtype=torch.float64) * 2, -1).to(dtype)
+        torch.testing.assert_close(akl_head_weight(p, q, mu), _akl_weight_by_sort(p, q, mu), msg=name)
+
+
+def test_akl_head_search_never_sorts(monkeypatch):
+    """On a flat teacher the head holds most of the vocabulary: finding it must stay O(V), without a sort."""
+    from hf_kd.losses.akl import akl_head_weight
+
+    g = torch.Generator().manual_seed(3)
+    p, q = (F.softmax(torch.randn(4, 5000, generator=g) * scale, -1) for scale in (0.1, 1.0))
+    expected = _akl_weight_by_sort(p, q, 0.5)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the head search sorted (or took a top-k of) the vocabulary")
+
+    for owner in (torch, torch.Tensor):
+        for name in ("sort", "argsort", "topk", "kthvalue", "msort"):
+            if hasattr(owner, name):
+                monkeypatch.setattr(owner, name, refuse)
+    got = akl_head_weight(p, q, 0.5)
+    monkeypatch.undo()
+    torch.testing.assert_close(got, expected)
 
 
 @contextlib.contextmanager

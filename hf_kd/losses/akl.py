@@ -9,17 +9,22 @@ is always head), the tail the rest; g_head = sum_head e_i, g_tail = sum_tail e_i
 
 As in the official snippet the weights carry no gradient. The official snippet applies no temperature
 (default 1.0 here); DSKD's copy uses its KD temperature, which ``temperature`` allows.
-Difference from the snippet, exact up to ties: instead of sorting the whole vocabulary, only the top-64
-teacher entries are sorted (rows whose head reaches past them take the top 256, 1024, ... until it fits),
-since g_tail = sum_all e - g_head. The gradient is written in closed form (see ``divergences``):
-w (q - p) + (1 - w) q (log q - log p - KL(q || p)).
+Difference from the snippet, exact up to the order of floating-point sums: instead of sorting the whole
+vocabulary, the head is found by a radix select (``_head_error``), O(V) per row on peaked and flat teachers alike
+(a flat teacher's head holds most of the vocabulary, and finding it by sorting cost as much again as JSD); ties are
+broken by the lower index first, as a stable sort would, and g_tail = sum_all e - g_head. The gradient is
+written in closed form (see ``divergences``): w (q - p) + (1 - w) q (log q - log p - KL(q || p)).
 From a teacher cache the head is read from the cached top-k (it is exact while the head lies inside it);
 the tail sums are over the reconstructed flat tail.
 """
 
 from __future__ import annotations
 
+import sys
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 
 from ..knobs import Knob
 from ..papers import Paper
@@ -28,37 +33,121 @@ from .divergences import row_dot, softmax_backward, with_gradient
 from .registry import register_loss
 
 
-def akl_head_weight(p: torch.Tensor, q: torch.Tensor, mu: float, start_k: int = 64) -> torch.Tensor:
+def akl_head_weight(p: torch.Tensor, q: torch.Tensor, mu: float) -> torch.Tensor:
     """g_head / (g_head + g_tail) per row (p, q: probabilities [n, V], no gradient).
 
-    The top-``start_k`` teacher entries settle almost every row; the rare rows whose head reaches past them
-    (flat teachers) are retried on their own with a 4x longer prefix, up to the whole vocabulary. A row holding
-    NaN (non-finite logits, a temperature of 0) gives NaN, which the caller sees in the loss value.
+    The head is found by a radix select over the teacher's probabilities (``_head_error``): O(V) per row, peaked
+    teacher or flat. A row holding NaN or inf (non-finite logits, a temperature of 0) gives NaN, which the caller
+    sees in the loss value.
     """
-    return _head_error_prefix(p, q, mu, start_k) / (p - q).norm(p=1, dim=-1).clamp_min(torch.finfo(p.dtype).tiny)
+    if p.dtype not in _BITS:
+        p, q = p.float(), q.float()
+    err = torch.sub(p, q).abs_()
+    total = err.sum(-1)
+    finite = total.isfinite()
+    if finite.all():
+        head = _head_error(p, err, mu)
+    else:  # the select reads the bits of p, which order nothing in a NaN row
+        head = torch.full_like(total, float("nan"))
+        head[finite] = _head_error(p[finite], err[finite], mu)
+    return head / total.clamp_min(torch.finfo(p.dtype).tiny)
 
 
-def _head_error_prefix(p: torch.Tensor, q: torch.Tensor, mu: float, start_k: int) -> torch.Tensor:
-    vocab = p.shape[-1]
-    head_error = _head_error(p, q, mu, min(start_k, vocab))
-    open_rows, k = head_error.isnan().nonzero().squeeze(-1), min(start_k, vocab)
-    while open_rows.numel() and k < vocab:  # the whole vocabulary is exact: a NaN left there is the input's
-        k = min(4 * k, vocab)
-        retry = _head_error(p[open_rows], q[open_rows], mu, k)
-        head_error[open_rows] = retry
-        open_rows = open_rows[retry.isnan()]
-    return head_error
+_BITS = {torch.float32: torch.int32, torch.float64: torch.int64}  # a probability's bits, read as an integer
+_TOP_BUCKETS = 1 << 14  # the top 16 bits of a float in [0, 2) (sign 0, exponent at most 1's) lie below 2**14
+_LEVEL_BITS = 8  # bits refined per level below the top 16
 
 
-def _head_error(p: torch.Tensor, q: torch.Tensor, mu: float, k: int) -> torch.Tensor:
-    """sum over the head of |p_i - q_i| from the top-k teacher entries; NaN where the head may extend past k."""
-    top_p, top_idx = p.topk(k, dim=-1)
-    in_head = top_p.cumsum(-1) <= mu
-    in_head[:, 0] = True
-    head_error = ((top_p - q.gather(-1, top_idx)).abs() * in_head).sum(-1)
-    if k < p.shape[-1]:
-        head_error = head_error.masked_fill(in_head[:, -1], float("nan"))
-    return head_error
+def _head_error(p: torch.Tensor, err: torch.Tensor, mu: float) -> torch.Tensor:
+    """sum over the head of err = |p - q| per row, by a radix select of the head's last entry.
+
+    The bits of a float >= 0 order as its value does. Every entry's mass and error go to a histogram over its top
+    16 bits, and the buckets above the one where the descending cumulative mass passes mu are head, whole
+    (``_Select.crossing``). Only that bucket's entries are refined, 8 bits at a time, until each row's entries left
+    hold one value; of those ties, in index order, the head takes the first ones that keep the cumulative mass
+    within mu (``_Select.ties``).
+    """
+    p = p.contiguous()
+    n = p.shape[0]
+    select = _Select(p, mu)
+    key = _top_bits(p)
+    bucket = select.crossing(*(p.new_zeros(n, _TOP_BUCKETS).scatter_add_(1, key, src) for src in (p, err)))
+    at = (key == bucket.unsqueeze(-1)).view(-1).nonzero().squeeze(-1)
+    del key
+    take = lambda t: t.reshape(-1).index_select(0, at)  # noqa: E731
+    entries = _Entries(
+        at.div(p.shape[1], rounding_mode="floor"), take(p.view(_BITS[p.dtype])).long(), take(p), take(err)
+    )
+    width = 1 << _LEVEL_BITS
+    for shift in range(8 * p.element_size() - 16 - _LEVEL_BITS, -1, -_LEVEL_BITS):
+        if entries.settled():
+            break
+        key = entries.bits.bitwise_right_shift(shift).bitwise_and_(width - 1)
+        flat = entries.rows * width + key
+        bucket = select.crossing(
+            *(p.new_zeros(n * width).index_add_(0, flat, src).view(n, width) for src in (entries.mass, entries.error))
+        )
+        entries = entries.where(key == bucket[entries.rows])
+    select.ties(entries)
+    return select.error
+
+
+def _top_bits(p: torch.Tensor) -> torch.Tensor:
+    """The top 16 bits (sign, exponent, leading mantissa bits) of each entry of a contiguous p, as int64: one of the
+    int16 words the entry is made of, read without shifting the whole entry."""
+    words = p.element_size() // 2
+    high = words - 1 if sys.byteorder == "little" else 0
+    return p.view(torch.int16)[:, high::words].long()
+
+
+@dataclass
+class _Entries:
+    """Entries of the rows' crossing buckets, in row order and, within a row, index order: row, bits, p, err."""
+
+    rows: torch.Tensor
+    bits: torch.Tensor
+    mass: torch.Tensor
+    error: torch.Tensor
+
+    def where(self, keep: torch.Tensor) -> _Entries:
+        return _Entries(self.rows[keep], self.bits[keep], self.mass[keep], self.error[keep])
+
+    def settled(self) -> bool:
+        """Whether each row's entries hold one value (ties need no refining: a uniform row's are the whole row)."""
+        return not ((self.bits[1:] != self.bits[:-1]) & (self.rows[1:] == self.rows[:-1])).any()
+
+
+class _Select:
+    """Per row: the mass the head may still take (``budget``), and the mass and error it holds."""
+
+    def __init__(self, p: torch.Tensor, mu: float):
+        self.budget = p.new_full((p.shape[0],), mu)
+        self.mass = p.new_zeros(p.shape[0])
+        self.error = p.new_zeros(p.shape[0])
+
+    def crossing(self, mass: torch.Tensor, error: torch.Tensor) -> torch.Tensor:
+        """Takes, per row, the histogram's buckets from the highest down while their cumulative mass stays within
+        the budget, and returns the bucket that passes it (-1 where none does: the whole row is head)."""
+        cumulative = mass.flip(-1).cumsum(-1)
+        whole = (cumulative <= self.budget.unsqueeze(-1)).sum(-1, keepdim=True)
+        taken = F.pad(cumulative, (1, 0)).gather(-1, whole).squeeze(-1)
+        self.budget -= taken
+        self.mass += taken
+        self.error += F.pad(error.flip(-1).cumsum(-1), (1, 0)).gather(-1, whole).squeeze(-1)
+        return mass.shape[-1] - 1 - whole.squeeze(-1)
+
+    def ties(self, entries: _Entries) -> None:
+        """Entries of one value per row, in index order: the head takes the first ones whose cumulative mass
+        stays within the budget, and at least the first where the head holds nothing yet (the top-1)."""
+        if not entries.rows.numel():
+            return
+        counts = torch.bincount(entries.rows, minlength=self.budget.shape[0])
+        first = counts.cumsum(0) - counts
+        value = entries.mass[first.clamp_max(entries.rows.numel() - 1)]  # rows without entries: any value
+        fit = torch.where(value > 0, self.budget / value, float("inf")).floor_()
+        fit = torch.maximum(fit.minimum(counts.to(fit.dtype)).long(), (self.mass == 0).long()).minimum(counts)
+        cumulative = F.pad(entries.error.cumsum(0, dtype=torch.float64), (1, 0))
+        self.error += (cumulative[first + fit] - cumulative[first]).to(self.error.dtype)
 
 
 @register_loss("akl")

@@ -2,8 +2,8 @@
 
 For every name in ``LOSS_REGISTRY``: zero for identical distributions and positive otherwise, an exact gradient
 (``gradcheck`` in float64), the same value and gradient at any chunk size, masked rows ignored, gradient
-accumulation invariance, bf16 inputs computed in float32, the caller's logits left unchanged, and declarations
-the rest of hf_kd can read (paper, knobs, per-token inputs, optimizer group).
+accumulation invariance, uniform (tied) and peaked teachers, bf16 inputs computed in float32, the caller's logits
+left unchanged, and declarations the rest of hf_kd can read (paper, knobs, per-token inputs, optimizer group).
 """
 
 import dataclasses
@@ -112,6 +112,31 @@ def test_chunk_size_invariance(batch, name):
         value, grad = _value_and_grad(_loss(name, chunk_size=chunk), s, t, labels, **extras)
         torch.testing.assert_close(value, reference[0], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(grad, reference[1], rtol=1e-10, atol=1e-12)
+
+
+# Teacher shapes besides random logits: every entry tied (a uniform teacher, the worst case of a search by teacher
+# mass such as AKL's head/tail split) and one token holding nearly all the mass.
+TEACHER_SHAPES = {"uniform": torch.zeros_like, "peaked": lambda t: t * 30}
+
+
+@pytest.mark.parametrize("shape", sorted(TEACHER_SHAPES))
+@pytest.mark.parametrize("name", NAMES)
+def test_uniform_and_peaked_teachers(batch, name, shape):
+    """Whatever the teacher's shape: zero against itself, the same value and gradient at any chunk size, and
+    float32 inputs give float64's value."""
+    s, t, labels = batch
+    t = TEACHER_SHAPES[shape](t)
+    extras = _inputs(name, labels)
+    if LOSS_REGISTRY[name].teacher_needs != "nothing":
+        assert _loss(name)(t, t, labels, **extras).abs() < 1e-12
+    reference = _value_and_grad(_loss(name, chunk_size=1000), s, t, labels, **extras)
+    assert torch.isfinite(reference[0]) and torch.isfinite(reference[1]).all()
+    value, grad = _value_and_grad(_loss(name, chunk_size=2), s, t, labels, **extras)
+    torch.testing.assert_close(value, reference[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, reference[1], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        _loss(name)(s.float(), t.float(), labels, **extras).double(), reference[0], rtol=1e-5, atol=1e-7
+    )
 
 
 @pytest.mark.parametrize("name", NAMES)
