@@ -154,6 +154,8 @@ def _akl_teachers(dtype):
     ]
     for mu in (0.25, 0.5, 0.625):
         cases.append((f"dyadic ties, boundary {mu}", ties.unsqueeze(0), mu))
+    peaked_ties = torch.tensor([2.0**-2] + [2.0**-3] * 3 + [2.0**-11] * 768 + [0.0] * 252, dtype=torch.float64)
+    cases.append(("peaked, ties across the head's end", peaked_ties[torch.randperm(1024, generator=g)][None], 0.5))
     for vocab in (1, 2, 3, 5):
         cases.append(
             (f"vocabulary {vocab}", F.softmax(torch.randn(6, vocab, generator=g, dtype=torch.float64) * 3, -1), 0.5)
