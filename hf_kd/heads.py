@@ -197,6 +197,29 @@ def verify_output_head(head: OutputHead, outputs: Any) -> None:
         )
 
 
+def loss_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, fused: bool) -> Any:
+    """A model's forward for a loss: ``fused`` keeps the hidden states (for the head, chunk by chunk) and only the
+    last position's logits (for ``verify_output_head``), else the logits. The student and teacher forwards of every
+    teacher source and bridge."""
+    kwargs = {"output_hidden_states": True, "logits_to_keep": 1} if fused else {}
+    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+
+
+class FirstBatchHeadCheck:
+    """``verify_output_head`` on the first batch only: the check runs the head on one row per sequence, and a head
+    that reproduces its model's logits once does so for every batch."""
+
+    def __init__(self):
+        self.pending = True
+
+    def __call__(self, head: OutputHead, outputs: Any) -> None:
+        if self.pending:
+            verify_output_head(head, outputs)
+
+    def done(self) -> None:
+        self.pending = False
+
+
 def real_vocab_size(model: nn.Module, tokenizer: Any) -> int:
     """Head rows that stand for a token: ``len(tokenizer)``, or fewer when the head is smaller."""
     config = unwrap_model(model).config.get_text_config()
@@ -210,9 +233,11 @@ def padded_token_ids(models: list[nn.Module], vocab_size: int) -> list[int]:
 
 
 __all__ = [
+    "FirstBatchHeadCheck",
     "LogitTransform",
     "OutputHead",
     "logit_transform",
+    "loss_forward",
     "output_head",
     "padded_token_ids",
     "real_vocab_size",

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..heads import output_head, real_vocab_size, unwrap_model, verify_output_head
+from ..heads import FirstBatchHeadCheck, loss_forward, output_head, real_vocab_size, unwrap_model
 from ..knobs import Knob
 from ..losses import IGNORE_INDEX, LogitSource, LossEngine, TokenLoss, TokenRows, build_loss, parse_recipe
 from ..losses.registry import loss_class
@@ -183,7 +183,7 @@ class DSKDBridge(nn.Module):
         self.student_vocab_size = real_vocab_size(student_model, tokenizer) if tokenizer is not None else None
         teacher_tok = teacher_tokenizer if self.cross_vocab else tokenizer
         self.teacher_vocab_size = real_vocab_size(teacher_model, teacher_tok) if teacher_tok is not None else None
-        self._heads_verified = False
+        self.head_check = FirstBatchHeadCheck()
 
     def _teacher_batch(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not self.cross_vocab:
@@ -219,18 +219,10 @@ class DSKDBridge(nn.Module):
         t2s_acc (fraction of tokens where the projected teacher predicts the label; not part of the loss).
         """
         t_ids, t_mask, t_labels_full = self._teacher_batch(inputs)
-        s_out = model(
-            input_ids=inputs["input_ids"],
-            attention_mask=inputs["attention_mask"],
-            output_hidden_states=True,
-            logits_to_keep=1,
-            use_cache=False,
-        )
+        s_out = loss_forward(model, inputs["input_ids"], inputs["attention_mask"], fused=True)
         teacher_model.eval()
         with torch.no_grad():
-            t_out = teacher_model(
-                input_ids=t_ids, attention_mask=t_mask, output_hidden_states=True, logits_to_keep=1, use_cache=False
-            )
+            t_out = loss_forward(teacher_model, t_ids, t_mask, fused=True)
         h_s = s_out.hidden_states[-1][:, :-1]
         h_t = t_out.hidden_states[-1][:, :-1].detach()
         labels = inputs["labels"][:, 1:]
@@ -261,8 +253,7 @@ class DSKDBridge(nn.Module):
 
         with gathered(unwrap_model(model).get_output_embeddings()):  # sharded models: one head at a time
             student_head = output_head(model, vocab_size=self.student_vocab_size)
-            if not self._heads_verified:  # the model kept its last position's logits: check the rebuilt ones
-                verify_output_head(student_head, s_out)
+            self.head_check(student_head, s_out)  # the model kept its last position's logits: check the rebuilt head
             student_space = self.student_engine(
                 LogitSource(h_s, student_head),
                 LogitSource(t2s_hidden, output_head(model, frozen=True, vocab_size=self.student_vocab_size)),
@@ -272,9 +263,8 @@ class DSKDBridge(nn.Module):
             )
         with gathered(unwrap_model(teacher_model).get_output_embeddings()):
             teacher_head = output_head(teacher_model, frozen=True, vocab_size=self.teacher_vocab_size)
-            if not self._heads_verified:
-                verify_output_head(teacher_head, t_out)
-                self._heads_verified = True
+            self.head_check(teacher_head, t_out)
+            self.head_check.done()
             teacher_space = self.teacher_engine(
                 LogitSource(s2t_hidden, teacher_head), LogitSource(h_t, teacher_head), t_labels, num_items_in_batch
             )
