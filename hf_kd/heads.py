@@ -197,11 +197,14 @@ def verify_output_head(head: OutputHead, outputs: Any) -> None:
         )
 
 
-def loss_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, fused: bool) -> Any:
+def loss_forward(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, fused: bool, all_logits: bool = False
+) -> Any:
     """A model's forward for a loss: ``fused`` keeps the hidden states (for the head, chunk by chunk) and only the
-    last position's logits (for ``verify_output_head``), else the logits. The student and teacher forwards of every
-    teacher source and bridge."""
-    kwargs = {"output_hidden_states": True, "logits_to_keep": 1} if fused else {}
+    last position's logits (for ``verify_output_head``), else the logits. ``all_logits`` keeps the logits at every
+    position under ``fused`` too (what evaluation hands ``compute_metrics``). The student and teacher forwards of
+    every teacher source and bridge."""
+    kwargs = {"output_hidden_states": True, "logits_to_keep": 0 if all_logits else 1} if fused else {}
     return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
 
 

@@ -381,17 +381,18 @@ def card_data_from_trainer(
 ) -> ModelCardData:
     """Collect a card's contents from a Trainer, its args and its state.
 
-    Reads the optional trainer attributes ``teacher_model`` (or the ``teacher_cache`` manifest when training ran
-    from a cache), ``eval_results`` and ``card_figures`` (PNG files beside the card) and the args fields ``kd_loss``,
-    ``bridge``, ``scrg_corrections``, ``lmbda``, ``beta``, ``kd_temperature`` and ``temperature`` when they exist.
+    Reads the optional trainer attributes ``teacher_model`` (or the ``teacher_source``'s ``teacher_name`` when no
+    teacher model ran, as from a teacher cache), ``eval_results`` and ``card_figures`` (PNG files beside the card)
+    and the args fields ``kd_loss``, ``bridge``, ``scrg_corrections``, ``lmbda``, ``beta``, ``kd_temperature`` and
+    ``temperature`` when they exist.
     """
     args, state = trainer.args, trainer.state
     student = trainer.accelerator.unwrap_model(trainer.model)
     teacher = getattr(trainer, "teacher_model", None)
     if teacher is not None and not isinstance(teacher, str):
         teacher = origin_of(trainer.accelerator.unwrap_model(teacher))
-    elif teacher is None and getattr(trainer, "teacher_cache", None):  # trained from an offline teacher cache
-        teacher = trainer.teacher_cache["teacher"].get("name_or_path") or None
+    elif teacher is None and getattr(trainer, "teacher_source", None) is not None:  # e.g. an offline teacher cache
+        teacher = trainer.teacher_source.teacher_name
     origin = finetuned_from or origin_of(student)
     datasets = dataset_name if dataset_name is not None else getattr(args, "dataset_name", None)
     train_dataset = getattr(trainer, "train_dataset", None)

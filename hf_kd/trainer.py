@@ -1,9 +1,8 @@
 """DistillationTrainer: TRL's GKD trainer with hf_kd's losses, fused heads, bridges and generation callbacks.
 
 The batch travels: collate -> rollout (dataset, student with probability lmbda, or teacher under seq_kd;
-then the generation callbacks, e.g. SCRG) -> both forwards (teacher frozen, under no_grad) -> loss from
-the last hidden states through the heads, chunk by chunk (or through the DSKD bridge) -> log each term.
-From a teacher cache there is no rollout and no teacher forward: the teacher rows come with the batch.
+then the generation callbacks, e.g. SCRG) -> the teacher source's loss (``hf_kd.teachers``: a live teacher, a
+teacher cache or a bridge, chosen once in ``__init__``) -> log each term.
 """
 
 from __future__ import annotations
@@ -18,57 +17,28 @@ import torch
 from accelerate.logging import get_logger
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, GenerationConfig, Trainer, TrainerCallback
+from transformers import GenerationConfig, Trainer, TrainerCallback
 from trl.experimental.gkd import GKDTrainer
-from trl.experimental.utils import DataCollatorForChatML
-from trl.models import prepare_deepspeed
-from trl.models.utils import prepare_fsdp, unwrap_model_for_generation
+from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.sft_trainer import SFTTrainer
 from trl.trainer.utils import disable_dropout_in_model
 
 from .atomic import write_atomically
-from .bridge import bridge_class
 from .checkpoints import check_checkpoint, mark_rewrite, newest_complete_checkpoint
 from .config import DistillationConfig
 from .data import with_token_lengths
-from .finiteness import TRAINING_CAUSES, valid_rows
-from .formats import FormatCollator, screen_rows, uses_chat_template
-from .heads import output_head, padded_token_ids, real_vocab_size, verify_output_head
+from .finiteness import TRAINING_CAUSES
+from .formats import screen_rows, uses_chat_template
+from .heads import padded_token_ids
 from .hub import MODULES_FILE, DistillationHubMixin
-from .losses import DistillationLoss, build_loss
-from .losses.core import LogitSource
-from .model_loading import config_kwargs, init_kwargs
-from .rollout import GeneratedBatch, GenerationCallback, GenerationContext
-from .sharding import HELPER_OPTIMIZER_FILE, gathered, helper_optimizer_state_aside
-from .teacher_cache import TeacherCacheCollator, TopKReconstruction, cache_manifest
-from .teacher_cache.run_checks import check_cache_matches_run, check_config_for_cache
-from .validation import (
-    check_conversational,
-    check_dataset,
-    check_inherited_options,
-    check_lora_targets,
-    check_tokenizer,
-    check_vocabularies,
-)
+from .losses import DistillationLoss
+from .rollout import GeneratedBatch, GenerationCallback, GenerationContext, RolloutStep
+from .sharding import HELPER_OPTIMIZER_FILE, helper_optimizer_state_aside
+from .teachers import make_teacher_source
+from .teachers.base import POSITION_COUNTS
+from .validation import check_dataset, check_inherited_options, check_lora_targets, check_tokenizer
 
 logger = get_logger(__name__)
-
-POSITION_COUNTS = "position_counts"  # batch key: row counts of the terms computed off the response tokens
-
-
-def load_teacher(teacher_model: nn.Module | str | None, args: DistillationConfig) -> nn.Module:
-    """The teacher as a model: loaded from a path/id with `teacher_model_init_kwargs` when given as a string."""
-    if teacher_model is None:
-        raise ValueError(
-            "DistillationTrainer needs a `teacher_model` (a model or a path/Hub id), or a teacher cache as "
-            "train_dataset (hf_kd.cache_teacher, then hf_kd.load_teacher_cache)."
-        )
-    if not isinstance(teacher_model, str):
-        if args.teacher_model_init_kwargs:
-            raise ValueError("`teacher_model_init_kwargs` is only used when `teacher_model` is a path or id string.")
-        return teacher_model
-    kwargs = init_kwargs(args.teacher_model_init_kwargs, "auto", args.trust_remote_code)
-    return AutoModelForCausalLM.from_pretrained(teacher_model, **kwargs)
 
 
 class _ZeroHelperGradients(TrainerCallback):
@@ -142,31 +112,15 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
             processing_class.chat_template = Path(args.chat_template_path).read_text(encoding="utf-8")
         chat = uses_chat_template(train_dataset) or uses_chat_template(eval_dataset)
         check_tokenizer(processing_class, "processing_class (the student's tokenizer)", need_template=chat)
-        if teacher_model is None and args.teacher_model_name_or_path is not None:  # GKDConfig's teacher field
-            teacher_model = args.teacher_model_name_or_path
-        self.teacher_cache = cache_manifest(train_dataset) if teacher_model is None else None
         check_dataset(train_dataset, "train_dataset", args)
         check_dataset(eval_dataset, "eval_dataset", args, evaluation=True)
         train_dataset = screen_rows(train_dataset, "train_dataset", args.dataset_text_field, args.invalid_rows)
         eval_dataset = screen_rows(eval_dataset, "eval_dataset", args.dataset_text_field, args.invalid_rows)
-        if self.teacher_cache is not None:
-            check_config_for_cache(args)
-            if eval_dataset is not None and cache_manifest(eval_dataset) is None:
-                raise ValueError("Without a teacher, eval_dataset must be a teacher cache too (load_teacher_cache).")
-            self.cross_tokenizer = False
-        else:
-            teacher_model = load_teacher(teacher_model, args)
-            student_config = config_kwargs(args.model_init_kwargs, args.trust_remote_code)
-            self.cross_tokenizer = check_vocabularies(
-                model, teacher_model, processing_class, teacher_processing_class, args.bridge, student_config
-            )
+        self.teacher_source = make_teacher_source(
+            teacher_model, model, train_dataset, eval_dataset, args, processing_class, teacher_processing_class
+        )
         if teacher_processing_class is not None:
             check_tokenizer(teacher_processing_class, "teacher_processing_class", need_template=False)
-        if self.cross_tokenizer and args.seq_kd:
-            raise ValueError(
-                "seq_kd with different tokenizers is not supported: generate the teacher's responses once "
-                "(sequence-level KD data) and train on them off-policy instead."
-            )
         if peft_config is not None and not isinstance(model, str):
             check_lora_targets(model, peft_config)
 
@@ -177,18 +131,7 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
         if args.train_sampling_strategy in ("group_by_length", "batch_rebalance"):
             train_dataset = with_token_lengths(train_dataset, processing_class, args.length_column_name)
         if data_collator is None:
-            if self.teacher_cache is not None:
-                data_collator = TeacherCacheCollator(self.teacher_cache, processing_class.pad_token_id)
-            elif self.cross_tokenizer:
-                from .bridge.tokenization import DualTokenizationCollator
-
-                check_conversational(train_dataset, "train_dataset")
-                check_conversational(eval_dataset, "eval_dataset")
-                chat = DualTokenizationCollator(processing_class, teacher_processing_class, args.max_length)
-                data_collator = FormatCollator(chat, processing_class, args.dataset_text_field)
-            else:
-                chat = DataCollatorForChatML(tokenizer=processing_class, max_length=args.max_length)
-                data_collator = FormatCollator(chat, processing_class, args.dataset_text_field)
+            data_collator = self.teacher_source.collator(processing_class, args)
         # GKDTrainer.__init__ refuses differing vocabularies outright; its remaining set-up is done below.
         SFTTrainer.__init__(
             self,
@@ -214,32 +157,14 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
                 "`router_aux_loss_coef=0.0` to distill without it."
             )
         self.teacher_processing_class = teacher_processing_class
-        # Logits are compared over the tokenizer's real tokens: rows a head is padded with are no token.
-        # (A teacher cache keeps the widths it was written with, checked against the student.)
-        self.vocab_size = None if self.teacher_cache is not None else real_vocab_size(self.model, processing_class)
-        if self.teacher_cache is None and not self.cross_tokenizer:
-            self.vocab_size = min(self.vocab_size, real_vocab_size(teacher_model, processing_class))
-        self._heads_verified = False
+        if args.disable_dropout:
+            disable_dropout_in_model(self.model)
         self._check_sharding()
-        self._setup_teacher(teacher_model)
-        self._setup_generation(teacher_model)
-        # Under a bridge the bridge builds (and owns) the recipe's terms: no second, unused copy here.
-        self.loss_fn = None
-        if args.bridge is None:
-            self.loss_fn = build_loss(args.kd_loss, chunk_size=args.loss_chunk_size, **args.loss_build_kwargs())
-            self.loss_fn.to(self.args.device)
-        if self.teacher_cache is not None:  # a cache never comes with a bridge (refused above)
-            check_cache_matches_run(self.teacher_cache, self.model, processing_class, list(self.loss_fn.terms))
-            encoding = self.teacher_cache["encoding"]
-            self.cache_reconstruction = TopKReconstruction(
-                encoding["vocab_size"], encoding["top_k"], self.teacher_cache["temperature"], args.teacher_cache_tail
-            )
+        self.loss_fn = self.teacher_source.build_loss(args)  # None when the source builds its own terms (a bridge)
+        self.teacher_source.prepare(self)
+        self.teacher_model = self.teacher_source.model
+        self._setup_generation()
         self._reference_loss, self._generated_loss = self._split_reference_terms()
-        self.bridge = None
-        if args.bridge is not None:
-            teacher_tok = teacher_processing_class if self.cross_tokenizer else None
-            bridge = bridge_class(args.bridge)(self.model, self.teacher_model, args, teacher_tok, processing_class)
-            self.bridge = bridge.to(self.args.device)
         self.generation_callbacks = list(generation_callbacks or [])
         if args.scrg_corrections > 0:
             from .rollout.scrg import SCRGCallback
@@ -248,25 +173,8 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
         self.add_callback(_ZeroHelperGradients(self))
         # compute_loss always normalises by num_items_in_batch when given: the Trainer must not rescale.
         self.model_accepts_loss_kwargs = True
-        self._normalised_locally = False
 
     # ------------------------------------------------------------------ set-up
-    def _setup_teacher(self, teacher: nn.Module | None) -> None:
-        if teacher is None:  # training from a teacher cache
-            self.teacher_model = None
-            return
-        teacher.requires_grad_(False)
-        teacher.eval()
-        if self.args.disable_dropout:
-            disable_dropout_in_model(self.model)
-            disable_dropout_in_model(teacher)
-        if self.is_deepspeed_enabled:
-            self.teacher_model = prepare_deepspeed(teacher, self.accelerator)
-        elif self.is_fsdp_enabled:
-            self.teacher_model = prepare_fsdp(teacher, self.accelerator)
-        else:
-            self.teacher_model = self.accelerator.prepare_model(teacher, evaluation_mode=True)
-
     def _check_sharding(self) -> None:
         """Warn when an FSDP request did not shard; refuse head-reading losses where heads cannot be gathered.
 
@@ -298,7 +206,7 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
                 "examples/accelerate/fsdp.yaml), DeepSpeed ZeRO-3, or fused_loss=False without a bridge."
             )
 
-    def _setup_generation(self, teacher: nn.Module | None) -> None:
+    def _setup_generation(self) -> None:
         args = self.args
         self.lmbda, self.beta, self.temperature, self.seq_kd = args.lmbda, args.beta, args.temperature, args.seq_kd
         self.generation_kwargs = {
@@ -311,8 +219,10 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
             "pad_token_id": self.processing_class.pad_token_id,
         }
         self.generation_config = GenerationConfig(**self.generation_kwargs)
-        generators = [self.model] if self.cross_tokenizer or teacher is None else [self.model, teacher]
-        padded = padded_token_ids(generators, self.vocab_size) if self.vocab_size is not None else []
+        # Sequences never hold a padded head row (no token) of the student, or of a teacher that may write into them.
+        generators = [self.model, self.teacher_model] if self.teacher_source.generates else [self.model]
+        vocab_size = self.teacher_source.vocab_size
+        padded = padded_token_ids(generators, vocab_size) if vocab_size is not None else []
         if padded:  # on-policy, seq-kd and SCRG generations never emit a padded head row
             self.generation_config.suppress_tokens = padded
         eos = getattr(self.model.generation_config, "eos_token_id", None)
@@ -336,16 +246,27 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
         generated = DistillationLoss([t for t, _ in others], [w for _, w in others], chunk) if others else None
         return reference, generated
 
+    @property
+    def bridge(self) -> nn.Module | None:
+        """The bridge's trainable modules (DSKD's projectors) when the teacher source is a bridge, else None."""
+        return self.teacher_source.modules().get("bridge")
+
+    @property
+    def cache_reconstruction(self) -> nn.Module | None:
+        """How top-k teacher rows are rebuilt (``TopKReconstruction``) when the source delivers them, else None."""
+        return getattr(self.teacher_source, "reconstruction", None)
+
     def distillation_modules(self) -> dict[str, nn.Module]:
         """Trainable helper modules beside the student (DAC-KL sub-network, DSKD projectors)."""
-        modules = {"loss": self.loss_fn, "bridge": self.bridge}
+        modules = {"loss": self.loss_fn, **self.teacher_source.modules()}
         return {k: m for k, m in modules.items() if m is not None and any(True for _ in m.parameters())}
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """Trainer's optimizer plus one parameter group per trainable loss term and per bridge, each at the learning
         rate its class declares (``lr_knob``), without weight decay."""
         optimizer = super().create_optimizer(model)
-        owners = [self.bridge] if self.bridge is not None else list(self.loss_fn.terms)
+        terms = list(self.loss_fn.terms) if self.loss_fn is not None else []
+        owners = [*self.teacher_source.modules().values(), *terms]
         for owner in owners:
             params = [p for p in owner.parameters() if p.requires_grad]
             if not params or any(p is q for g in optimizer.param_groups for q in g["params"] for p in params):
@@ -382,21 +303,20 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
         """
         source = "student" if random.random() < self.lmbda else ("teacher" if self.seq_kd else None)
         if source is not None:
-            reference = {key: inputs[key] for key in ("input_ids", "attention_mask", "labels")}
-            inputs = self._rollout(model, inputs, source)
-            if self._reference_loss is not None:
-                inputs["reference"], inputs["reference_num_items"] = reference, num_items_in_batch
-        if source is not None and self.args.on_policy_normalization == "generated":
-            count = (inputs["labels"][:, 1:] != -100).sum()
-            num_items_in_batch = count.clamp_min(1) * self.current_gradient_accumulation_steps
-            local = self._position_counts([inputs])
-            inputs[POSITION_COUNTS] = {k: v * self.current_gradient_accumulation_steps for k, v in local.items()}
-            self._normalised_locally = True
-        try:
-            with self.maybe_activation_offload_context:  # SFTTrainer's `activation_offloading`
-                loss = Trainer.training_step(self, model, inputs, num_items_in_batch)
-        finally:
-            self._normalised_locally = False
+            generated = self._rollout(model, inputs, source)
+            reference = None
+            if self._reference_loss is not None:  # see _split_reference_terms
+                reference = {key: inputs[key] for key in ("input_ids", "attention_mask", "labels")}
+            if self.args.on_policy_normalization == "generated":
+                steps = self.current_gradient_accumulation_steps
+                count = (generated["labels"][:, 1:] != -100).sum()
+                generated[POSITION_COUNTS] = {k: v * steps for k, v in self._position_counts([generated]).items()}
+                inputs = RolloutStep(generated, count.clamp_min(1) * steps, reference, num_items_in_batch)
+            else:  # "gkd": TRL's count, the replaced batch's labels (gathered, as are its position counts)
+                inputs = RolloutStep(generated, num_items_in_batch, reference, num_items_in_batch, gathered=True)
+            num_items_in_batch = inputs.num_items
+        with self.maybe_activation_offload_context:  # SFTTrainer's `activation_offloading`
+            loss = Trainer.training_step(self, model, inputs, num_items_in_batch)
         self._sync_helper_gradients()
         return loss
 
@@ -447,16 +367,7 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
             self._metrics["train"][key].append(float(value))
         new_inputs = {**inputs, "input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
         new_inputs["labels"] = batch.labels
-        if self.cross_tokenizer:
-            new_inputs.update(
-                self.bridge.teacher_inputs_for_generated(
-                    batch,
-                    self.processing_class,
-                    self.teacher_processing_class,
-                    prompt_messages=inputs["prompt_messages"],
-                    max_length=self.args.max_length,
-                )
-            )
+        new_inputs.update(self.teacher_source.inputs_for_generated(batch, inputs))
         return new_inputs
 
     def _sync_helper_gradients(self) -> None:
@@ -470,30 +381,32 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
 
     # ------------------------------------------------------------------ loss
     def compute_loss(
-        self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any] | RolloutStep,
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
     ):
-        if self.bridge is not None:
-            with self.accelerator.autocast():  # as for the other losses: heads in the mixed-precision dtype
-                loss, terms = self.bridge.compute_loss(model, self.teacher_model, inputs, num_items_in_batch)
-            loss, outputs = loss * self._process_scale(num_items_in_batch), None
-            checked = []
-        elif "reference" in inputs:  # a generated step: ce on the reference answers (see _split_reference_terms)
-            ref_items = inputs["reference_num_items"]
-            loss, terms, _, valid = self._logit_space_loss(model, inputs["reference"], ref_items, self._reference_loss)
-            loss = loss * self._process_scale(ref_items, normalised_locally=False)
-            outputs, checked = None, [(inputs["reference"], valid)]
-            if self._generated_loss is not None:
-                generated, more_terms, outputs, valid = self._logit_space_loss(
-                    model, inputs, num_items_in_batch, self._generated_loss
-                )
-                loss, terms = loss + generated * self._process_scale(num_items_in_batch), {**terms, **more_terms}
-                checked.append((inputs, valid))
-        else:
-            loss, terms, outputs, valid = self._logit_space_loss(
-                model, inputs, num_items_in_batch, all_logits=return_outputs
-            )
-            loss = loss * self._process_scale(num_items_in_batch)
-            checked = [(inputs, valid)]
+        """The teacher source's loss of a micro-batch, one call per batch. A generated micro-batch (RolloutStep) is
+        normalised by its own count; its recipe's `ce` term trains on the batch it replaced (_split_reference_terms).
+        ``return_outputs``: the student's outputs with their logits at every position (what evaluation hands
+        `compute_metrics`, as transformers' Trainer does); the loss is the same.
+        """
+        if not isinstance(inputs, RolloutStep):
+            parts = [(inputs, num_items_in_batch, self.loss_fn, self._process_scale(num_items_in_batch))]
+        else:  # a generated batch; its count is gathered over processes under on_policy_normalization="gkd"
+            scale = self._process_scale(inputs.num_items) if inputs.gathered else 1
+            parts = [(inputs.inputs, inputs.num_items, self.loss_fn, scale)]  # loss_fn None: the bridge's own terms
+            if inputs.reference is not None:
+                ref_items = inputs.reference_num_items
+                parts = [(inputs.reference, ref_items, self._reference_loss, self._process_scale(ref_items))]
+                if self._generated_loss is not None:
+                    parts.append((inputs.inputs, inputs.num_items, self._generated_loss, scale))
+        loss, terms, outputs, checked = 0, {}, None, []
+        for batch, num_items, loss_fn, scale in parts:
+            value, values, outputs, valid = self.teacher_source.loss(model, batch, num_items, loss_fn, return_outputs)
+            loss, terms = loss + value * scale, {**terms, **values}
+            checked += [(batch, valid)] if valid is not None else []
         self._stop_on_non_finite(inputs, checked, loss)
         mode = "train" if model.training else "eval"
         for name, value in terms.items():
@@ -503,54 +416,10 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
                 outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         return (loss, outputs) if return_outputs else loss
 
-    def _process_scale(self, num_items_in_batch: Any, normalised_locally: bool | None = None) -> int:
+    def _process_scale(self, num_items_in_batch: Any) -> int:
         """The process count when `num_items_in_batch` was summed over processes (DDP then averages), else 1."""
-        local = self._normalised_locally if normalised_locally is None else normalised_locally
-        summed = num_items_in_batch is not None and not local and self.args.average_tokens_across_devices
+        summed = num_items_in_batch is not None and self.args.average_tokens_across_devices
         return self.accelerator.num_processes if summed else 1
-
-    def _logit_space_loss(
-        self,
-        model: nn.Module,
-        inputs: dict[str, Any],
-        num_items_in_batch: Any,
-        loss_fn: DistillationLoss | None = None,
-        all_logits: bool = False,
-    ):
-        """The recipe's loss from both models' rows. ``all_logits``: the student's outputs keep their logits at every
-        position (what evaluation hands `compute_metrics`, as transformers' Trainer does); the loss is the same."""
-        loss_fn = loss_fn or self.loss_fn
-        fused = self.args.fused_loss
-        forward_kwargs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
-        if fused:
-            forward_kwargs |= {"output_hidden_states": True, "logits_to_keep": 1}
-        student_out = model(**(forward_kwargs | {"logits_to_keep": 0} if fused and all_logits else forward_kwargs))
-        student = self._logit_source(student_out, model if fused else None)
-        if self.teacher_cache is not None:
-            teacher = LogitSource(inputs["teacher_rows"].to(student.rows.device), self.cache_reconstruction)
-        else:
-            self.teacher_model.eval()
-            with torch.no_grad():
-                teacher_out = self.teacher_model(**forward_kwargs)
-            teacher = self._logit_source(teacher_out, self.teacher_model if fused else None)
-        # Teacher rows without NaN/+inf, or padding; checked with the loss (one host sync per step)
-        valid = valid_rows(teacher.rows) | ~inputs["attention_mask"][:, :-1].bool()
-        labels = inputs["labels"][:, 1:]
-        extras = self._loss_extras(inputs, loss_fn)
-        models = [model] if self.teacher_cache is not None else [model, self.teacher_model]
-        heads = [self.accelerator.unwrap_model(m).get_output_embeddings() for m in models] if fused else []
-        # Sharded (FSDP2/ZeRO-3) heads are whole for the loss only; under bf16/fp16 the head matmuls run in that
-        # dtype, as in the models' own forward (the engine keeps the divergences in float32).
-        with gathered(*heads), self.accelerator.autocast():
-            if fused and not self._heads_verified:  # the models kept their last position's logits: check them
-                self._stop_on_non_finite(inputs, [(inputs, valid)])  # a NaN teacher first, with the step and batch
-                verify_output_head(student.head, student_out)
-                if self.teacher_cache is None:
-                    verify_output_head(teacher.head, teacher_out)
-                self._heads_verified = True
-            counts = inputs.get(POSITION_COUNTS)
-            loss = loss_fn.forward_sources(student, teacher, labels, num_items_in_batch, counts, **extras)
-        return loss, loss_fn.last_values, student_out, valid
 
     def _stop_on_non_finite(
         self,
@@ -566,8 +435,7 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
             return
         step = self.state.global_step
         where = f"training step {step + 1}" if self.model.training else f"evaluation at global step {step}"
-        rows = "last hidden states" if self.args.fused_loss else "logits"
-        rows = "cached rows" if self.teacher_cache is not None else rows
+        rows = self.teacher_source.rows_name(self.args.fused_loss)
         found = []
         for batch, valid in checked:
             bad = (~valid).any(-1).nonzero().flatten().tolist()
@@ -590,20 +458,6 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
         """The start of one sequence of a batch, as text, to find it in the dataset."""
         ids = batch["input_ids"][row][batch["attention_mask"][row].bool()]
         return self.processing_class.decode(ids, skip_special_tokens=True)[:chars]
-
-    def _logit_source(self, outputs: Any, fused_model: nn.Module | None) -> LogitSource:
-        """One side's rows aligned with the shifted labels: last hidden states + head (fused), or logits."""
-        if fused_model is None:
-            return LogitSource(outputs.logits[:, :-1, : self.vocab_size])
-        return LogitSource(outputs.hidden_states[-1][:, :-1], output_head(fused_model, vocab_size=self.vocab_size))
-
-    def _loss_extras(self, inputs: dict[str, Any], loss_fn: DistillationLoss) -> dict[str, torch.Tensor]:
-        """The per-token inputs the terms require, built by each term class and shifted with the labels."""
-        extras: dict[str, torch.Tensor] = {}
-        for term in loss_fn.terms:
-            if any(key not in extras for key in term.requires):
-                extras |= type(term).build_inputs(inputs, self.processing_class, self.args)
-        return {key: value[:, 1:] for key, value in extras.items()}
 
     # ------------------------------------------------------------------ checkpoints
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:

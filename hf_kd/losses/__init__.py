@@ -7,7 +7,7 @@ Every module of this package is imported here, which registers its terms: a new 
 import importlib
 import pkgutil
 
-from .core import IGNORE_INDEX, LogitSource, LossEngine, TokenLoss, TokenRows, default_chunk_size
+from .core import IGNORE_INDEX, LogitSource, LossEngine, TeacherSignal, TokenLoss, TokenRows, default_chunk_size
 from .recipe import DistillationLoss, build_loss, parse_recipe
 from .registry import LOSS_REGISTRY, register_loss
 
@@ -20,6 +20,7 @@ __all__ = [
     "DistillationLoss",
     "LogitSource",
     "LossEngine",
+    "TeacherSignal",
     "TokenLoss",
     "TokenRows",
     "build_loss",

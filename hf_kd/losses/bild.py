@@ -13,7 +13,7 @@ import torch
 
 from ..knobs import Knob
 from ..papers import Paper
-from .core import TokenLoss, TokenRows
+from .core import TeacherSignal, TokenLoss, TokenRows
 from .divergences import kl_rows
 from .registry import register_loss
 
@@ -57,7 +57,7 @@ class BiLD(TokenLoss):
 }""",
     )
     knobs = (Knob("bild_top_k", "BiLD: number of top logits whose differences are used.", arg="top_k"),)
-    teacher_needs = "logits_at_student_top_k"
+    teacher_needs = TeacherSignal.FULL_ROWS  # the teacher at the student's own top-k tokens
 
     def __init__(self, top_k: int = 8, temperature: float = 3.0):
         super().__init__()

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -63,6 +64,17 @@ class LogitSource:
         """The head's trainable parameters: a module's, or what a callable head's ``parameters()`` returns."""
         parameters = getattr(self.head, "parameters", None)
         return [p for p in parameters() if p.requires_grad] if callable(parameters) else []
+
+
+class TeacherSignal(str, Enum):
+    """What a loss term (``TokenLoss.teacher_needs``) or a bridge reads of the teacher. A teacher source declares the
+    signals it provides (``hf_kd.teachers``) and feeds exactly the terms whose signal is among them."""
+
+    NOTHING = "nothing"  # the labels only (ce)
+    TOP_K = "top_k"  # the teacher's distribution at the response tokens: its top-k plus a tail suffices
+    FULL_ROWS = "full_rows"  # the teacher's logits at any token, e.g. at the student's own top-k (BiLD)
+    PROMPT_ROWS = "prompt_rows"  # the teacher's distribution at the prompt positions too
+    HIDDEN_STATES = "hidden_states"  # the teacher's hidden states (the bridges)
 
 
 def default_chunk_size(vocab_size: int) -> int:
@@ -203,9 +215,9 @@ class TokenLoss(nn.Module):
       trainer builds them from a batch;
     * ``lr_knob``: the knob holding the learning rate of its trainable parameters (their own optimizer group);
       required when the term has parameters;
-    * ``teacher_needs``: what it reads of the teacher, which decides whether it can train from a teacher cache
-      (``hf_kd.teacher_cache``): "distribution" (teacher log-probs; from a cache, the top-k plus a flat tail),
-      "nothing", "logits_at_student_top_k" or "prompt_distribution" (both refused from a cache);
+    * ``teacher_needs``: the ``TeacherSignal`` it reads of the teacher, which decides the teacher sources it can
+      train from (``hf_kd.teachers``): ``TOP_K`` (the default: from a cache, the top-k plus a tail) and
+      ``NOTHING`` train from every source, ``FULL_ROWS`` and ``PROMPT_ROWS`` need a teacher in memory;
     * ``positions``: None for the response tokens (labels != -100), else the name of a boolean per-token input
       (listed in ``requires``) selecting the rows the term is computed on. Such a term is divided by the count
       of its own rows (``position_counts[positions]``, gathered by the trainer like ``num_items_in_batch``).
@@ -217,7 +229,7 @@ class TokenLoss(nn.Module):
     knobs: tuple[Knob, ...] = ()
     requires: tuple[str, ...] = ()  # names of per-token extras the term needs (e.g. "span_ids")
     lr_knob: str | None = None
-    teacher_needs: str = "distribution"
+    teacher_needs: TeacherSignal = TeacherSignal.TOP_K
     positions: str | None = None
 
     @classmethod
@@ -578,4 +590,13 @@ class _ChunkedLoss(torch.autograd.Function):
         return (None, None, None, None, None, *grads)
 
 
-__all__ = ["IGNORE_INDEX", "LinearForm", "LogitSource", "LossEngine", "TokenLoss", "TokenRows", "default_chunk_size"]
+__all__ = [
+    "IGNORE_INDEX",
+    "LinearForm",
+    "LogitSource",
+    "LossEngine",
+    "TeacherSignal",
+    "TokenLoss",
+    "TokenRows",
+    "default_chunk_size",
+]

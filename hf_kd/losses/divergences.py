@@ -22,7 +22,7 @@ import torch
 
 from ..knobs import Knob
 from ..papers import DISTILLM, GKD
-from .core import TokenLoss, TokenRows
+from .core import TeacherSignal, TokenLoss, TokenRows
 from .registry import register_loss
 
 
@@ -221,7 +221,7 @@ class SkewReverseKL(TokenLoss):
 class CrossEntropy(TokenLoss):
     """Cross-entropy of the student on the labels (the SFT term); no temperature."""
 
-    teacher_needs = "nothing"
+    teacher_needs = TeacherSignal.NOTHING
 
     def per_token(self, rows: TokenRows) -> torch.Tensor:
         return -rows.student_logprobs(1.0).gather(-1, rows.labels.unsqueeze(-1)).squeeze(-1)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .bild import BiLD
-from .core import IGNORE_INDEX, TokenLoss, TokenRows
+from .core import IGNORE_INDEX, TeacherSignal, TokenLoss, TokenRows
 from .divergences import forward_kl
 from .registry import register_loss
 
@@ -36,7 +36,7 @@ class PromptForwardKL(TokenLoss):
     paper = BiLD.paper
     requires = (PROMPT_POSITIONS,)
     positions = PROMPT_POSITIONS
-    teacher_needs = "prompt_distribution"
+    teacher_needs = TeacherSignal.PROMPT_ROWS
 
     @classmethod
     def build_inputs(cls, batch: dict[str, Any], tokenizer: Any, options: Any) -> dict[str, torch.Tensor]:

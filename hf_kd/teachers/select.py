@@ -1,0 +1,66 @@
+"""Which teacher source a run has, decided once from what the trainer was given."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from ..model_loading import config_kwargs, init_kwargs
+from ..teacher_cache import cache_manifest
+from ..validation import check_conversational, check_vocabularies
+from .base import TeacherSource
+from .bridge import BridgeTeacher
+from .cache import TeacherCache
+from .live import LiveTeacher
+
+
+def load_teacher(teacher_model: nn.Module | str | None, args: Any) -> nn.Module:
+    """The teacher as a model: loaded from a path/id with `teacher_model_init_kwargs` when given as a string."""
+    if teacher_model is None:
+        raise ValueError(
+            "DistillationTrainer needs a `teacher_model` (a model or a path/Hub id), or a teacher cache as "
+            "train_dataset (hf_kd.cache_teacher, then hf_kd.load_teacher_cache)."
+        )
+    if not isinstance(teacher_model, str):
+        if args.teacher_model_init_kwargs:
+            raise ValueError("`teacher_model_init_kwargs` is only used when `teacher_model` is a path or id string.")
+        return teacher_model
+    kwargs = init_kwargs(args.teacher_model_init_kwargs, "auto", args.trust_remote_code)
+    return AutoModelForCausalLM.from_pretrained(teacher_model, **kwargs)
+
+
+def make_teacher_source(
+    teacher_model: nn.Module | str | None,
+    model: nn.Module | str,
+    train_dataset: Any,
+    eval_dataset: Any,
+    args: Any,
+    tokenizer: Any,
+    teacher_tokenizer: Any = None,
+) -> TeacherSource:
+    """The run's teacher source: a teacher cache (``teacher_model=None`` and a cache as ``train_dataset``), a bridge
+    (``args.bridge``), or a live teacher (``teacher_model``, else GKDConfig's ``teacher_model_name_or_path``); its
+    options checked against the run (``check_args``). The datasets come checked (``validation.check_dataset``).
+    """
+    if teacher_model is None and args.teacher_model_name_or_path is not None:  # GKDConfig's teacher field
+        teacher_model = args.teacher_model_name_or_path
+    manifest = cache_manifest(train_dataset) if teacher_model is None else None
+    if manifest is not None:
+        if eval_dataset is not None and cache_manifest(eval_dataset) is None:
+            raise ValueError("Without a teacher, eval_dataset must be a teacher cache too (load_teacher_cache).")
+        source = TeacherCache(manifest, args.teacher_cache_tail)
+    else:
+        teacher = load_teacher(teacher_model, args)
+        student_config = config_kwargs(args.model_init_kwargs, args.trust_remote_code)
+        cross = check_vocabularies(model, teacher, tokenizer, teacher_tokenizer, args.bridge, student_config)
+        if cross:  # the bridge's collator re-renders each conversation in the teacher's chat format
+            check_conversational(train_dataset, "train_dataset")
+            check_conversational(eval_dataset, "eval_dataset")
+        if args.bridge is not None:
+            source = BridgeTeacher(teacher, args, teacher_tokenizer if cross else None)
+        else:
+            source = LiveTeacher(teacher)
+    source.check_args(args)
+    return source
