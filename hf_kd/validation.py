@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from torch import nn
@@ -19,6 +20,7 @@ from .formats import (
     is_conversational,
 )
 from .losses import parse_recipe
+from .teacher_cache import cache_manifest
 
 
 def check_tokenizer(tokenizer: Any, what: str, need_template: bool = True) -> None:
@@ -42,6 +44,12 @@ def check_dataset(dataset: Any, what: str, args: Any, evaluation: bool = False) 
     (lmbda=1, no 'ce' term) reads it. The format is read from the first row (a stream is not read further here)."""
     if dataset is None:
         return
+    if isinstance(dataset, (str, os.PathLike)):
+        cache_manifest(dataset)  # a teacher cache's folder: "Load the teacher cache first"
+        raise TypeError(
+            f"{what} is a path ({str(dataset)!r}), not a dataset: load it first, with datasets.load_dataset, or "
+            "hf_kd.load_teacher_cache(path) for a teacher cache (cache_teacher's folder)."
+        )
     if isinstance(dataset, dict):
         for name, part in dataset.items():
             check_dataset(part, f"{what}['{name}']", args, evaluation)
