@@ -93,9 +93,19 @@ class DistillationConfig(MethodKnobs, GKDConfig):
     teacher_cache_tail: str = field(
         default="student",
         metadata={
-            "help": "Training from a teacher cache: how the teacher's mass outside its cached top-k is spread over "
-            "the other tokens. 'student' (default): like the student's own tail, which makes the divergences "
-            "those between top-k + one tail bucket (hf_kd.teacher_cache.encoding); 'flat': evenly."
+            "help": "Training from a teacher cache or a served teacher: how the teacher's mass outside its top-k is "
+            "spread over the other tokens. 'student' (default): like the student's own tail, which makes the "
+            "divergences those between top-k + one tail bucket (hf_kd.teacher_cache.encoding); 'flat': evenly."
+        },
+    )
+    teacher_top_k: int = field(
+        default=64,
+        metadata={
+            "help": "A teacher served by vLLM (`teacher_model` an http(s) URL such as 'http://127.0.0.1:8000/v1'): "
+            "how many of its most likely next tokens it sends per position (`prompt_logprobs`), the rest rebuilt as "
+            "one tail bucket (`teacher_cache_tail`). At most the server's `--max-logprobs`. Pass "
+            "`hf_kd.teachers.ServedTeacher(url, top_k=..., timeout=..., retries=...)` as `teacher_model` for more "
+            "options."
         },
     )
     scrg_corrections: int = field(
@@ -152,6 +162,8 @@ class DistillationConfig(MethodKnobs, GKDConfig):
             )
         if self.bridge is not None:
             bridge_class(self.bridge)  # unknown names fail here, listing the known ones
+        if self.teacher_top_k < 1:
+            raise ValueError(f"teacher_top_k must be >= 1, got {self.teacher_top_k}.")
         if self.teacher_cache_tail not in TAIL_SHAPES:
             raise ValueError(f"teacher_cache_tail must be one of {TAIL_SHAPES}, got {self.teacher_cache_tail!r}.")
         if self.on_policy_normalization not in ("generated", "gkd"):

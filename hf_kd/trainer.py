@@ -34,7 +34,7 @@ from .hub import MODULES_FILE, DistillationHubMixin
 from .losses import DistillationLoss
 from .rollout import GeneratedBatch, GenerationCallback, GenerationContext, RolloutStep
 from .sharding import HELPER_OPTIMIZER_FILE, helper_optimizer_state_aside
-from .teachers import make_teacher_source
+from .teachers import ServedTeacher, make_teacher_source
 from .teachers.base import POSITION_COUNTS
 from .validation import check_dataset, check_inherited_options, check_lora_targets, check_tokenizer
 
@@ -61,7 +61,9 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
         generation_callbacks: [`GenerationCallback`]s called after every on-policy/seq-kd generation.
 
     With `teacher_model=None` and a teacher cache as `train_dataset` (`hf_kd.load_teacher_cache`), training is
-    off-policy from the cached top-k distributions, with no teacher in memory (see `hf_kd.teacher_cache`).
+    off-policy from the cached top-k distributions, with no teacher in memory (see `hf_kd.teacher_cache`). With
+    `teacher_model` a vLLM server's URL ("http://127.0.0.1:8000/v1", top-k `teacher_top_k`) or a
+    `hf_kd.teachers.ServedTeacher`, each batch's token ids, generated ones included, are scored by that server.
 
     Inheritance: `GKDTrainer.__init__` is not run (it refuses differing vocabularies); `SFTTrainer.__init__` is,
     and the GKD set-up is redone here: the chat collator (`DataCollatorForChatML`, datasets left unprepared),
@@ -88,7 +90,7 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
     def __init__(
         self,
         model: nn.Module | str | None = None,
-        teacher_model: nn.Module | str | None = None,
+        teacher_model: nn.Module | ServedTeacher | str | None = None,
         args: DistillationConfig | None = None,
         data_collator: Any = None,
         train_dataset: Any = None,
@@ -355,11 +357,12 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
             if self.generation_callbacks:
                 ctx = GenerationContext(
                     student=unwrapped if source == "student" else self.accelerator.unwrap_model(model),
-                    teacher=unwrapped if source == "teacher" else self.accelerator.unwrap_model(self.teacher_model),
+                    teacher=unwrapped if source == "teacher" else self._unwrapped_teacher(),
                     tokenizer=self.processing_class,
                     teacher_tokenizer=self.teacher_processing_class,
                     generation_config=self.generation_config,
                     args=self.args,
+                    score_teacher=self.teacher_source.score_completions,
                 )
                 for callback in self.generation_callbacks:
                     batch = callback.on_generation(batch, ctx)
@@ -369,6 +372,10 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
         new_inputs["labels"] = batch.labels
         new_inputs.update(self.teacher_source.inputs_for_generated(batch, inputs))
         return new_inputs
+
+    def _unwrapped_teacher(self) -> nn.Module | None:
+        """The teacher model for the generation callbacks; None when it is not in this process (a served teacher)."""
+        return None if self.teacher_model is None else self.accelerator.unwrap_model(self.teacher_model)
 
     def _sync_helper_gradients(self) -> None:
         """Average helper-module gradients across processes (they live outside the DDP-wrapped student)."""

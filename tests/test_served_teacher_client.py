@@ -6,62 +6,17 @@ checks the client against a running server.
 """
 
 import copy
-import json
 import math
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 import torch
+from served_fake import RECORDING, FakeServer
 
 from hf_kd.teacher_cache import TopKReconstruction
 from hf_kd.teachers import ServedTeacher, ServedTeacherError
 
-RECORDING = json.loads((Path(__file__).parent / "data" / "vllm_prompt_logprobs.json").read_text())
 PROMPTS = RECORDING["request"]["prompt"]
 K = RECORDING["request"]["prompt_logprobs"]
-
-
-class FakeServer:
-    """Answers each request with the next (status, body) of ``answers`` (the last one repeats) and records it."""
-
-    def __init__(self):
-        self.answers: list[tuple[int, object]] = [(200, RECORDING["response"])]
-        self.requests: list[tuple[str, dict | None]] = []
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _answer(self, payload):
-                fake.requests.append((self.path, payload))
-                status, body = fake.answers.pop(0) if len(fake.answers) > 1 else fake.answers[0]
-                data = body if isinstance(body, bytes) else json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self):
-                self._answer(None)
-
-            def do_POST(self):
-                self._answer(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc_info):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture

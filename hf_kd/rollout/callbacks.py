@@ -15,6 +15,7 @@ Example: drop generations that are too short by masking them out of the loss::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,14 +43,20 @@ class GeneratedBatch:
 
 @dataclass
 class GenerationContext:
-    """What a callback may use: both models (unwrapped, ready to generate/score), tokenizers and settings."""
+    """What a callback may use: both models (unwrapped, ready to generate/score), tokenizers and settings.
+
+    ``teacher`` is None when the teacher is no model in this process (a served teacher): ``score_teacher`` then gives
+    its log-probabilities of the last n tokens, (input_ids, attention_mask, the student's logits [B, n, V]) ->
+    [B, n, V] (its top-k, the rest rebuilt as for a teacher cache).
+    """
 
     student: PreTrainedModel
-    teacher: PreTrainedModel
+    teacher: PreTrainedModel | None
     tokenizer: PreTrainedTokenizerBase
     teacher_tokenizer: PreTrainedTokenizerBase | None
     generation_config: GenerationConfig
     args: Any
+    score_teacher: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
 
 class GenerationCallback:

@@ -21,7 +21,9 @@ Choices where the paper is silent:
   the trainer's generation config (so the student samples as it does on-policy);
 * teacher and student must share one vocabulary (token ids are exchanged between them); both are
   compared over the tokenizer's real tokens only (rows a head is padded with are no token and never
-  chosen). Different tokenizers raise a ValueError.
+  chosen). Different tokenizers raise a ValueError;
+* a served teacher (no model in this process) is read through ``GenerationContext.score_teacher``: its top-1 is
+  exact, the KL is over its top-k and the tail rebuilt as for a teacher cache.
 """
 
 from __future__ import annotations
@@ -139,7 +141,10 @@ class SCRGCallback(GenerationCallback):
             return None
         device = batch.input_ids.device
         s_logits = completion_logits(ctx.student, batch.input_ids, batch.attention_mask, n).to(device)
-        t_logits = completion_logits(ctx.teacher, batch.input_ids, batch.attention_mask, n).to(device)
+        if ctx.score_teacher is not None:  # a served teacher: its top-k, the tail rebuilt
+            t_logits = ctx.score_teacher(batch.input_ids, batch.attention_mask, s_logits).to(device)
+        else:
+            t_logits = completion_logits(ctx.teacher, batch.input_ids, batch.attention_mask, n).to(device)
         vocab = min(len(ctx.tokenizer), s_logits.shape[-1], t_logits.shape[-1])
         kl, teacher_tokens = self._divergence_and_choice(s_logits[..., :vocab], t_logits[..., :vocab])
         completion = batch.input_ids[:, prompt_len:]

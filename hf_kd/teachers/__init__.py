@@ -6,7 +6,9 @@ one file per source. ``DistillationTrainer`` picks one (``make_teacher_source``)
   and any source that delivers top-k log-probabilities;
 * ``bridge.py``: a live teacher through a bridge (DSKD, same or different vocabulary), which computes the loss;
 * ``served.py``: a client of a vLLM server that scores the student's token ids and returns the teacher's top-k
-  in the teacher cache's layout (``ServedTeacher``).
+  in the teacher cache's layout (``ServedTeacher``);
+* ``served_source.py``: that client as a source (``ServedTeacherSource``): the cache's loss on each batch's served
+  top-k, and generated sequences scored too (on-policy, SCRG).
 
 A new source is one file here and one branch in ``select.make_teacher_source``.
 """
@@ -17,6 +19,7 @@ from .cache import TeacherCache
 from .live import LiveTeacher
 from .select import load_teacher, make_teacher_source
 from .served import ServedScores, ServedTeacher, ServedTeacherError
+from .served_source import ServedTeacherSource
 from .topk import TopKTeacher
 
 __all__ = [
@@ -26,6 +29,7 @@ __all__ = [
     "ServedScores",
     "ServedTeacher",
     "ServedTeacherError",
+    "ServedTeacherSource",
     "TeacherCache",
     "TeacherLogits",
     "TeacherSource",

@@ -65,6 +65,9 @@ class TeacherSource:
     teacher_name: str | None = None  # the teacher's name for the model card when there is no model to ask
     model: nn.Module | None = None
     vocab_size: int | None = None
+    # The teacher's log-probabilities of generated tokens when it is no model in this process (a served teacher):
+    # (input_ids, attention_mask, the student's logits [B, n, V] at the last n tokens) -> [B, n, V]; SCRG reads it.
+    score_completions: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def collator(self, tokenizer: Any, args: Any) -> Callable:
         """The data collator its batches need: TRL's dataset formats normalised per row (``FormatCollator``) in front

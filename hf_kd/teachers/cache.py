@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ..losses import TeacherSignal, TokenLoss
 from ..teacher_cache import TeacherCacheCollator, TopKReconstruction
 from ..teacher_cache.manifest import tokenizer_identity
 from .topk import TopKTeacher
@@ -24,29 +23,19 @@ class TeacherCache(TopKTeacher):
         "Training from a teacher cache (teacher_model=None) has no teacher in memory, but {needs}. Or pass a live "
         "teacher_model with the original chat dataset."
     )
+    temperature_fix = (
+        "Rebuild the cache with cache_teacher(..., temperature={temperature}), or set kd_temperature={stored}"
+    )
 
     def __init__(self, manifest: dict[str, Any], tail: str):
         encoding = manifest["encoding"]
-        super().__init__(TopKReconstruction(encoding["vocab_size"], encoding["top_k"], manifest["temperature"], tail))
+        self.temperature = manifest["temperature"]
+        self.reconstruction = TopKReconstruction(encoding["vocab_size"], encoding["top_k"], self.temperature, tail)
         self.manifest = manifest
         self.teacher_name = manifest["teacher"].get("name_or_path") or None
 
     def collator(self, tokenizer: Any, args: Any) -> Callable:
         return TeacherCacheCollator(self.manifest, tokenizer.pad_token_id)
-
-    def check_terms(self, terms: list[TokenLoss]) -> None:
-        super().check_terms(terms)
-        cache_temperature = self.manifest["temperature"]
-        for term in terms:
-            temperature = getattr(term, "temperature", cache_temperature)
-            if TeacherSignal(term.teacher_needs) == TeacherSignal.TOP_K and temperature != cache_temperature:
-                raise ValueError(
-                    f"Loss term '{term.name}' runs at temperature {temperature} but the teacher cache stores the "
-                    f"teacher at {cache_temperature}: the top-k would rescale exactly but the flat tail would not "
-                    f"(its mass at another temperature is far off, see benchmarks/teacher_cache.py). Rebuild the "
-                    f"cache with cache_teacher(..., temperature={temperature}), or set "
-                    f"kd_temperature={cache_temperature}."
-                )
 
     def prepare(self, trainer: Any) -> None:
         """The cache must be over the student's vocabulary and tokenizer."""

@@ -14,6 +14,8 @@ from .base import TeacherSource
 from .bridge import BridgeTeacher
 from .cache import TeacherCache
 from .live import LiveTeacher
+from .served import ServedTeacher
+from .served_source import ServedTeacherSource, is_served_url
 
 
 def load_teacher(teacher_model: nn.Module | str | None, args: Any) -> nn.Module:
@@ -31,8 +33,23 @@ def load_teacher(teacher_model: nn.Module | str | None, args: Any) -> nn.Module:
     return AutoModelForCausalLM.from_pretrained(teacher_model, **kwargs)
 
 
+def served_source(
+    teacher: ServedTeacher | str, args: Any, tokenizer: Any, teacher_tokenizer: Any
+) -> ServedTeacherSource:
+    """A served teacher (a URL with ``args.teacher_top_k``, or a configured client), checked against the student's
+    tokenizer and, when ``teacher_model_name_or_path`` names a model rather than the URL, that model's name."""
+    if args.teacher_model_init_kwargs or teacher_tokenizer is not None:
+        raise ValueError(
+            "A served teacher is loaded and tokenized by its server: drop `teacher_model_init_kwargs` and "
+            "`teacher_processing_class` (it must share the student's tokenizer, which is checked)."
+        )
+    client = ServedTeacher(teacher, top_k=args.teacher_top_k) if isinstance(teacher, str) else teacher
+    name = args.teacher_model_name_or_path
+    return ServedTeacherSource(client, args.teacher_cache_tail, tokenizer, None if is_served_url(name) else name)
+
+
 def make_teacher_source(
-    teacher_model: nn.Module | str | None,
+    teacher_model: nn.Module | ServedTeacher | str | None,
     model: nn.Module | str,
     train_dataset: Any,
     eval_dataset: Any,
@@ -40,14 +57,17 @@ def make_teacher_source(
     tokenizer: Any,
     teacher_tokenizer: Any = None,
 ) -> TeacherSource:
-    """The run's teacher source: a teacher cache (``teacher_model=None`` and a cache as ``train_dataset``), a bridge
+    """The run's teacher source: a served teacher (an http(s) URL or a ``ServedTeacher``), a teacher cache
+    (``teacher_model=None`` and a cache as ``train_dataset``), a bridge
     (``args.bridge``), or a live teacher (``teacher_model``, else GKDConfig's ``teacher_model_name_or_path``); its
     options checked against the run (``check_args``). The datasets come checked (``validation.check_dataset``).
     """
     if teacher_model is None and args.teacher_model_name_or_path is not None:  # GKDConfig's teacher field
         teacher_model = args.teacher_model_name_or_path
     manifest = cache_manifest(train_dataset) if teacher_model is None else None
-    if manifest is not None:
+    if is_served_url(teacher_model) or isinstance(teacher_model, ServedTeacher):
+        source = served_source(teacher_model, args, tokenizer, teacher_tokenizer)
+    elif manifest is not None:
         if eval_dataset is not None and cache_manifest(eval_dataset) is None:
             raise ValueError("Without a teacher, eval_dataset must be a teacher cache too (load_teacher_cache).")
         source = TeacherCache(manifest, args.teacher_cache_tail)
