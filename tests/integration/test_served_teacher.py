@@ -1,51 +1,21 @@
 """A real vLLM server (CPU build, .venv-vllm) serving SmolLM2-135M-Instruct, scored by ServedTeacher.
 
-One server is started for the module (about 30 s, more on a loaded machine) and stopped by its pid; the last test
-kills it and checks that the client's error names the server. Skipped when vLLM is not installed
+The server is the session's (conftest.py); test_served_trainer.py kills it last. Skipped when vLLM is not installed
 (``bash scripts/setup_vllm.sh``).
 """
-
-import os
-import signal
-from pathlib import Path
 
 import pytest
 import torch
 from tiny import make_tokenizer
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
-from hf_kd.assets import load_real_model
 from hf_kd.data import load_bundled_dataset
 from hf_kd.teacher_cache import CacheEncoding
 from hf_kd.teachers import ServedTeacher, ServedTeacherError
-from hf_kd.vllm_server import VLLMServer
 
-VLLM_PYTHON = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
-MAX_LOGPROBS = 64
 TOLERANCE = 2e-4  # fp32 vLLM vs fp32 transformers log-probabilities
 
-pytestmark = [
-    pytest.mark.vllm,
-    pytest.mark.skipif(
-        not VLLM_PYTHON.is_file(), reason="vLLM is not installed: bash scripts/setup_vllm.sh creates .venv-vllm"
-    ),
-]
-
-
-@pytest.fixture(scope="module")
-def teacher_path() -> Path:
-    return load_real_model("smollm2-135m-instruct")
-
-
-@pytest.fixture(scope="module")
-def teacher_tokenizer(teacher_path):
-    return AutoTokenizer.from_pretrained(teacher_path)
-
-
-@pytest.fixture(scope="module")
-def server(teacher_path):
-    with VLLMServer(teacher_path, VLLM_PYTHON, max_logprobs=MAX_LOGPROBS, startup_timeout=600) as running:
-        yield running
+pytestmark = pytest.mark.vllm
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +59,8 @@ def test_served_top_k_equals_the_live_teacher_in_the_cache_layout(server, teache
     assert requests_bytes > 0
 
 
-def test_check_accepts_the_served_model_and_its_tokenizer(server, teacher_path, teacher_tokenizer):
-    teacher = ServedTeacher(server.url, top_k=MAX_LOGPROBS)
+def test_check_accepts_the_served_model_and_its_tokenizer(server, teacher_path, teacher_tokenizer, max_logprobs):
+    teacher = ServedTeacher(server.url, top_k=max_logprobs)
     teacher.check(teacher_tokenizer, model_name=str(teacher_path))
     assert teacher.model == str(teacher_path)
 
@@ -106,17 +76,6 @@ def test_check_refuses_another_model_name(server, teacher_tokenizer):
         ServedTeacher(server.url, top_k=8).check(teacher_tokenizer, model_name="HuggingFaceTB/SmolLM2-1.7B-Instruct")
 
 
-def test_top_k_beyond_the_servers_max_logprobs_is_refused_with_its_reason(server, teacher_tokenizer):
+def test_top_k_beyond_the_servers_max_logprobs_is_refused_with_its_reason(server, teacher_tokenizer, max_logprobs):
     with pytest.raises(ServedTeacherError, match=r"refused /v1/completions \(HTTP 400\).*logprobs"):
-        ServedTeacher(server.url, top_k=MAX_LOGPROBS + 1).check(teacher_tokenizer)
-
-
-def test_killed_server_is_an_error_naming_its_url(server, sequences):
-    """Runs last: the server dies (SIGKILL to its process group) and the next batch fails after the retries."""
-    teacher = ServedTeacher(server.url, top_k=8, timeout=10, retries=2, backoff=0.1)
-    teacher.score(sequences[:1])
-    os.killpg(server.pid, signal.SIGKILL)
-    server.process.wait(timeout=30)
-    with pytest.raises(ServedTeacherError, match="did not answer /v1/completions after 3 attempts") as error:
-        teacher.score(sequences[:1])
-    assert server.url in str(error.value)
+        ServedTeacher(server.url, top_k=max_logprobs + 1).check(teacher_tokenizer)

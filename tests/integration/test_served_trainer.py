@@ -1,0 +1,99 @@
+"""DistillationTrainer with a teacher served by a real vLLM server (the session's, conftest.py): the same first loss
+as from a teacher cache of that teacher, an on-policy step with SCRG, and a server killed mid-run."""
+
+import os
+import signal
+
+import pytest
+import torch
+from tiny import make_args, train_losses
+from transformers import TrainerCallback
+
+from hf_kd import DistillationTrainer, cache_teacher, load_teacher_cache
+from hf_kd.assets import make_layer_pruned_student
+from hf_kd.data import load_bundled_dataset
+from hf_kd.teachers import ServedTeacher, ServedTeacherError, ServedTeacherSource
+
+pytestmark = pytest.mark.vllm
+
+MAX_LENGTH = 256
+TOLERANCE = 1e-3  # fp32 vLLM vs fp32 transformers: log-probabilities within 2e-4
+
+
+@pytest.fixture(scope="module")
+def student_path(teacher_path, tmp_path_factory):
+    return make_layer_pruned_student(teacher_path, 2, tmp_path_factory.mktemp("student"))
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return load_bundled_dataset("train").select(range(4))
+
+
+def _trainer(student_path, teacher_model, train_dataset, tokenizer, tmp_path, **overrides) -> DistillationTrainer:
+    args = make_args(
+        tmp_path, **{"per_device_train_batch_size": 2, "max_length": MAX_LENGTH, "max_steps": 1, **overrides}
+    )
+    return DistillationTrainer(
+        model=str(student_path),
+        teacher_model=teacher_model,
+        args=args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+    )
+
+
+@pytest.mark.parametrize("kd_loss", ["fkl", "jsd"])  # jsd: the default recipe
+def test_first_loss_from_the_server_equals_the_loss_from_a_cache_of_the_same_teacher(
+    server, teacher_path, teacher_tokenizer, student_path, rows, max_logprobs, tmp_path, kd_loss
+):
+    folder = cache_teacher(
+        str(teacher_path), teacher_tokenizer, rows, tmp_path / "cache", top_k=max_logprobs, value_dtype="float32",
+        max_length=MAX_LENGTH, dtype=torch.float32, device="cpu", progress=False,
+    )  # fmt: skip
+    cached = _trainer(student_path, None, load_teacher_cache(folder), teacher_tokenizer, tmp_path, kd_loss=kd_loss)
+    served = _trainer(
+        student_path, server.url, rows, teacher_tokenizer, tmp_path, kd_loss=kd_loss, teacher_top_k=max_logprobs,
+        teacher_model_name_or_path=str(teacher_path),
+    )  # fmt: skip
+    assert type(served.teacher_source) is ServedTeacherSource
+    batch = next(iter(cached.get_train_dataloader()))  # the same token ids, scored by the server for `served`
+    with torch.no_grad():
+        from_cache = cached.compute_loss(cached.model, batch).item()
+        from_server = served.compute_loss(served.model, batch).item()
+    assert from_server == pytest.approx(from_cache, abs=TOLERANCE)
+
+
+def test_an_on_policy_step_with_scrg_trains_from_the_server(server, teacher_tokenizer, student_path, rows, tmp_path):
+    trainer = _trainer(
+        student_path, server.url, rows, teacher_tokenizer, tmp_path, kd_loss="fkl", lmbda=1.0, scrg_corrections=1,
+        max_new_tokens=16, teacher_top_k=20,
+    )  # fmt: skip
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    losses = train_losses(trainer)
+    assert len(losses) == 1 and torch.isfinite(torch.tensor(losses)).all()
+    assert any(not torch.equal(b, p) for b, p in zip(before, trainer.model.parameters()))
+    assert any("scrg/corrected_tokens" in entry for entry in trainer.state.log_history)
+
+
+class _KillAfterFirstStep(TrainerCallback):
+    def __init__(self, server):
+        self.server = server
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 1:
+            os.killpg(self.server.pid, signal.SIGKILL)
+            self.server.process.wait(timeout=30)
+
+
+def test_a_server_killed_mid_run_stops_training_naming_its_url(
+    server_to_kill, teacher_tokenizer, student_path, rows, tmp_path
+):
+    """Runs last (it kills the session's server): step 1 trains, step 2 fails after the client's retries."""
+    served = ServedTeacher(server_to_kill.url, top_k=8, timeout=10, retries=2, backoff=0.1)
+    trainer = _trainer(student_path, served, rows, teacher_tokenizer, tmp_path, kd_loss="fkl", max_steps=2)
+    trainer.add_callback(_KillAfterFirstStep(server_to_kill))
+    with pytest.raises(ServedTeacherError, match="did not answer /v1/completions after 3 attempts") as error:
+        trainer.train()
+    assert server_to_kill.url in str(error.value) and trainer.state.global_step == 1
