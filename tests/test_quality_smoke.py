@@ -6,9 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import make_conversations, make_model, make_tokenizer
 from datasets import Dataset
-from tiny import load_script
+from tiny import load_script, make_conversations, make_model, make_tokenizer
 
 TINY_METHODS = [
     "teacher",
