@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -69,8 +68,6 @@ def uses_chat_template(dataset: Any) -> bool:
     """Whether a dataset (or any part of a dict of them) is conversational, read from its first row."""
     if isinstance(dataset, dict):
         return any(uses_chat_template(part) for part in dataset.values())
-    if isinstance(dataset, (str, os.PathLike)):  # not data yet (e.g. a cache folder): refused by the data checks
-        return False
     rows = first_rows(dataset, 1) if dataset is not None else []
     return bool(rows) and data_format(rows[0]) != TOKENIZED and is_conversational(rows[0])
 

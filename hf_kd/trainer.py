@@ -112,10 +112,10 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
         check_inherited_options(args, student_is_loaded=model is not None and not isinstance(model, str))
         if args.chat_template_path is not None and processing_class is not None:  # SFTTrainer reads it after the check
             processing_class.chat_template = Path(args.chat_template_path).read_text(encoding="utf-8")
-        chat = uses_chat_template(train_dataset) or uses_chat_template(eval_dataset)
-        check_tokenizer(processing_class, "processing_class (the student's tokenizer)", need_template=chat)
         check_dataset(train_dataset, "train_dataset", args)
         check_dataset(eval_dataset, "eval_dataset", args, evaluation=True)
+        chat = uses_chat_template(train_dataset) or uses_chat_template(eval_dataset)
+        check_tokenizer(processing_class, "processing_class (the student's tokenizer)", need_template=chat)
         train_dataset = screen_rows(train_dataset, "train_dataset", args.dataset_text_field, args.invalid_rows)
         eval_dataset = screen_rows(eval_dataset, "eval_dataset", args.dataset_text_field, args.invalid_rows)
         self.teacher_source = make_teacher_source(
