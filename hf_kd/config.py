@@ -108,6 +108,14 @@ class DistillationConfig(MethodKnobs, GKDConfig):
             "options."
         },
     )
+    teacher_column: str = field(
+        default="teacher",
+        metadata={
+            "help": "Several teachers (`teacher_model` a dict such as {'code': ..., 'chat': ...}, each a model, a "
+            "path/id or a server URL): the dataset column naming, per row, the teacher that row is distilled from. "
+            "Every row must name one of the dict's keys (checked before training)."
+        },
+    )
     scrg_corrections: int = field(
         default=0,
         metadata={

@@ -29,6 +29,8 @@ logger = logging.get_logger(__name__)
 
 MODULES_FILE = "_hf_kd_modules.safetensors"
 """The trainable distillation helpers (DSKD projectors, the DAC-KL sub-network), saved beside the student."""
+TEACHERS_FILE = "_hf_kd_teachers.json"
+"""Several teachers: each teacher's name and origin and the routing column, saved beside the student."""
 HELPER_PATTERN = "_hf_kd_modules*"
 """Helper files in an output or checkpoint folder (``MODULES_FILE`` and any sibling a subclass saves)."""
 HELPER_SUBFOLDER = "distillation_modules"

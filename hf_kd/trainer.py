@@ -2,12 +2,14 @@
 
 The batch travels: collate -> rollout (dataset, student with probability lmbda, or teacher under seq_kd;
 then the generation callbacks, e.g. SCRG) -> the teacher source's loss (``hf_kd.teachers``: a live teacher, a
-teacher cache or a bridge, chosen once in ``__init__``) -> log each term.
+teacher cache, a served teacher, a bridge or several teachers routed by a column, chosen once in ``__init__``) ->
+log each term.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 from pathlib import Path
@@ -23,19 +25,19 @@ from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.sft_trainer import SFTTrainer
 from trl.trainer.utils import disable_dropout_in_model
 
-from .atomic import write_atomically
+from .atomic import write_atomically, write_text_atomically
 from .checkpoints import check_checkpoint, mark_rewrite, newest_complete_checkpoint
 from .config import DistillationConfig
 from .data import with_token_lengths
 from .finiteness import TRAINING_CAUSES
 from .formats import screen_rows, uses_chat_template
 from .heads import padded_token_ids
-from .hub import MODULES_FILE, DistillationHubMixin
+from .hub import MODULES_FILE, TEACHERS_FILE, DistillationHubMixin
 from .losses import DistillationLoss
 from .rollout import GeneratedBatch, GenerationCallback, GenerationContext, RolloutStep
 from .sharding import HELPER_OPTIMIZER_FILE, helper_optimizer_state_aside
 from .teachers import ServedTeacher, make_teacher_source
-from .teachers.base import POSITION_COUNTS
+from .teachers.base import POSITION_COUNTS, position_counts
 from .validation import check_dataset, check_inherited_options, check_lora_targets, check_tokenizer
 
 logger = get_logger(__name__)
@@ -64,6 +66,8 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
     off-policy from the cached top-k distributions, with no teacher in memory (see `hf_kd.teacher_cache`). With
     `teacher_model` a vLLM server's URL ("http://127.0.0.1:8000/v1", top-k `teacher_top_k`) or a
     `hf_kd.teachers.ServedTeacher`, each batch's token ids, generated ones included, are scored by that server.
+    With `teacher_model` a dict of teachers ({"code": ..., "chat": ...}, each any of the above), each row is
+    distilled from the teacher its `teacher_column` names (`hf_kd.teachers.TeacherRouter`).
 
     Inheritance: `GKDTrainer.__init__` is not run (it refuses differing vocabularies); `SFTTrainer.__init__` is,
     and the GKD set-up is redone here: the chat collator (`DataCollatorForChatML`, datasets left unprepared),
@@ -90,7 +94,7 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
     def __init__(
         self,
         model: nn.Module | str | None = None,
-        teacher_model: nn.Module | ServedTeacher | str | None = None,
+        teacher_model: nn.Module | ServedTeacher | str | dict[str, Any] | None = None,
         args: DistillationConfig | None = None,
         data_collator: Any = None,
         train_dataset: Any = None,
@@ -335,14 +339,7 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
         return batches, num_items_in_batch
 
     def _position_counts(self, batches: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """{positions: number of those rows (after the shift) in ``batches``} for the recipe's positioned terms."""
-        terms = [t for t in self.loss_fn.terms if t.positions is not None] if self.loss_fn is not None else []
-        counts: dict[str, torch.Tensor] = {}
-        for term in terms:
-            if term.positions not in counts:
-                masks = [type(term).build_inputs(b, self.processing_class, self.args)[term.positions] for b in batches]
-                counts[term.positions] = sum(m[:, 1:].sum() for m in masks)
-        return counts
+        return position_counts(self.loss_fn, batches, self.processing_class, self.args)
 
     def _rollout(self, model: nn.Module, inputs: dict[str, Any], source: str) -> dict[str, Any]:
         generator = model if source == "student" else self.teacher_model
@@ -418,7 +415,9 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
         mode = "train" if model.training else "eval"
         for name, value in terms.items():
             self._metrics[mode][f"loss/{name}"].append(float(value))
-        if return_outputs and outputs is None:  # the bridge runs its own forwards: the caller's logits need one more
+        for name, value in self.teacher_source.batch_metrics().items():
+            self._metrics[mode][name].append(value)
+        if return_outputs and outputs is None:  # a bridge or a router runs its own forwards: the logits need one more
             with torch.no_grad():
                 outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         return (loss, outputs) if return_outputs else loss
@@ -469,9 +468,12 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
     # ------------------------------------------------------------------ checkpoints
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict)
+        target = Path(output_dir or self.args.output_dir)
+        record = self.teacher_source.record()
+        if record is not None:
+            write_text_atomically(target / TEACHERS_FILE, json.dumps(record, indent=2))
         modules = self.distillation_modules()
         if modules:
-            target = Path(output_dir or self.args.output_dir)
             tensors = {
                 f"{name}.{key}": value.detach().contiguous().cpu()
                 for name, module in modules.items()
@@ -514,14 +516,27 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
         super()._save_checkpoint(model, trial)
 
     def _checkpoint_helper_files(self) -> list[str]:
-        """hf_kd's files in every checkpoint of this run: the helper modules (and, under FSDP, their optimizer)."""
-        if not self.distillation_modules():
-            return []
-        return [MODULES_FILE, HELPER_OPTIMIZER_FILE] if self.is_fsdp_enabled else [MODULES_FILE]
+        """hf_kd's files in every checkpoint of this run: the teachers' record (several teachers), the helper modules
+        (and, under FSDP, their optimizer)."""
+        files = [TEACHERS_FILE] if self.teacher_source.record() is not None else []
+        if self.distillation_modules():
+            files += [MODULES_FILE, HELPER_OPTIMIZER_FILE] if self.is_fsdp_enabled else [MODULES_FILE]
+        return files
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        self._check_teacher_record(resume_from_checkpoint)
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         self.load_distillation_modules(resume_from_checkpoint)
+
+    def _check_teacher_record(self, folder: str | os.PathLike) -> None:
+        """Refuse to resume with other teachers than the checkpoint was trained with (its ``TEACHERS_FILE``)."""
+        record, path = self.teacher_source.record(), Path(folder) / TEACHERS_FILE
+        saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        if saved != record:
+            raise ValueError(
+                f"{folder} was trained with the teachers {saved} but this run has {record}: resuming would "
+                "continue the run from other teachers. Pass the checkpoint's teachers, or start a new run."
+            )
 
     def load_distillation_modules(self, folder: str | os.PathLike) -> None:
         """Restore the helper modules saved beside a student (an error if they are expected but missing)."""

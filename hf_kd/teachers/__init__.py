@@ -8,7 +8,8 @@ one file per source. ``DistillationTrainer`` picks one (``make_teacher_source``)
 * ``served.py``: a client of a vLLM server that scores the student's token ids and returns the teacher's top-k
   in the teacher cache's layout (``ServedTeacher``);
 * ``served_source.py``: that client as a source (``ServedTeacherSource``): the cache's loss on each batch's served
-  top-k, and generated sequences scored too (on-policy, SCRG).
+  top-k, and generated sequences scored too (on-policy, SCRG);
+* ``router.py``: several teachers, each row routed to the one its dataset column names (``TeacherRouter``).
 
 A new source is one file here and one branch in ``select.make_teacher_source``.
 """
@@ -17,6 +18,7 @@ from .base import LogitSpaceSource, TeacherLogits, TeacherSource, terms_fed_by
 from .bridge import BridgeTeacher
 from .cache import TeacherCache
 from .live import LiveTeacher
+from .router import TeacherRouter
 from .select import load_teacher, make_teacher_source
 from .served import ServedScores, ServedTeacher, ServedTeacherError
 from .served_source import ServedTeacherSource
@@ -32,6 +34,7 @@ __all__ = [
     "ServedTeacherSource",
     "TeacherCache",
     "TeacherLogits",
+    "TeacherRouter",
     "TeacherSource",
     "TopKTeacher",
     "load_teacher",

@@ -43,6 +43,21 @@ NEEDS = {
 }
 
 
+def position_counts(
+    loss_fn: DistillationLoss | None, batches: list[dict[str, Any]], tokenizer: Any, args: Any
+) -> dict[str, torch.Tensor]:
+    """{positions: number of those rows (after the shift) in ``batches``} for the recipe's terms computed off the
+    response tokens (``TokenLoss.positions``, e.g. ``prompt_fkl``): their normaliser, as the label count is the
+    others'."""
+    terms = [t for t in loss_fn.terms if t.positions is not None] if loss_fn is not None else []
+    counts: dict[str, torch.Tensor] = {}
+    for term in terms:
+        if term.positions not in counts:
+            masks = [type(term).build_inputs(b, tokenizer, args)[term.positions] for b in batches]
+            counts[term.positions] = sum(m[:, 1:].sum() for m in masks)
+    return counts
+
+
 def terms_fed_by(signals: frozenset[TeacherSignal]) -> list[str]:
     """The registered loss terms whose declared teacher signal is among ``signals``, in registry order."""
     return [name for name, cls in LOSS_REGISTRY.items() if TeacherSignal(cls.teacher_needs) in signals]
@@ -62,7 +77,7 @@ class TeacherSource:
     generates: bool = True  # can generate them (seq_kd); its tokens may then enter the student's sequences
     refusal: str = "This teacher cannot serve the run: {needs}."  # the error for what it cannot do, see check_args
     holds: str = "it does not hold that"  # what it holds, for the error refusing a loss term
-    teacher_name: str | None = None  # the teacher's name for the model card when there is no model to ask
+    teacher_name: str | None = None  # where the teacher comes from (its path/id or server), for cards and records
     model: nn.Module | None = None
     vocab_size: int | None = None
     # The teacher's log-probabilities of generated tokens when it is no model in this process (a served teacher):
@@ -141,6 +156,14 @@ class TeacherSource:
     def rows_name(self, fused: bool) -> str:
         """What its teacher rows are, for messages: the model's last hidden states (``fused``) or its logits."""
         return "last hidden states" if fused else "logits"
+
+    def batch_metrics(self) -> dict[str, float]:
+        """Metrics of the batch ``loss`` last saw, logged beside its terms (e.g. each routed teacher's share)."""
+        return {}
+
+    def record(self) -> dict[str, Any] | None:
+        """What identifies the teachers, saved in every checkpoint and checked on resume (None: nothing to save)."""
+        return None
 
 
 def prepare_teacher_model(teacher: nn.Module, trainer: Any) -> nn.Module:

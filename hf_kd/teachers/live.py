@@ -20,6 +20,7 @@ class LiveTeacher(LogitSpaceSource):
 
     def __init__(self, model: nn.Module):
         self.model = model
+        self.teacher_name = getattr(model.config, "_name_or_path", None) or None
 
     def prepare(self, trainer: Any) -> None:
         super().prepare(trainer)

@@ -14,6 +14,7 @@ from .base import TeacherSource
 from .bridge import BridgeTeacher
 from .cache import TeacherCache
 from .live import LiveTeacher
+from .router import TeacherRouter
 from .served import ServedTeacher
 from .served_source import ServedTeacherSource, is_served_url
 
@@ -34,22 +35,22 @@ def load_teacher(teacher_model: nn.Module | str | None, args: Any) -> nn.Module:
 
 
 def served_source(
-    teacher: ServedTeacher | str, args: Any, tokenizer: Any, teacher_tokenizer: Any
+    teacher: ServedTeacher | str, args: Any, tokenizer: Any, teacher_tokenizer: Any, model_name: str | None
 ) -> ServedTeacherSource:
     """A served teacher (a URL with ``args.teacher_top_k``, or a configured client), checked against the student's
-    tokenizer and, when ``teacher_model_name_or_path`` names a model rather than the URL, that model's name."""
+    tokenizer and, when ``model_name`` names a model rather than the URL, that model's name."""
     if args.teacher_model_init_kwargs or teacher_tokenizer is not None:
         raise ValueError(
             "A served teacher is loaded and tokenized by its server: drop `teacher_model_init_kwargs` and "
             "`teacher_processing_class` (it must share the student's tokenizer, which is checked)."
         )
     client = ServedTeacher(teacher, top_k=args.teacher_top_k) if isinstance(teacher, str) else teacher
-    name = args.teacher_model_name_or_path
-    return ServedTeacherSource(client, args.teacher_cache_tail, tokenizer, None if is_served_url(name) else name)
+    name = None if is_served_url(model_name) else model_name
+    return ServedTeacherSource(client, args.teacher_cache_tail, tokenizer, name)
 
 
 def make_teacher_source(
-    teacher_model: nn.Module | ServedTeacher | str | None,
+    teacher_model: nn.Module | ServedTeacher | str | dict[str, Any] | None,
     model: nn.Module | str,
     train_dataset: Any,
     eval_dataset: Any,
@@ -57,30 +58,57 @@ def make_teacher_source(
     tokenizer: Any,
     teacher_tokenizer: Any = None,
 ) -> TeacherSource:
-    """The run's teacher source: a served teacher (an http(s) URL or a ``ServedTeacher``), a teacher cache
-    (``teacher_model=None`` and a cache as ``train_dataset``), a bridge
-    (``args.bridge``), or a live teacher (``teacher_model``, else GKDConfig's ``teacher_model_name_or_path``); its
-    options checked against the run (``check_args``). The datasets come checked (``validation.check_dataset``).
+    """The run's teacher source: several teachers routed by a dataset column (a dict of any of the following,
+    ``TeacherRouter``), a served teacher (an http(s) URL or a ``ServedTeacher``), a teacher cache
+    (``teacher_model=None`` and a cache as ``train_dataset``), a bridge (``args.bridge``), or a live teacher
+    (``teacher_model``, else GKDConfig's ``teacher_model_name_or_path``); its options checked against the run
+    (``check_args``). The datasets come checked (``validation.check_dataset``).
     """
     if teacher_model is None and args.teacher_model_name_or_path is not None:  # GKDConfig's teacher field
         teacher_model = args.teacher_model_name_or_path
-    manifest = cache_manifest(train_dataset) if teacher_model is None else None
-    if is_served_url(teacher_model) or isinstance(teacher_model, ServedTeacher):
-        source = served_source(teacher_model, args, tokenizer, teacher_tokenizer)
-    elif manifest is not None:
-        if eval_dataset is not None and cache_manifest(eval_dataset) is None:
-            raise ValueError("Without a teacher, eval_dataset must be a teacher cache too (load_teacher_cache).")
-        source = TeacherCache(manifest, args.teacher_cache_tail)
+    if isinstance(teacher_model, dict):
+        parts = {
+            str(name): one_source(teacher, model, train_dataset, eval_dataset, args, tokenizer, teacher_tokenizer)
+            for name, teacher in teacher_model.items()
+        }
+        source: TeacherSource = TeacherRouter(parts, args.teacher_column)
+        source.check_dataset(train_dataset, "train_dataset")
+        source.check_dataset(eval_dataset, "eval_dataset")
     else:
-        teacher = load_teacher(teacher_model, args)
-        student_config = config_kwargs(args.model_init_kwargs, args.trust_remote_code)
-        cross = check_vocabularies(model, teacher, tokenizer, teacher_tokenizer, args.bridge, student_config)
-        if cross:  # the bridge's collator re-renders each conversation in the teacher's chat format
-            check_conversational(train_dataset, "train_dataset")
-            check_conversational(eval_dataset, "eval_dataset")
-        if args.bridge is not None:
-            source = BridgeTeacher(teacher, args, teacher_tokenizer if cross else None)
-        else:
-            source = LiveTeacher(teacher)
+        served_name = args.teacher_model_name_or_path
+        source = one_source(
+            teacher_model, model, train_dataset, eval_dataset, args, tokenizer, teacher_tokenizer, served_name
+        )
     source.check_args(args)
     return source
+
+
+def one_source(
+    teacher_model: nn.Module | ServedTeacher | str | None,
+    model: nn.Module | str,
+    train_dataset: Any,
+    eval_dataset: Any,
+    args: Any,
+    tokenizer: Any,
+    teacher_tokenizer: Any = None,
+    served_name: str | None = None,
+) -> TeacherSource:
+    """One teacher's source (see ``make_teacher_source``); ``served_name`` the model a server must serve."""
+    if isinstance(teacher_model, dict):
+        raise ValueError("A teacher in the teacher_model dict is itself a dict: give each name one teacher.")
+    manifest = cache_manifest(train_dataset) if teacher_model is None else None
+    if is_served_url(teacher_model) or isinstance(teacher_model, ServedTeacher):
+        return served_source(teacher_model, args, tokenizer, teacher_tokenizer, served_name)
+    if manifest is not None:
+        if eval_dataset is not None and cache_manifest(eval_dataset) is None:
+            raise ValueError("Without a teacher, eval_dataset must be a teacher cache too (load_teacher_cache).")
+        return TeacherCache(manifest, args.teacher_cache_tail)
+    teacher = load_teacher(teacher_model, args)
+    student_config = config_kwargs(args.model_init_kwargs, args.trust_remote_code)
+    cross = check_vocabularies(model, teacher, tokenizer, teacher_tokenizer, args.bridge, student_config)
+    if cross:  # the bridge's collator re-renders each conversation in the teacher's chat format
+        check_conversational(train_dataset, "train_dataset")
+        check_conversational(eval_dataset, "eval_dataset")
+    if args.bridge is not None:
+        return BridgeTeacher(teacher, args, teacher_tokenizer if cross else None)
+    return LiveTeacher(teacher)
