@@ -108,6 +108,14 @@ class DistillationConfig(MethodKnobs, GKDConfig):
             "options."
         },
     )
+    teacher_prefetch: bool = field(
+        default=True,
+        metadata={
+            "help": "A served teacher: request each batch's scores as soon as it is collated, so the server scores "
+            "the next batch while the student trains on this one (not when every step generates: lmbda=1 or "
+            "seq_kd). False: request them when the loss needs them."
+        },
+    )
     teacher_column: str = field(
         default="teacher",
         metadata={

@@ -124,8 +124,8 @@ class TeacherRouter(TeacherSource):
         kinds = {type(source).chat_collator for source in self.sources.values()}
         if len(kinds) > 1:  # a source that needs more in a batch than TRL's chat rows
             raise ValueError(f"The teachers {self.names} need different batches; route teachers of one kind.")
-        first = next(iter(self.sources.values()))
-        return RoutingCollator(first.collator(tokenizer, args), self.column, self.names)
+        first = next(iter(self.sources.values()))  # its chat collator, without a served teacher's prefetching
+        return RoutingCollator(TeacherSource.collator(first, tokenizer, args), self.column, self.names)
 
     def prepare(self, trainer: Any) -> None:
         for source in self.sources.values():

@@ -67,6 +67,12 @@ def make_teacher_source(
     if teacher_model is None and args.teacher_model_name_or_path is not None:  # GKDConfig's teacher field
         teacher_model = args.teacher_model_name_or_path
     if isinstance(teacher_model, dict):
+        for name, teacher in teacher_model.items():
+            if teacher is None or isinstance(teacher, dict):
+                raise ValueError(
+                    f"teacher_model[{name!r}] is {teacher!r}: give each name one teacher (a model, a path or Hub id, "
+                    "a server URL or a ServedTeacher)."
+                )
         parts = {
             str(name): one_source(teacher, model, train_dataset, eval_dataset, args, tokenizer, teacher_tokenizer)
             for name, teacher in teacher_model.items()
@@ -94,8 +100,6 @@ def one_source(
     served_name: str | None = None,
 ) -> TeacherSource:
     """One teacher's source (see ``make_teacher_source``); ``served_name`` the model a server must serve."""
-    if isinstance(teacher_model, dict):
-        raise ValueError("A teacher in the teacher_model dict is itself a dict: give each name one teacher.")
     manifest = cache_manifest(train_dataset) if teacher_model is None else None
     if is_served_url(teacher_model) or isinstance(teacher_model, ServedTeacher):
         return served_source(teacher_model, args, tokenizer, teacher_tokenizer, served_name)

@@ -7,12 +7,14 @@ training: on-policy steps (``lmbda > 0``) and SCRG's corrections read the server
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from ..heads import real_vocab_size
 from ..teacher_cache import TopKReconstruction
+from .prefetch import PREFETCHED, PrefetchingCollator
 from .served import ServedTeacher
 from .topk import TopKTeacher
 
@@ -52,8 +54,21 @@ class ServedTeacherSource(TopKTeacher):
         self.client.vocab_size = self.vocab_size
         self.reconstruction = TopKReconstruction(self.vocab_size, self.client.top_k, self.temperature, self.tail)
 
+    def collator(self, tokenizer: Any, args: Any) -> Callable:
+        """The chat collator, requesting each batch's scores as it is collated (``teacher_prefetch``) unless every
+        step replaces its batch by generated sequences (``lmbda=1`` or ``seq_kd``)."""
+        collator = super().collator(tokenizer, args)
+        if not args.teacher_prefetch or args.lmbda >= 1 or args.seq_kd:
+            return collator
+        return PrefetchingCollator(collator, self.client.score)
+
     def teacher_rows(self, inputs: dict[str, Any]) -> torch.Tensor:
-        return self.client.score(inputs["input_ids"], inputs["attention_mask"]).packed_rows()
+        """The prefetched scores of the batch's ids when it brought them (``prefetch.py``), else a request now."""
+        prefetched = inputs.get(PREFETCHED)
+        rows = prefetched.rows_for(inputs["input_ids"]) if prefetched is not None else None
+        if rows is None:
+            rows = self.client.score(inputs["input_ids"], inputs["attention_mask"]).packed_rows()
+        return rows
 
     def score_completions(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, student_logits: torch.Tensor

@@ -112,6 +112,8 @@ def test_rows_naming_no_known_teacher_are_refused_before_training(tmp_path, toke
         _trainer(tmp_path, tokenizer, teachers, _routed(), teacher_column="domain")
     with pytest.raises(ValueError, match="empty dict"):
         _trainer(tmp_path, tokenizer, {}, _routed())
+    with pytest.raises(ValueError, match=r"teacher_model\['chat'\] is None: give each name one teacher"):
+        _trainer(tmp_path, tokenizer, {"code": teachers["code"], "chat": None}, _routed())
 
 
 @pytest.mark.parametrize(

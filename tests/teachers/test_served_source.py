@@ -13,6 +13,7 @@ from hf_kd.losses import TeacherSignal
 from hf_kd.rollout.scrg import completion_logits
 from hf_kd.teacher_cache import TopKReconstruction
 from hf_kd.teachers import ServedTeacher, ServedTeacherError, ServedTeacherSource, terms_fed_by
+from hf_kd.teachers.prefetch import PREFETCHED, PrefetchingCollator
 
 
 @pytest.fixture
@@ -124,3 +125,43 @@ def test_a_server_that_dies_mid_run_stops_training_naming_its_url(tmp_path, toke
     with pytest.raises(ServedTeacherError, match="did not answer /v1/completions after 2 attempts") as error:
         trainer.train()
     assert running.url in str(error.value) and trainer.state.global_step == 0
+
+
+def test_a_batch_is_scored_as_it_is_collated_and_its_scores_serve_only_its_own_ids(
+    tmp_path, tokenizer, train_dataset, server
+):
+    trainer = _trainer(tmp_path, tokenizer, train_dataset, server.url)
+    assert isinstance(trainer.data_collator, PrefetchingCollator)
+    sent = len(server.requests)
+    batch = trainer.data_collator([train_dataset[i] for i in range(4)])
+    batch[PREFETCHED].scores.result()
+    assert len(server.requests) == sent + 1  # requested while collating
+    with torch.no_grad():
+        prefetched = trainer.compute_loss(trainer.model, batch).item()
+        assert len(server.requests) == sent + 1  # the loss used those scores
+        plain = {key: value for key, value in batch.items() if key != PREFETCHED}
+        assert trainer.compute_loss(trainer.model, plain).item() == pytest.approx(prefetched, rel=1e-6)
+        # Other ids of the same shape (as after a rollout) are scored anew, never given the prefetched scores
+        answers = batch["labels"] != -100
+        ids = batch["input_ids"].clone()
+        ids[answers] = 5 + (ids[answers] - 4) % (len(tokenizer) - 5)  # other (non-special) answer tokens
+        generated = {**plain, "input_ids": ids, "labels": torch.where(answers, ids, -100)}
+        other = trainer.compute_loss(trainer.model, {**generated, PREFETCHED: batch[PREFETCHED]}).item()
+        assert other == pytest.approx(trainer.compute_loss(trainer.model, generated).item(), rel=1e-6)
+    assert other != pytest.approx(prefetched, rel=1e-3)
+
+
+@pytest.mark.parametrize("overrides", [{"lmbda": 1.0}, {"teacher_prefetch": False}])
+def test_no_prefetching_when_every_step_generates_or_when_off(tmp_path, tokenizer, train_dataset, server, overrides):
+    trainer = _trainer(tmp_path, tokenizer, train_dataset, server.url, **overrides)
+    assert not isinstance(trainer.data_collator, PrefetchingCollator)
+
+
+def test_prefetching_in_data_loader_workers_trains_as_in_the_main_process(tmp_path, tokenizer, train_dataset, server):
+    losses = []
+    for workers in (0, 1):
+        trainer = _trainer(tmp_path / str(workers), tokenizer, train_dataset, server.url, max_steps=2)
+        trainer.args.dataloader_num_workers = workers
+        trainer.train()
+        losses.append(train_losses(trainer))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
