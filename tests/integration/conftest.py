@@ -38,11 +38,17 @@ def max_logprobs() -> int:
 
 
 @pytest.fixture(scope="session")
-def server(teacher_path):
-    """Skips the test when vLLM is not installed."""
+def new_server(teacher_path):
+    """Makes a server like the session's (a context manager: started on entry, stopped by its pid on exit); skips
+    the test when vLLM is not installed."""
     if not VLLM_PYTHON.is_file():
         pytest.skip("vLLM is not installed: bash scripts/setup_vllm.sh creates .venv-vllm")
-    with VLLMServer(teacher_path, VLLM_PYTHON, max_logprobs=MAX_LOGPROBS, startup_timeout=600) as running:
+    return lambda: VLLMServer(teacher_path, VLLM_PYTHON, max_logprobs=MAX_LOGPROBS, startup_timeout=600)
+
+
+@pytest.fixture(scope="session")
+def server(new_server):
+    with new_server() as running:
         yield running
 
 

@@ -7,12 +7,13 @@ import signal
 import pytest
 import torch
 from tiny import make_args, train_losses
-from transformers import TrainerCallback
+from transformers import AutoModelForCausalLM, TrainerCallback
 
 from hf_kd import DistillationTrainer, cache_teacher, load_teacher_cache
 from hf_kd.assets import make_layer_pruned_student
 from hf_kd.data import load_bundled_dataset
 from hf_kd.teachers import ServedTeacher, ServedTeacherError, ServedTeacherSource
+from hf_kd.teachers.router import TEACHER_INDEX, rows_of
 
 pytestmark = pytest.mark.vllm
 
@@ -77,6 +78,32 @@ def test_an_on_policy_step_with_scrg_trains_from_the_server(server, teacher_toke
     assert any("scrg/corrected_tokens" in entry for entry in trainer.state.log_history)
 
 
+def test_two_teachers_routed_by_a_column_one_served_one_live(
+    server, teacher_path, teacher_tokenizer, student_path, rows, tmp_path
+):
+    """Rows routed to the server or to the same teacher loaded live: the routed loss is each alone on its rows,
+    weighted by its share of the response tokens; training logs each teacher's part."""
+    routed = rows.add_column("teacher", ["served", "live", "live", "served"])
+    live = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32)
+    teachers = {"served": ServedTeacher(server.url, top_k=20), "live": live}
+    options = {"kd_loss": "fkl", "per_device_train_batch_size": 4, "max_steps": 2}
+    trainer = _trainer(student_path, teachers, routed, teacher_tokenizer, tmp_path, **options)
+    batch = next(iter(trainer.get_train_dataloader()))
+    with torch.no_grad():
+        from_router = trainer.compute_loss(trainer.model, batch).item()
+    expected, total = 0.0, (batch["labels"][:, 1:] != -100).sum().item()
+    for i, teacher in enumerate([ServedTeacher(server.url, top_k=20), live]):
+        alone = _trainer(student_path, teacher, rows, teacher_tokenizer, tmp_path, **options)
+        part = rows_of(batch, (batch[TEACHER_INDEX] == i).nonzero().flatten())
+        with torch.no_grad():
+            expected += alone.compute_loss(alone.model, part).item() * (part["labels"][:, 1:] != -100).sum() / total
+    assert from_router == pytest.approx(float(expected), rel=1e-5)
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 2 and all("loss/fkl/served" in e and "loss/fkl/live" in e for e in logged)
+    assert all(e["teacher_tokens/served"] + e["teacher_tokens/live"] == pytest.approx(1.0) for e in logged)
+
+
 class _KillAfterFirstStep(TrainerCallback):
     def __init__(self, server):
         self.server = server
@@ -87,13 +114,28 @@ class _KillAfterFirstStep(TrainerCallback):
             self.server.process.wait(timeout=30)
 
 
-def test_a_server_killed_mid_run_stops_training_naming_its_url(
-    server_to_kill, teacher_tokenizer, student_path, rows, tmp_path
+def test_a_server_killed_mid_run_stops_training_naming_its_url_and_its_checkpoint_resumes_exactly(
+    server_to_kill, new_server, teacher_tokenizer, student_path, rows, tmp_path
 ):
-    """Runs last (it kills the session's server): step 1 trains, step 2 fails after the client's retries."""
-    served = ServedTeacher(server_to_kill.url, top_k=8, timeout=10, retries=2, backoff=0.1)
-    trainer = _trainer(student_path, served, rows, teacher_tokenizer, tmp_path, kd_loss="fkl", max_steps=2)
-    trainer.add_callback(_KillAfterFirstStep(server_to_kill))
+    """Runs last (it kills the session's server). A 2-step run checkpointing every step; the same run with the server
+    killed after step 1 fails at step 2 after the client's retries, naming the URL; once a server is back (a new one,
+    on another port) the run resumes from checkpoint-1 to the uninterrupted run's student."""
+    options = {"kd_loss": "fkl", "max_steps": 2, "save_strategy": "steps", "save_steps": 1}
+
+    def client(url):
+        return ServedTeacher(url, top_k=8, timeout=10, retries=2, backoff=0.1)
+
+    url = server_to_kill.url
+    uninterrupted = _trainer(student_path, client(url), rows, teacher_tokenizer, tmp_path / "a", **options)
+    uninterrupted.train()
+    killed = _trainer(student_path, client(url), rows, teacher_tokenizer, tmp_path / "b", **options)
+    killed.add_callback(_KillAfterFirstStep(server_to_kill))
     with pytest.raises(ServedTeacherError, match="did not answer /v1/completions after 3 attempts") as error:
-        trainer.train()
-    assert server_to_kill.url in str(error.value) and trainer.state.global_step == 1
+        killed.train()
+    assert server_to_kill.url in str(error.value) and killed.state.global_step == 1
+    with new_server() as back:
+        resumed = _trainer(student_path, client(back.url), rows, teacher_tokenizer, tmp_path / "b", **options)
+        resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 2
+    for a, b in zip(uninterrupted.model.parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
