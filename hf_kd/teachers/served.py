@@ -92,6 +92,7 @@ class ServedTeacher:
         self.model = model
         self.vocab_size = vocab_size
         self.bytes_received = 0  # response bodies, for measuring the traffic per token
+        self.tokens_scored = 0  # tokens of the sequences sent to score
 
     # ------------------------------------------------------------------ HTTP
     def _request(self, path: str, payload: dict[str, Any] | None = None) -> Any:
@@ -181,6 +182,7 @@ class ServedTeacher:
         sequences, offsets, length = _sequences(input_ids, attention_mask)
         if self.model is None:
             self._served_model()
+        self.tokens_scored += sum(len(sequence) for sequence in sequences)
         answer = self._request(
             "/v1/completions",
             {
