@@ -131,6 +131,57 @@ class DistillationConfig(MethodKnobs, GKDConfig):
             "replaces the student's worst token with the teacher's and lets the student re-generate the rest."
         },
     )
+    use_vllm: bool = field(
+        default=False,
+        metadata={
+            "help": "Generate on-policy rollouts (and SCRG's re-generations) with a vLLM engine instead of "
+            "transformers' `generate`, with the same sampling (temperature, top-p, max_new_tokens, EOS, padded head "
+            "rows suppressed); the student's weights are pushed into the engine every `vllm_sync_steps` optimizer "
+            "steps (LoRA merged). See docs/vllm_rollouts.md."
+        },
+    )
+    vllm_mode: str = field(
+        default="server",
+        metadata={
+            "help": "With `use_vllm`: 'server' (an engine in another process: `vllm_server_url`, or one hf_kd starts "
+            "with `vllm_python`) or 'colocate' (an engine in the training process, where vLLM imports in it).",
+            "choices": ["server", "colocate"],
+        },
+    )
+    vllm_server_url: str | None = field(
+        default=None,
+        metadata={
+            "help": "With `use_vllm` in server mode: a running vLLM server serving the student's architecture, "
+            "started with VLLM_SERVER_DEV_MODE=1 and `--worker-extension-cls vllm_sync_extension.WeightSyncExtension` "
+            "(hf_kd/rollout on its PYTHONPATH), e.g. 'http://127.0.0.1:8000/v1'. None: hf_kd starts one on "
+            "127.0.0.1 from the student and stops it when the trainer is closed or the process exits."
+        },
+    )
+    vllm_python: str | None = field(
+        default=None,
+        metadata={
+            "help": "The Python of the environment vLLM is installed in, for the server hf_kd starts (e.g. "
+            "'.venv-vllm/bin/python', made by scripts/setup_vllm.sh). None: this Python, when vLLM imports here."
+        },
+    )
+    vllm_sync_steps: int = field(
+        default=1,
+        metadata={
+            "help": "With `use_vllm`: push the student's weights into the engine every this many optimizer steps "
+            "(1: rollouts always sample from the current student; more: cheaper, slightly off-policy)."
+        },
+    )
+    vllm_sync_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "With `use_vllm`: the folder the student's weights are written to for the engine to reload; it "
+            "must be readable by the server (a shared disk for a remote one). None: a temporary folder."
+        },
+    )
+    vllm_server_timeout: float = field(
+        default=300.0,
+        metadata={"help": "With `use_vllm` (or seq_kd from a served teacher): seconds each server request may take."},
+    )
     on_policy_normalization: str = field(
         default="generated",
         metadata={
@@ -188,6 +239,25 @@ class DistillationConfig(MethodKnobs, GKDConfig):
             )
         if self.invalid_rows not in ("error", "skip"):
             raise ValueError(f"invalid_rows must be 'error' or 'skip', got {self.invalid_rows!r}.")
+        if self.vllm_mode not in ("server", "colocate"):
+            raise ValueError(f"vllm_mode must be 'server' or 'colocate', got {self.vllm_mode!r}.")
+        if self.vllm_sync_steps < 1:
+            raise ValueError(
+                f"vllm_sync_steps must be >= 1, got {self.vllm_sync_steps}: it is how many optimizer steps pass "
+                "between two pushes of the student's weights into the vLLM engine."
+            )
+        if self.vllm_server_timeout <= 0:
+            raise ValueError(f"vllm_server_timeout must be > 0 seconds, got {self.vllm_server_timeout}.")
+        if self.vllm_server_url is not None and not self.vllm_server_url.startswith(("http://", "https://")):
+            raise ValueError(
+                f"vllm_server_url must be an http(s) URL such as 'http://127.0.0.1:8000/v1', got "
+                f"{self.vllm_server_url!r}."
+            )
+        if not self.use_vllm and (self.vllm_server_url is not None or self.vllm_python is not None):
+            raise ValueError(
+                "vllm_server_url / vllm_python are set but use_vllm is False, so rollouts would use transformers' "
+                "generate and the server would be ignored: set use_vllm=True, or drop them."
+            )
         if self.scrg_corrections < 0:
             raise ValueError(f"scrg_corrections must be >= 0, got {self.scrg_corrections}.")
         super().__post_init__()

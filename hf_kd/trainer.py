@@ -9,6 +9,7 @@ log each term.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import random
@@ -35,6 +36,8 @@ from .heads import padded_token_ids
 from .hub import MODULES_FILE, TEACHERS_FILE, DistillationHubMixin
 from .losses import DistillationLoss
 from .rollout import GeneratedBatch, GenerationCallback, GenerationContext, RolloutStep
+from .rollout.backend import TransformersBackend, rollout_outputs
+from .rollout.select import WeightSyncCallback, student_backend, teacher_backend
 from .sharding import HELPER_OPTIMIZER_FILE, helper_optimizer_state_aside
 from .teachers import ServedTeacher, make_teacher_source
 from .teachers.base import POSITION_COUNTS, position_counts
@@ -226,13 +229,25 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
         }
         self.generation_config = GenerationConfig(**self.generation_kwargs)
         # Sequences never hold a padded head row (no token) of the student, or of a teacher that may write into them.
-        generators = [self.model, self.teacher_model] if self.teacher_source.generates else [self.model]
+        teacher_writes = self.teacher_source.generates and self.teacher_model is not None
+        generators = [self.model, self.teacher_model] if teacher_writes else [self.model]
         vocab_size = self.teacher_source.vocab_size
         padded = padded_token_ids(generators, vocab_size) if vocab_size is not None else []
         if padded:  # on-policy, seq-kd and SCRG generations never emit a padded head row
             self.generation_config.suppress_tokens = padded
         eos = getattr(self.model.generation_config, "eos_token_id", None)
         self.generation_config.eos_token_id = eos if eos is not None else self.processing_class.eos_token_id
+        if args.use_vllm and args.lmbda == 0 and args.scrg_corrections == 0:
+            raise ValueError(
+                "use_vllm=True generates the student's rollouts with vLLM, but lmbda=0 never lets the student "
+                "generate: set lmbda > 0, or use_vllm=False (seq_kd from a served teacher generates with its server "
+                "either way)."
+            )
+        # the student's rollouts (and SCRG's re-generations); seq_kd from a served teacher generates with its server
+        self.rollout_backend = student_backend(args, self.model, self.processing_class)
+        self.teacher_rollout_backend = teacher_backend(self.teacher_source, args) or TransformersBackend()
+        if args.use_vllm:
+            self.add_callback(WeightSyncCallback(self))
 
     def _split_reference_terms(self) -> tuple[DistillationLoss | None, DistillationLoss | None]:
         """(the recipe's `ce` term, the other terms), each as a loss sharing the recipe's term modules.
@@ -342,24 +357,36 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
         return position_counts(self.loss_fn, batches, self.processing_class, self.args)
 
     def _rollout(self, model: nn.Module, inputs: dict[str, Any], source: str) -> dict[str, Any]:
+        """Generate completions of the batch's prompts with the student (on-policy) or the teacher (seq_kd), each with
+        its rollout backend, then run the generation callbacks on them."""
         generator = model if source == "student" else self.teacher_model
-        with unwrap_model_for_generation(
-            generator,
-            self.accelerator,
-            generation_kwargs=self.generation_kwargs,
-            gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs if source == "student" else None,
-        ) as unwrapped:
-            ids, mask, labels = self.generate_on_policy_outputs(unwrapped, inputs, self.generation_config)
-            batch = GeneratedBatch(ids, mask, labels, inputs["prompts"].shape[1], source)
+        backend = self.rollout_backend if source == "student" else self.teacher_rollout_backend
+        unwrapping = (
+            unwrap_model_for_generation(
+                generator,
+                self.accelerator,
+                generation_kwargs=self.generation_kwargs,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs if source == "student" else None,
+            )
+            if generator is not None  # a served teacher generates in its server
+            else contextlib.nullcontext()
+        )
+        prompts, prompt_mask = inputs["prompts"], inputs["prompt_attention_mask"]
+        with unwrapping as unwrapped:
+            sequences = backend.generate(unwrapped, prompts, prompt_mask, self.generation_config)
+            ids, mask, labels = rollout_outputs(sequences, prompt_mask, self.generation_config)
+            batch = GeneratedBatch(ids, mask, labels, prompts.shape[1], source)
             if self.generation_callbacks:
+                student = unwrapped if source == "student" else self.accelerator.unwrap_model(model)
                 ctx = GenerationContext(
-                    student=unwrapped if source == "student" else self.accelerator.unwrap_model(model),
+                    student=student,
                     teacher=unwrapped if source == "teacher" else self._unwrapped_teacher(),
                     tokenizer=self.processing_class,
                     teacher_tokenizer=self.teacher_processing_class,
                     generation_config=self.generation_config,
                     args=self.args,
                     score_teacher=self.teacher_source.score_completions,
+                    generate_student=functools.partial(self.rollout_backend.generate, student),
                 )
                 for callback in self.generation_callbacks:
                     batch = callback.on_generation(batch, ctx)

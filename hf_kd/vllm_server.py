@@ -43,6 +43,7 @@ class VLLMServer:
     CPU KV cache (without it vLLM's CPU build asks for most of the memory); ``cpus`` the CPUs its threads bind to
     (default: all this process may use, none reserved). Start-up waits for ``/health`` up to ``startup_timeout``
     seconds. The server's output goes to ``log_path`` (default: a temporary file, removed after a clean stop).
+    ``extra_args`` are more server flags, ``env`` more environment variables (e.g. a rollout server's weight sync).
     """
 
     def __init__(
@@ -60,6 +61,7 @@ class VLLMServer:
         stop_timeout: float = 30.0,
         log_path: str | os.PathLike | None = None,
         extra_args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
     ):
         if not Path(python).is_file():
             raise FileNotFoundError(
@@ -80,6 +82,7 @@ class VLLMServer:
             "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
             "HF_HUB_OFFLINE": "1",
             "VLLM_NO_USAGE_STATS": "1",
+            **(env or {}),
         }
         self._own_log = log_path is None
         self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="vllm-server-", suffix=".log")[1])

@@ -47,7 +47,9 @@ class GenerationContext:
 
     ``teacher`` is None when the teacher is no model in this process (a served teacher): ``score_teacher`` then gives
     its log-probabilities of the last n tokens, (input_ids, attention_mask, the student's logits [B, n, V]) ->
-    [B, n, V] (its top-k, the rest rebuilt as for a teacher cache).
+    [B, n, V] (its top-k, the rest rebuilt as for a teacher cache). ``generate_student`` generates with the student
+    through the run's rollout backend, (left-padded ids, mask, generation config) -> sequences as ``generate`` returns
+    them; None: ``student.generate``.
     """
 
     student: PreTrainedModel
@@ -57,6 +59,7 @@ class GenerationContext:
     generation_config: GenerationConfig
     args: Any
     score_teacher: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    generate_student: Callable[[torch.Tensor, torch.Tensor, GenerationConfig], torch.Tensor] | None = None
 
 
 class GenerationCallback:

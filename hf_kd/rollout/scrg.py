@@ -18,7 +18,8 @@ Choices where the paper is silent:
   EOS ends the sequence;
 * scoring uses one forward of each model over the whole batch, and re-generation one batched
   ``generate`` call over the corrected sequences (left-padded prefixes of different lengths), with
-  the trainer's generation config (so the student samples as it does on-policy);
+  the trainer's generation config (so the student samples as it does on-policy), through the run's
+  rollout backend (``GenerationContext.generate_student``: e.g. a vLLM server);
 * teacher and student must share one vocabulary (token ids are exchanged between them); both are
   compared over the tokenizer's real tokens only (rows a head is padded with are no token and never
   chosen). Different tokenizers raise a ValueError;
@@ -212,11 +213,11 @@ class SCRGCallback(GenerationCallback):
             if gen_config.min_new_tokens is not None:
                 gen_config.min_new_tokens = min(gen_config.min_new_tokens, n_new)
             student_device = _device(ctx.student)
-            out = ctx.student.generate(
-                input_ids=prefix.to(student_device),
-                attention_mask=prefix_mask.to(student_device),
-                generation_config=gen_config,
-            )
+            prefix, prefix_mask = prefix.to(student_device), prefix_mask.to(student_device)
+            if ctx.generate_student is not None:  # the run's rollout backend (e.g. a vLLM server)
+                out = ctx.generate_student(prefix, prefix_mask, gen_config)
+            else:
+                out = ctx.student.generate(input_ids=prefix, attention_mask=prefix_mask, generation_config=gen_config)
             suffix = out[:, width:].to(device)
         else:
             suffix = torch.empty(fix_rows.numel(), 0, dtype=ids.dtype, device=device)

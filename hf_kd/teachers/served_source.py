@@ -29,21 +29,20 @@ class ServedTeacherSource(TopKTeacher):
 
     Construction checks the server (``ServedTeacher.check``): it serves ``model_name`` (when given) with the student's
     tokenizer and can give ``top_k``. Its rows hold the teacher at temperature 1 (vLLM's prompt log-probabilities).
-    It does not generate for the student (seq_kd). A server that fails mid-run raises ``ServedTeacherError`` naming
-    its URL, which stops training.
+    Under seq_kd the server generates the teacher's answers too (``hf_kd.rollout.select.teacher_backend``: its
+    completions as token ids, never synced). A server that fails mid-run raises an error naming its URL, which stops
+    training.
     """
 
     rows = "served top-k rows"
-    generates = False
+    generates = True  # seq_kd: through its server (hf_kd.rollout.vllm_backend), not a model in this process
     holds = "the teacher's top-k and tail at each token only"
     temperature_fix = "vLLM's prompt log-probabilities are the teacher's at temperature 1: set kd_temperature={stored}"
 
     def __init__(self, client: ServedTeacher, tail: str, tokenizer: Any, model_name: str | None = None):
         self.client, self.tail = client, tail
         self.description = f"the served teacher at {client.url}"
-        self.refusal = (
-            f"The served teacher at {client.url} scores token ids but does not generate for the student: {{needs}}."
-        )
+        self.refusal = f"The served teacher at {client.url} cannot serve the run: {{needs}}."
         client.check(tokenizer, model_name)
         self.teacher_name = model_name or client.model
 

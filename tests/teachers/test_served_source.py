@@ -45,7 +45,7 @@ def test_a_url_gives_a_served_source_checked_against_the_server(tmp_path, tokeni
     assert type(source) is ServedTeacherSource and trainer.teacher_model is None
     assert source.client.url == server.url and source.client.top_k == 7
     assert source.signals == {TeacherSignal.NOTHING, TeacherSignal.TOP_K}
-    assert source.scores_generated and not source.generates
+    assert source.scores_generated and source.generates  # seq_kd: through its server (tests/test_rollout_vllm.py)
     assert source.teacher_name == "teacher"  # the served model, for the model card
     # Checked at construction: the served model, the probe text's tokenization, one scoring request.
     assert [path for path, _ in server.requests] == ["/v1/models", "/tokenize", "/v1/completions"]
@@ -69,8 +69,6 @@ def test_terms_and_options_a_server_cannot_feed_are_refused_naming_it(tmp_path, 
         _trainer(tmp_path, tokenizer, train_dataset, server.url, kd_loss=full_rows)
     with pytest.raises(ValueError, match=r"at 1.0: the top-k would rescale .*set kd_temperature=1.0"):
         _trainer(tmp_path, tokenizer, train_dataset, server.url, kd_loss="fkl", kd_temperature=2.0)
-    with pytest.raises(ValueError, match=f"served teacher at {server.url} .* does not generate.*seq_kd=False"):
-        _trainer(tmp_path, tokenizer, train_dataset, server.url, seq_kd=True)
     with pytest.raises(ValueError, match="teacher_model_init_kwargs"):
         _trainer(tmp_path, tokenizer, train_dataset, server.url, teacher_model_init_kwargs={"dtype": "float32"})
 
