@@ -70,6 +70,14 @@ def repeats_a_run(text: str, min_span: int = 6, max_span: int = 40) -> bool:
     return any(_repeats_back_to_back(words, span, 2) for span in range(min_span, max_span + 1))
 
 
+SHORT_ANSWER_WORDS = 10
+
+
+def word_count(text: str) -> int:
+    """Words of an answer (runs of non-space characters): the unit of the answer-length columns."""
+    return len(text.split())
+
+
 def _split_conversation(messages: Sequence[dict[str, str]]) -> tuple[list[dict[str, str]], str]:
     """(prompt turns, reference answer): the last turn must be the assistant's answer."""
     if not messages or messages[-1]["role"] != "assistant":
@@ -200,11 +208,12 @@ def evaluate_student(
 
     Returns ``rouge_l`` (mean Rouge-L F1 x 100 of greedy answers vs references), ``exact_match`` (percentage of
     answers whose first sentence equals the reference's), ``loop_rate`` (percentage of answers caught in a
-    repetition loop, :func:`has_repetition_loop`), ``num_samples``, and with a teacher sharing the
+    repetition loop, :func:`has_repetition_loop`), ``answer_words`` (mean words per answer, :func:`word_count`),
+    ``short_answer_rate`` (percentage of answers under ten words), ``num_samples``, and with a teacher sharing the
     tokenizer, ``kl`` (mean per-token KL(teacher || student) on the references). ``predictions`` is added when
     ``return_predictions`` is set; ``per_sample`` adds ``per_sample``: per conversation its ``rouge_l``,
-    ``exact_match`` (0/1), ``loop`` (0/1) and, with a teacher, ``kl_sum`` and ``kl_tokens`` (for bootstraps over
-    conversations). The model's train/eval mode is restored afterwards.
+    ``exact_match`` (0/1), ``loop`` (0/1), ``words`` and, with a teacher, ``kl_sum`` and ``kl_tokens`` (for
+    bootstraps over conversations). The model's train/eval mode is restored afterwards.
     """
     count = len(dataset) if max_samples is None else min(max_samples, len(dataset))
     conversations = [list(dataset[i]["messages"]) for i in range(count)]
@@ -222,11 +231,14 @@ def evaluate_student(
             "rouge_l": [rouge_l(p, r) for p, r in zip(predictions, references)],
             "exact_match": [int(first_sentence(p) == first_sentence(r)) for p, r in zip(predictions, references)],
             "loop": [int(has_repetition_loop(p)) for p in predictions],
+            "words": [word_count(p) for p in predictions],
         }
         results: dict[str, Any] = {
             "rouge_l": sum(samples["rouge_l"]) / len(references),
             "exact_match": 100.0 * sum(samples["exact_match"]) / len(references),
             "loop_rate": 100.0 * sum(samples["loop"]) / len(predictions),
+            "answer_words": sum(samples["words"]) / len(predictions),
+            "short_answer_rate": 100.0 * sum(w < SHORT_ANSWER_WORDS for w in samples["words"]) / len(predictions),
             "num_samples": len(references),
         }
         if teacher is not None:

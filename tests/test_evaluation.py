@@ -10,6 +10,7 @@ from tiny import chatml_llama, chatml_tokenizer
 from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
 
 from hf_kd.evaluation import (
+    Answer,
     EvaluationCallback,
     evaluate_student,
     first_sentence,
@@ -18,6 +19,7 @@ from hf_kd.evaluation import (
     repeats_a_run,
     rouge_l,
     token_kl,
+    word_count,
 )
 
 PROMPTS = ["what is the capital of france ?", "the cat sat on the mat .", "is the sky blue ?"]
@@ -59,6 +61,23 @@ def test_a_sentence_said_twice_in_a_row_is_a_repeated_run_but_not_a_loop():
     assert not repeats_a_run("one two three four five, one two three four five")  # five words: below min_span
     assert repeats_a_run("one two three four five, one two three four five", min_span=5)
     assert not repeats_a_run("")
+
+
+def test_answer_length_and_loop_columns(tokenizer, monkeypatch):
+    answers = [
+        "The sky looks blue.",  # 4 words: short
+        "Light from the Sun is scattered by the air, and blue light is scattered most.",  # 15 words
+        "A compiler is a compiler is a compiler is a compiler.",  # 11 words, a loop, not short
+    ]
+    fixed = [Answer(text, True) for text in answers]
+    monkeypatch.setattr("hf_kd.evaluation.generate_answers", lambda *args, **kwargs: fixed)
+    data = Dataset.from_list([{"messages": c} for c in conversations()])
+    result = evaluate_student(chatml_llama(len(tokenizer), seed=1), tokenizer, data, per_sample=True)
+    assert [word_count(a) for a in answers] == [4, 15, 11] == result["per_sample"]["words"]
+    assert result["answer_words"] == pytest.approx(30 / 3)
+    assert result["short_answer_rate"] == pytest.approx(100 / 3)
+    assert result["loop_rate"] == pytest.approx(100 / 3)
+    assert word_count("  ") == 0
 
 
 def test_first_sentence():
