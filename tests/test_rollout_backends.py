@@ -19,15 +19,15 @@ from trl.experimental.utils import DataCollatorForChatML
 from hf_kd import DistillationConfig, DistillationTrainer
 from hf_kd.rollout.backend import TransformersBackend, rollout_outputs
 from hf_kd.rollout.vllm_backend import VLLMRolloutError, VLLMServerBackend
-from hf_kd.rollout.weight_sync import METHOD, WeightSync, merged_state_dict
+from hf_kd.rollout.weight_sync import METHOD, WeightSync, fingerprint, merged_state_dict
 from hf_kd.vllm_server import free_port
 
 
 class FakeEngine:
     """Answers generation (``return_token_ids``) from ``model`` as vLLM does: the prompt ids as given, greedy at
     temperature 0 (else sampled with the request's seed), only ``allowed_token_ids``, stop after a ``stop_token_ids``
-    id (kept); reloads ``model`` from the folder of a ``/collective_rpc`` weight reload and answers its sum; anything
-    else goes to ``fallback`` (the served teacher's endpoints)."""
+    id (kept); reloads ``model`` from the folder of a ``/collective_rpc`` weight reload and answers its fingerprint;
+    anything else goes to ``fallback`` (the served teacher's endpoints)."""
 
     def __init__(self, model, fallback=None):
         self.model, self.fallback, self.sum_offset = model.eval(), fallback, 0.0
@@ -38,7 +38,7 @@ class FakeEngine:
             folder = payload["kwargs"]["weights_path"]
             state = load_file(f"{folder}/model.safetensors")
             self.model.load_state_dict(state, strict=False)
-            total = sum(float(p.detach().double().sum()) for p in self.model.parameters()) + self.sum_offset
+            total = fingerprint(self.model, self.model.state_dict(), torch.float32) + self.sum_offset
             return 200, {"results": [{"sum": total, "dtype": "float32", "embeddings_refreshed": 1}]}
         if path == "/reset_prefix_cache":
             return 200, {"success": True}

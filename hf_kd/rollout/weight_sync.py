@@ -3,8 +3,9 @@
 The student (LoRA adapters merged into a copy of the weights, the student itself unchanged) is written with
 ``save_pretrained`` as safetensors into ``folder``, which the server must be able to read (the same machine or a
 shared disk). ``POST /collective_rpc`` then calls the worker method of ``vllm_sync_extension`` on every worker, which
-reloads the folder and answers the sum of the parameters it holds; the push fails unless every worker's sum equals
-the sum of what was written (cast to the engine's dtype): stale weights are an error, never silent. The server's
+reloads the folder and answers a sum over the weights it computes with (each linear layer through its kernel); the
+push fails unless every worker's sum equals that of what was written (``fingerprint``, cast to the engine's dtype)
+within ``SUM_RTOL``: stale weights are an error, never silent. The server's
 prefix cache (KV computed with the old weights) is reset after each push.
 """
 
@@ -46,18 +47,32 @@ def merged_state_dict(model: nn.Module) -> tuple[nn.Module, dict[str, torch.Tens
     for key, value in base.state_dict().items():
         if "lora_" in key or ".original_module." in key:
             continue
-        key = key.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
+        key = clean_key(key)
         state[key] = value + deltas[key].to(value.dtype) if key in deltas else value
     return base, state
 
 
-def parameter_sum(state: dict[str, torch.Tensor], dtype: torch.dtype) -> float:
-    """Sum of the distinct tensors of ``state`` (a tied head counted once) cast to ``dtype``, in float64."""
+def clean_key(key: str) -> str:
+    """A PEFT model's parameter name as the plain model names it."""
+    return key.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
+
+
+def fingerprint(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype) -> float:
+    """What the engine's worker answers for these weights (``vllm_sync_extension``): the sum, in float64 of values
+    cast to ``dtype``, of every linear layer's weight and bias (a tied output layer counted as a layer of its own, as
+    the engine applies it) and of every other tensor once (a tied embedding once)."""
+    linear = {
+        clean_key(f"{name}.{part}")
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and "lora_" not in name and ".original_module" not in name
+        for part in ("weight", "bias")
+    }
     seen, total = set(), 0.0
-    for value in state.values():
-        if value.data_ptr() in seen:
-            continue
-        seen.add(value.data_ptr())
+    for key, value in state.items():
+        if key not in linear:
+            if value.data_ptr() in seen:
+                continue
+            seen.add(value.data_ptr())
         total += float(value.detach().to(dtype).double().sum())
     return total
 
@@ -87,7 +102,7 @@ class WeightSync:
                 )
             for result in results:
                 dtype = getattr(torch, str(result.get("dtype")), None)
-                expected = parameter_sum(state, dtype) if isinstance(dtype, torch.dtype) else None
+                expected = fingerprint(plain, state, dtype) if isinstance(dtype, torch.dtype) else None
                 if expected is None or abs(result["sum"] - expected) > SUM_RTOL * max(abs(expected), 1.0):
                     raise VLLMRolloutError(
                         f"The vLLM server at {backend.url} holds weights summing to {result['sum']!r} "
@@ -122,4 +137,4 @@ class WeightSync:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
-__all__ = ["EXTENSION", "METHOD", "WeightSync", "merged_state_dict", "parameter_sum"]
+__all__ = ["EXTENSION", "METHOD", "WeightSync", "fingerprint", "merged_state_dict"]

@@ -38,6 +38,14 @@ def max_logprobs() -> int:
 
 
 @pytest.fixture(scope="session")
+def vllm_python() -> Path:
+    """The Python of vLLM's environment; skips the test when vLLM is not installed."""
+    if not VLLM_PYTHON.is_file():
+        pytest.skip("vLLM is not installed: bash scripts/setup_vllm.sh creates .venv-vllm")
+    return VLLM_PYTHON
+
+
+@pytest.fixture(scope="session")
 def new_server(teacher_path):
     """Makes a server like the session's (a context manager: started on entry, stopped by its pid on exit); skips
     the test when vLLM is not installed."""
