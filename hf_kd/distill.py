@@ -33,6 +33,7 @@ from .config import DistillationConfig
 from .data import load_bundled_dataset, map_to_messages
 from .model_card import looks_like_hub_id
 from .model_loading import init_kwargs
+from .teachers.served_source import is_served_url
 from .trainer import DistillationTrainer
 
 if TYPE_CHECKING:
@@ -83,7 +84,11 @@ class DistillScriptArguments(ScriptArguments):
         metadata={"help": "A local .json/.jsonl file, a Hub dataset id, or 'bundled' (hf_kd's conversations)."},
     )
     teacher: str | None = field(
-        default=None, metadata={"help": "Teacher: a local folder, a Hub id, or a real-model name (hf_kd.assets)."}
+        default=None,
+        metadata={
+            "help": "Teacher: a local folder, a Hub id, a real-model name (hf_kd.assets), or the URL of a vLLM server "
+            "serving it ('http://127.0.0.1:8000/v1'; top-k `teacher_top_k`, see README 'A teacher served by vLLM')."
+        },
     )
     student_layers: int | None = field(
         default=None,
@@ -213,7 +218,7 @@ class Models:
     """The models and tokenizers one run trains with."""
 
     student: PreTrainedModel
-    teacher: PreTrainedModel
+    teacher: PreTrainedModel | str  # a model, or a teacher server's URL
     tokenizer: Any
     teacher_tokenizer: Any | None
 
@@ -238,11 +243,20 @@ def load_models(script_args: DistillScriptArguments, config: DistillationConfig,
             "Give exactly one of `model_name_or_path` (the student to load) and `student_layers` (a student cut "
             "from the teacher)."
         )
+    student_kwargs = _student_kwargs(config, model_args)
+    if is_served_url(script_args.teacher):  # the server holds the teacher; the trainer checks it
+        if script_args.student_layers is not None:
+            raise CommandLineError(
+                "student_layers cuts the student from the teacher's weights, which a served teacher does not give: "
+                "pass model_name_or_path (e.g. a student cut once with hf_kd.assets.make_layer_pruned_student)."
+            )
+        student_path = resolve_model_path(model_args.model_name_or_path)
+        student = AutoModelForCausalLM.from_pretrained(student_path, **student_kwargs)
+        return Models(student, script_args.teacher, load_tokenizer(student_path, "student's"), None)
     teacher_path = resolve_model_path(script_args.teacher)
     teacher = AutoModelForCausalLM.from_pretrained(
         teacher_path, **init_kwargs(config.teacher_model_init_kwargs, "auto", config.trust_remote_code)
     )
-    student_kwargs = _student_kwargs(config, model_args)
     if script_args.student_layers is not None:
         if is_deepspeed_zero3_enabled():
             raise CommandLineError(

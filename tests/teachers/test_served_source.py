@@ -8,7 +8,7 @@ import torch
 from served_fake import FakeServer, vllm_responder
 from tiny import make_args, make_model, train_losses
 
-from hf_kd import DistillationTrainer
+from hf_kd import DistillationTrainer, distill
 from hf_kd.losses import TeacherSignal
 from hf_kd.rollout.scrg import completion_logits
 from hf_kd.teacher_cache import TopKReconstruction
@@ -163,3 +163,20 @@ def test_prefetching_in_data_loader_workers_trains_as_in_the_main_process(tmp_pa
         trainer.train()
         losses.append(train_losses(trainer))
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+def test_the_distill_script_trains_from_a_served_teachers_url(tmp_path, tokenizer, train_dataset, server):
+    student = tmp_path / "student"
+    make_model(len(tokenizer), hidden=32, layers=1, seed=1).save_pretrained(student)
+    tokenizer.save_pretrained(student)
+    data = tmp_path / "train.jsonl"
+    train_dataset.to_json(data)
+    common = ["--dataset_name", str(data), "--output_dir", str(tmp_path / "out"), "--max_steps", "2"]
+    argv = [*common, "--teacher", server.url, "--model_name_or_path", str(student), "--teacher_top_k", "8"]
+    argv += ["--report_to", "none", "--use_cpu", "true", "--bf16", "false", "--gradient_checkpointing", "false"]
+    result = distill.main(*distill.parse_args(argv))
+    assert result["global_step"] == 2 and torch.isfinite(torch.tensor(result["train_loss"]))
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert any(path == "/v1/completions" for path, _ in server.requests[3:])  # trained from the server's scores
+    with pytest.raises(distill.CommandLineError, match="student_layers cuts the student from the teacher's weights"):
+        distill.main(*distill.parse_args([*common, "--teacher", server.url, "--student_layers", "1"]))
