@@ -1,7 +1,7 @@
 """How many [rows, V] float32 buffers each loss term keeps alive at once inside the loss engine, measured.
 
 One fused step (student head forward and backward, teacher head forward, the term) over three chunks, on CPU with
-glibc's default malloc (``HF_KD_TUNE_MALLOC=0``: a freed 64 MiB block leaves the resident set at once). The peak
+glibc's default malloc (no ``tune_for_chunks`` call: a freed 64 MiB block leaves the resident set at once). The peak
 resident memory of the step above its start, less the student head's [V, d] gradient, divided by the size of one
 chunk's [rows, V] float32 buffer, is the number of such buffers alive at the peak (later chunks: the head gradient
 exists from the first chunk on). ``memory_plan.py`` uses the largest count. Usage:
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         print(f"{live_buffers(args.child, args.vocab, args.chunk_rows, *args.hidden):.1f}")
         return
-    env = os.environ | {"HF_KD_TUNE_MALLOC": "0", "OMP_NUM_THREADS": "1"}
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
     lines = [f"| term | live [{args.chunk_rows}, {args.vocab}] float32 buffers |", "|---|---|"]
     for term in args.terms:  # one process per term: the peak of one term only
         shape = ["--vocab", str(args.vocab), "--chunk-rows", str(args.chunk_rows), "--hidden", *map(str, args.hidden)]

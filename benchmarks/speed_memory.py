@@ -150,8 +150,6 @@ def method_unavailable(method: str, device: str) -> str | None:
         missing = [name for name in ("dac_kl", "span") if name not in LOSS_REGISTRY]
         if missing:
             return f"loss terms not registered: {missing}"
-        if importlib.util.find_spec("hf_kd.spans") is None:
-            return "hf_kd.spans is missing"
     if method == "dskd":
         try:
             importlib.import_module("hf_kd.bridge.dskd")
@@ -614,7 +612,7 @@ def run_loss_side(spec: LossSideSpec) -> dict[str, Any]:
 
     torch.set_num_threads(spec.threads)
     if spec.method not in ("trl-chunked", "liger-jsd"):  # the other libraries run as shipped
-        tune_for_chunks()  # hf_kd's engine applies it on its first call; the floor gets it too (a lower floor)
+        tune_for_chunks()  # as DistillationTrainer does on CPU; the floor gets it too (a lower floor)
     result = {"method": spec.method, "vocab": spec.vocab, "rows": spec.rows}
     if spec.method in LOSS_SIDE_TERMS:
         from hf_kd.losses import LOSS_REGISTRY

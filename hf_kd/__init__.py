@@ -4,6 +4,8 @@
 `hf_kd.losses.build_loss` serves the losses to users who bring their own loop.
 """
 
+from importlib import metadata
+
 from .environment import apply_defaults
 
 apply_defaults()
@@ -17,7 +19,7 @@ from .rollout import GeneratedBatch, GenerationCallback, GenerationContext  # no
 from .teacher_cache import cache_teacher, load_teacher_cache  # noqa: E402
 from .trainer import DistillationTrainer  # noqa: E402
 
-__version__ = "0.1.0"
+__version__ = metadata.version("hf_kd")  # the one version, pyproject.toml's
 
 __all__ = [
     "DistillationConfig",

@@ -257,11 +257,9 @@ def _fmt(value: Any) -> str:
 
 
 def framework_versions() -> list[tuple[str, str]]:
-    """Installed versions of hf_kd and the libraries it builds on."""
-    import hf_kd
-
-    versions = [("hf_kd", hf_kd.__version__)]
-    for dist in ("transformers", "trl", "peft", "torch"):
+    """Installed versions of hf_kd and the libraries it builds on, from their package metadata."""
+    versions = []
+    for dist in ("hf_kd", "transformers", "trl", "peft", "torch"):
         try:
             versions.append((dist, metadata.version(dist)))
         except metadata.PackageNotFoundError:

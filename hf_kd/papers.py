@@ -1,8 +1,9 @@
 """What a method cites: ``Paper``, and the papers that several parts of hf_kd share.
 
 A loss term or a bridge declares its own paper (``TokenLoss.paper``, a bridge's ``paper``); the model card cites
-exactly the declared papers of the parts a run used. The two papers below are shared: GKD by the ``jsd`` term and
-on-policy data (``lmbda``), MGSR by the ``dac_kl`` and ``span`` terms and SCRG (``scrg_corrections``).
+exactly the declared papers of the parts a run used. The papers below are shared: GKD by the ``jsd`` term and
+on-policy data (``lmbda``), MGSR by the ``dac_kl`` and ``span`` terms and SCRG (``scrg_corrections``), DistiLLM by
+the skew KL terms, BiLD by the ``bild`` and ``prompt_fkl`` terms.
 """
 
 from __future__ import annotations
@@ -69,4 +70,19 @@ DISTILLM = Paper(
 )
 """Shared by the two skew KL terms (``sfkl``, ``srkl``)."""
 
-__all__ = ["DISTILLM", "GKD", "MGSR", "Paper"]
+BILD = Paper(
+    "BiLD",
+    "BiLD: Bi-directional Logits Difference Loss for Large Language Model Distillation",
+    "2406.13555",
+    """@inproceedings{li2025bild,
+  title     = {{BiLD}: Bi-directional Logits Difference Loss for Large Language Model Distillation},
+  author    = {Li, Minchong and Zhou, Feng and Song, Xiaohui},
+  booktitle = {Proceedings of the 31st International Conference on Computational Linguistics (COLING)},
+  year      = {2025},
+  eprint    = {2406.13555},
+  archivePrefix = {arXiv}
+}""",
+)
+"""Shared by the ``bild`` term and ``prompt_fkl`` (the loss BiLD's official trainer adds on prompt positions)."""
+
+__all__ = ["BILD", "DISTILLM", "GKD", "MGSR", "Paper"]

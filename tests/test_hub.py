@@ -482,6 +482,18 @@ def test_recipe_budget_and_versions_are_on_the_card(tmp_path, fake_hub):
         assert arxiv_id in card
 
 
+def test_card_versions_come_from_package_metadata(monkeypatch):
+    """One version source: the installed package's metadata (pyproject.toml), read by the card and ``__version__``."""
+    from importlib import metadata
+
+    import hf_kd
+
+    installed = metadata.version
+    assert hf_kd.__version__ == installed("hf_kd")
+    monkeypatch.setattr(metadata, "version", lambda dist: "7.7.7" if dist == "hf_kd" else installed(dist))
+    assert dict(model_card.framework_versions())["hf_kd"] == "7.7.7"
+
+
 def test_card_is_written_on_every_save_including_checkpoints(tmp_path):
     trainer = make_trainer(tmp_path, save_strategy="steps", save_steps=2, include_num_input_tokens_seen="all")
     data = {"input_ids": [[2, 5, 6, 7, 3]] * 4, "labels": [[2, 5, 6, 7, 3]] * 4}

@@ -113,12 +113,12 @@ def test_chunk_boundaries_splitting_pairs(batch, chunk):
     torch.testing.assert_close(span_only.grad, x.grad)
 
 
-# ---- sentence spans over response tokens (hf_kd.spans) ----
+# ---- sentence spans over response tokens (hf_kd.losses.sentence_spans) ----
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
-from hf_kd.spans import (  # noqa: E402
+from hf_kd.losses.sentence_spans import (  # noqa: E402
     _prefix_char_ends,
     _streamed_char_ends,
     sentence_starts,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..knobs import Knob
-from ..papers import Paper
+from ..papers import BILD
 from .core import TeacherSignal, TokenLoss, TokenRows
 from .divergences import kl_rows
 from .registry import register_loss
@@ -43,19 +43,7 @@ class BiLD(TokenLoss):
     top-k tokens, which a cache of the teacher's own top-k does not hold.
     """
 
-    paper = Paper(
-        "BiLD",
-        "BiLD: Bi-directional Logits Difference Loss for Large Language Model Distillation",
-        "2406.13555",
-        """@inproceedings{li2025bild,
-  title     = {{BiLD}: Bi-directional Logits Difference Loss for Large Language Model Distillation},
-  author    = {Li, Minchong and Zhou, Feng and Song, Xiaohui},
-  booktitle = {Proceedings of the 31st International Conference on Computational Linguistics (COLING)},
-  year      = {2025},
-  eprint    = {2406.13555},
-  archivePrefix = {arXiv}
-}""",
-    )
+    paper = BILD
     knobs = (Knob("bild_top_k", "BiLD: number of top logits whose differences are used.", arg="top_k"),)
     teacher_needs = TeacherSignal.FULL_ROWS  # the teacher at the student's own top-k tokens
 

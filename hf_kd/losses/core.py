@@ -12,7 +12,8 @@ teacher row of logits. The engine owns everything else:
   (``accelerator.autocast()``, bf16/fp16 training) the head matmuls run in the autocast dtype, as the model's
   own layers do, while every divergence stays in float32;
 * chunking: rows are processed ``chunk_size`` at a time, so no more than one chunk of [rows, V]
-  temporaries exists at once (on CPU, ``cpu_allocator`` keeps their pages mapped from chunk to chunk). When
+  temporaries exists at once (on CPU, ``cpu_allocator.tune_for_chunks``, called by the trainer, keeps their pages
+  mapped from chunk to chunk; the engine itself changes no process-wide setting). When
   gradients are needed, each chunk's gradient is computed right away (as in Liger-Kernel's fused linear losses)
   and the chunk's activations are freed;
 * fused heads: a side may be given as hidden states plus its head (``LogitSource(hidden, head)``), in
@@ -36,8 +37,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-
-from .cpu_allocator import tune_for_chunks
 
 if TYPE_CHECKING:
     from ..knobs import Knob
@@ -297,8 +296,6 @@ class LossEngine:
         """The weighted loss. Terms computed on other rows than the response tokens (``TokenLoss.positions``) run
         as their own pass, divided by ``position_counts[positions]`` (default: the local count of those rows)."""
         extras = extras or {}
-        if labels.device.type == "cpu":
-            tune_for_chunks()
         groups: dict[str | None, list[int]] = {}
         for i, term in enumerate(self.terms):
             groups.setdefault(term.positions, []).append(i)

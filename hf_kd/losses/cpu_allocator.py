@@ -8,10 +8,12 @@ weights once per chunk, which at V = 262144 costs more than the divergence itsel
 
 ``tune_for_chunks`` serves every block from the heap (``M_MMAP_MAX`` = 0) and never trims it (``M_TRIM_THRESHOLD``
 at its largest), so freed chunks stay mapped for the next one: the heap then behaves like a caching allocator,
-holding on to the process's peak. Measured on the loss-side benchmark (384 rows, one thread, jsd): at V = 262144,
-31-row chunks with glibc's defaults 15.9-19.8 CPU s per step, 64-row chunks with these settings 11.2 s and no page
-faults (benchmarks/README.md). It runs once per process, on the engine's first call on CPU. Set
-``HF_KD_TUNE_MALLOC=0`` to leave malloc as it is. Nothing happens where the C library is not glibc.
+holding on to the process's peak (benchmarks/README.md has the measured effect on a step).
+
+It changes malloc for the whole process, so nothing applies it as a side effect of an import or of a loss call: a
+program opts in by calling it once. ``DistillationTrainer`` does when it trains on CPU, and so do the benchmarks
+for hf_kd's rows; a loop that calls the loss engine itself may do the same. Set ``HF_KD_TUNE_MALLOC=0`` to leave
+malloc as it is even then. Nothing happens where the C library is not glibc.
 """
 
 from __future__ import annotations

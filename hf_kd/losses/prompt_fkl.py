@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .bild import BiLD
+from ..papers import BILD
 from .core import IGNORE_INDEX, TeacherSignal, TokenLoss, TokenRows
 from .divergences import forward_kl
 from .registry import register_loss
@@ -33,7 +33,7 @@ PROMPT_POSITIONS = "prompt_positions"
 class PromptForwardKL(TokenLoss):
     """KL(teacher || student) at T = 1 over the positions predicting prompt tokens (BiLD's instruction loss)."""
 
-    paper = BiLD.paper
+    paper = BILD
     requires = (PROMPT_POSITIONS,)
     positions = PROMPT_POSITIONS
     teacher_needs = TeacherSignal.PROMPT_ROWS

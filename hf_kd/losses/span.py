@@ -1,6 +1,6 @@
 """Span-level correlation loss (MGSR, arXiv 2407.10068, Eq. 10).
 
-The response is cut into spans (sentences, see ``hf_kd.spans.span_ids_for_batch``); for every pair of
+The response is cut into spans (sentences, see ``sentence_spans.span_ids_for_batch``); for every pair of
 adjacent positions (k, k+1) inside one span the correlation is the elementwise product of their
 probability vectors, c_k = p_k * p_{k+1} (teacher) and c~_k = q_k * q_{k+1} (student), both at the
 term's temperature. The loss is the L2 distance ||c_k - c~_k||_2 summed over pairs and divided by the
@@ -29,6 +29,7 @@ from ..knobs import Knob
 from ..papers import MGSR
 from .core import TokenLoss, TokenRows
 from .registry import register_loss
+from .sentence_spans import span_ids_for_batch
 
 
 @register_loss("span")
@@ -42,9 +43,7 @@ class SpanCorrelation(TokenLoss):
 
     @classmethod
     def build_inputs(cls, batch: dict[str, Any], tokenizer: Any, options: Any) -> dict[str, torch.Tensor]:
-        """``span_ids``: the sentence of each response token (``hf_kd.spans``), -1 outside the response."""
-        from ..spans import span_ids_for_batch
-
+        """``span_ids``: the sentence of each response token (``sentence_spans``), -1 outside the response."""
         spans = span_ids_for_batch(batch["input_ids"], batch["labels"], tokenizer, segmenter=options.span_segmenter)
         return {"span_ids": spans}
 

@@ -29,7 +29,7 @@ NOT_EXACT_GRADIENT = {
 
 
 def _span_ids(labels: torch.Tensor) -> torch.Tensor:
-    """Spans of three positions each, unique per (sequence, span) as hf_kd.spans makes them; -1 outside responses."""
+    """Spans of three positions each, unique per (sequence, span) as ``sentence_spans`` makes them; -1 elsewhere."""
     rows, length = labels.shape
     ids = torch.arange(length) // 3 + length * torch.arange(rows).unsqueeze(-1)
     return torch.where(labels != IGNORE_INDEX, ids, -1)

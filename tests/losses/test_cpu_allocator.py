@@ -45,3 +45,19 @@ def test_tuned_malloc_reuses_chunk_pages_and_can_be_switched_off():
     pages = 12 * DEFAULT_CHUNK_BYTES // os.sysconf("SC_PAGE_SIZE")
     assert tuned < 0.25 * pages  # the second chunk reuses (nearly all) the pages the first one mapped
     assert default > 0.5 * pages  # glibc's defaults return them to the kernel and fault them in again
+
+
+def test_the_engine_leaves_malloc_alone():
+    """Process-wide settings are the program's explicit choice (the trainer's, a benchmark's), not a loss call's."""
+    script = textwrap.dedent(
+        """
+        import torch
+        from hf_kd.losses import build_loss, cpu_allocator
+        labels = torch.tensor([[1, 2, -100]])
+        build_loss("jsd")(torch.randn(1, 3, 8, requires_grad=True), torch.randn(1, 3, 8), labels).backward()
+        print(cpu_allocator._applied)
+        """
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-1] == "None"  # tune_for_chunks was never called

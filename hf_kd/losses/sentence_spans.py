@@ -24,12 +24,15 @@ import functools
 import os
 import re
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from tokenizers.decoders import DecodeStream
-from transformers import PreTrainedTokenizerBase
 
-from .losses.core import IGNORE_INDEX
+from .core import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 _PUNCT_END = re.compile(r"[.!?]+[\"')\]]*\s+|\n+")
 
