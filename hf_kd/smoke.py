@@ -79,10 +79,10 @@ class SmokeSetup:
     train_dataset: Dataset
 
 
-def build_smoke_setup(cross_vocab: bool = False, num_examples: int = 64, seed: int = 0) -> SmokeSetup:
-    """A 1-layer student (d=32) and a 2-layer teacher (d=64); with `cross_vocab` the teacher's vocabulary differs."""
+def build_smoke_setup(cross_vocabulary: bool = False, num_examples: int = 64, seed: int = 0) -> SmokeSetup:
+    """A 1-layer student (d=32) and a 2-layer teacher (d=64); with `cross_vocabulary` the teacher's vocabulary differs."""
     tokenizer = make_chat_tokenizer()
-    teacher_tokenizer = make_chat_tokenizer(TEACHER_EXTRA_WORDS) if cross_vocab else None
+    teacher_tokenizer = make_chat_tokenizer(TEACHER_EXTRA_WORDS) if cross_vocabulary else None
     return SmokeSetup(
         student=make_tiny_model(tokenizer, hidden=32, layers=1, seed=seed + 1),
         teacher=make_tiny_model(teacher_tokenizer or tokenizer, hidden=64, layers=2, seed=seed + 2),

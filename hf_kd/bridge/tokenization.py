@@ -2,7 +2,7 @@
 
 Cross-vocabulary DSKD (DSKD-CMA, arXiv 2406.17328) feeds each model the same text in its own tokens. The student
 side is exactly what TRL's ``DataCollatorForChatML`` returns; the teacher side is the same conversation rendered
-with the teacher's chat template (a base model without one gets ``hf_kd.assets.PLAIN_CHAT_TEMPLATE``,
+with the teacher's chat template (a base model without one gets ``hf_kd.real_models.PLAIN_CHAT_TEMPLATE``,
 ``<bos>User: ...\\nAssistant: ...<eos>\\n``) and laid out the same way: left padding, labels -100 on prompt and
 padding, prompts left-padded. Student generations are moved to the teacher's tokenization by decoding the
 generated text and re-rendering the conversation.
@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from trl.experimental.utils import DataCollatorForChatML
 from trl.trainer.utils import pad
 
-from ..assets import PLAIN_CHAT_TEMPLATE  # (for teachers without a chat template)
+from ..real_models import PLAIN_CHAT_TEMPLATE  # (for teachers without a chat template)
 from ..losses import IGNORE_INDEX
 
 Messages = list[dict[str, str]]

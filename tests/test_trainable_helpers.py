@@ -1,15 +1,12 @@
-"""Helper modules beside the student (DAC-KL sub-network, DSKD projectors): only the used ones exist, they are
-clipped with the student, and the documented defaults are the code's."""
-
-import dataclasses
+"""Trainable helper modules beside the student (DAC-KL sub-network, DSKD projectors): only the used ones exist,
+and they are clipped with the student."""
 
 import torch
 from datasets import Dataset
 from safetensors.torch import load_file
 from tiny import make_args, make_conversations, make_pair, make_tokenizer
 
-from hf_kd import DistillationConfig, DistillationTrainer
-from hf_kd.losses.core import DEFAULT_CHUNK_ELEMENTS
+from hf_kd import DistillationTrainer
 from hf_kd.trainer import MODULES_FILE
 
 
@@ -57,8 +54,3 @@ def test_max_grad_norm_clips_student_and_helpers_by_one_global_norm(tmp_path):
     after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
     torch.testing.assert_close(reported, before)
     torch.testing.assert_close(after, torch.tensor(0.01), rtol=1e-4, atol=0)
-
-
-def test_loss_chunk_size_help_states_the_default():
-    (chunk_field,) = [f for f in dataclasses.fields(DistillationConfig) if f.name == "loss_chunk_size"]
-    assert f"about {round(DEFAULT_CHUNK_ELEMENTS * 4 / 2**20)} MiB" in chunk_field.metadata["help"]
