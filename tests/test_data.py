@@ -7,7 +7,8 @@ import json
 import pytest
 from datasets import Dataset, load_dataset
 
-from hf_kd.data import load_bundled_dataset, map_to_messages, to_messages
+from hf_kd.data import load_bundled_dataset, map_to_messages, near_duplicate_prompts, to_messages
+from hf_kd.evaluation import has_repetition_loop
 
 
 def write_json(path, rows) -> str:
@@ -77,23 +78,50 @@ def test_unknown_layout_names_found_and_expected_columns(tmp_path):
 
 @pytest.fixture(scope="module")
 def bundled():
-    return {split: load_bundled_dataset(split) for split in ("train", "heldout")}
+    return {split: load_bundled_dataset(split) for split in ("train", "heldout", "heldout_general")}
 
 
 def test_bundled_data_sizes_and_shape(bundled):
-    assert len(bundled["train"]) >= 500 and len(bundled["heldout"]) >= 100
+    assert len(bundled["train"]) >= 450 and len(bundled["heldout"]) >= 100 and len(bundled["heldout_general"]) >= 80
+    legacy = {"humaneval", "writingbench", "shakespeare", "templates"}
+    assert set(bundled["train"]["source"]) == legacy | {"assistant"}
+    assert set(bundled["heldout"]["source"]) == legacy
+    assert set(bundled["heldout_general"]["source"]) == {
+        "freshqa", "evals_math", "evals_proofreader", "evals_jokes", "written"
+    }  # fmt: skip
     for data in bundled.values():
         assert data.column_names == ["messages", "source"]
-        assert set(data["source"]) == {"humaneval", "writingbench", "shakespeare", "templates"}
         for messages in data["messages"]:
             assert [m["role"] for m in messages] == ["user", "assistant"]
             assert all(m["content"].strip() for m in messages)
 
 
+def test_training_is_mostly_assistant_use_without_looping_answers(bundled):
+    sources = bundled["train"]["source"]
+    assert sources.count("shakespeare") + sources.count("humaneval") < len(sources) / 4
+    assert not [m[-1]["content"] for m in bundled["train"]["messages"] if has_repetition_loop(m[-1]["content"])]
+
+
 def test_bundled_splits_share_no_prompt(bundled):
-    prompts = {split: {m[0]["content"] for m in data["messages"]} for split, data in bundled.items()}
-    assert len(prompts["train"]) == len(bundled["train"]), "prompts within a split are unique"
-    assert not prompts["train"] & prompts["heldout"]
+    prompts = {split: [m[0]["content"] for m in data["messages"]] for split, data in bundled.items()}
+    assert len(set(prompts["train"])) == len(bundled["train"]), "prompts within a split are unique"
+    for split in ("heldout", "heldout_general"):
+        assert not near_duplicate_prompts(prompts["train"], prompts[split]), f"train and {split} share prompts"
+
+
+def test_near_duplicates_are_the_same_text_or_nearly_the_same_words():
+    prompts = ["Explain, in two sentences: why is the sky BLUE?", "What is the capital of France?"]
+    others = [
+        "explain in two sentences why is the sky blue",  # same words, other case and punctuation
+        "What is the capital of Germany?",  # one word of seven differs: another question
+        "Write a Python function that returns the sum of the even numbers in a given list of integers.",
+    ]
+    assert near_duplicate_prompts(prompts, others) == [(prompts[0], others[0])]
+    edited = "Write a Python function that returns the sum of the odd numbers in a given list of integers."
+    assert near_duplicate_prompts([edited], others) == [(edited, others[2])]  # one word of 16 edited
+    assert near_duplicate_prompts(["Capital of Germany?"], others, threshold=0.5) == [
+        ("Capital of Germany?", others[1])
+    ]
 
 
 def test_unknown_split():

@@ -30,6 +30,7 @@ INSTALLED_RUN = textwrap.dedent(
     site = Path(sys.argv[1]).resolve()
     assert Path(hf_kd.__file__).resolve().is_relative_to(site), f"imported {hf_kd.__file__}, not the wheel"
     assert len(hf_kd.load_bundled_dataset("heldout")) > 0
+    assert len(hf_kd.load_bundled_dataset("heldout_general")) > 0
 
 
     class CardTrainer(DistillationHubMixin, Trainer):
