@@ -64,8 +64,8 @@ class DemoSettings:
         default=True,
         metadata={
             "help": "Leave out training conversations whose teacher answer is caught in a repetition loop "
-            "(`hf_kd.evaluation.has_repetition_loop`; 101 of the 563 bundled ones): a student copies the loops it "
-            "is shown."
+            "(`hf_kd.evaluation.has_repetition_loop`): a student copies the loops it is shown. `scripts/make_data.py` "
+            "already leaves them out of the bundled training data; this also filters data built otherwise."
         },
     )
     curve_points: int = field(
@@ -92,7 +92,16 @@ class DemoSettings:
     )
     max_length: int = field(default=256, metadata={"help": "Tokens per training conversation (longer are cut)."})
     lmbda: float = field(default=0.0, metadata={"help": "Fraction of batches the student generates (on-policy)."})
-    eval_samples: int = field(default=40, metadata={"help": "Held-out conversations scored before and after."})
+    eval_samples: int = field(
+        default=40, metadata={"help": "Held-out conversations scored before and after, per held-out set."}
+    )
+    general_eval: bool = field(
+        default=True,
+        metadata={
+            "help": "Also score the teacher and the student on the general-assistant held-out set (`heldout_general`: "
+            "everyday questions from sources the training data never draws from), beside the bundled `heldout` set."
+        },
+    )
     eval_batch_size: int = field(
         default=20,
         metadata={"help": "Prompts generated at once (on 2 CPU cores, 20 took about a third less time than 8)."},
@@ -101,14 +110,20 @@ class DemoSettings:
     seed: int = field(default=0, metadata={"help": "Random seed."})
 
 
-def _table(rows: dict[str, dict]) -> str:
+def _table(results_by_set: dict[str, dict[str, dict]]) -> str:
+    """One row per held-out set and model: Rouge-L, first-sentence EM, loops, answer length and KL."""
     lines = [
-        "| model | Rouge-L | first-sentence EM (%) | answers in a repetition loop (%) | held-out KL |",
-        "|---|---|---|---|---|",
+        "| held-out set | model | Rouge-L | first-sentence EM (%) | answers in a repetition loop (%) | "
+        "answer words (mean) | answers under 10 words (%) | held-out KL |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for name, r in rows.items():
-        kl = f"{r['kl']:.3f}" if "kl" in r else "-"
-        lines.append(f"| {name} | {r['rouge_l']:.2f} | {r['exact_match']:.1f} | {r['loop_rate']:.1f} | {kl} |")
+    for set_name, rows in results_by_set.items():
+        for name, r in rows.items():
+            kl = f"{r['kl']:.3f}" if "kl" in r else "-"
+            lines.append(
+                f"| {set_name} | {name} | {r['rouge_l']:.2f} | {r['exact_match']:.1f} | {r['loop_rate']:.1f} | "
+                f"{r['answer_words']:.1f} | {r['short_answer_rate']:.1f} | {kl} |"
+            )
     return "\n".join(lines)
 
 
@@ -203,6 +218,9 @@ def run_demo(settings: DemoSettings) -> dict[str, dict]:
     source = AutoModelForCausalLM.from_pretrained(smollm, dtype=torch.float32)
     source_tok = AutoTokenizer.from_pretrained(smollm)
     train, heldout = load_bundled_dataset("train"), load_bundled_dataset("heldout")
+    eval_sets = {"heldout": heldout}
+    if settings.general_eval:
+        eval_sets["heldout_general"] = load_bundled_dataset("heldout_general")
     keep = student_layers(source, source_tok, train, settings.student_layers, settings.layer_selection)
     num_layers = source.config.num_hidden_layers
     stage(2, "student", f"Student: SmolLM2-135M-Instruct layers {keep} of {num_layers} ({settings.layer_selection})")
@@ -225,20 +243,33 @@ def run_demo(settings: DemoSettings) -> dict[str, dict]:
     else:
         stage(3, "teacher", "No teacher cache: the teacher runs at every step")
 
-    def score(model, tok, with_kl=True):
-        return evaluate_student(
+    eval_seconds = dict.fromkeys(eval_sets, 0.0)  # time spent scoring each held-out set
+
+    def score(model, tok, set_name: str, with_kl=True):
+        begun = time.perf_counter()
+        scores = evaluate_student(
             model,
             tok,
-            heldout,
+            eval_sets[set_name],
             teacher=kl_teacher if with_kl else None,
             max_new_tokens=settings.max_new_tokens,
             max_samples=settings.eval_samples,
             batch_size=settings.eval_batch_size,
             return_predictions=True,
         )
+        eval_seconds[set_name] += time.perf_counter() - begun
+        return scores
 
-    stage(4, "evaluate_before", f"Evaluating teacher and student on {settings.eval_samples} held-out prompts")
-    results = {"teacher": score(teacher, teacher_tok, with_kl=False), "student before": score(student, tokenizer)}
+    names = " and ".join(eval_sets)
+    stage(4, "evaluate_before", f"Evaluating teacher and student on {settings.eval_samples} prompts of {names}")
+    results_by_set = {
+        name: {
+            "teacher": score(teacher, teacher_tok, name, with_kl=False),
+            "student before": score(student, tokenizer, name),
+        }
+        for name in eval_sets
+    }
+    results = results_by_set["heldout"]
     stage(5, "distill", f"Distilling: {settings.kd_loss}, bridge={settings.bridge}, {settings.max_steps} steps")
     config = DistillationConfig(
         output_dir=str(out),
@@ -280,8 +311,9 @@ def run_demo(settings: DemoSettings) -> dict[str, dict]:
         )
     trainer.train()
     stage(6, "evaluate_after", "Evaluating the distilled student")
-    results["student after"] = score(trainer.model, tokenizer)
-    print(_side_by_side(heldout, results))
+    for name in eval_sets:
+        results_by_set[name]["student after"] = score(trainer.model, tokenizer, name)
+        print(f"Held-out set {name}:\n{_side_by_side(eval_sets[name], results_by_set[name])}")
     trainer.eval_results = {
         "teacher": results["teacher"],
         "student_before": results["student before"],
@@ -297,14 +329,17 @@ def run_demo(settings: DemoSettings) -> dict[str, dict]:
         license=REAL_MODELS[STUDENT_SOURCE].license,
         tags=[f"layer-pruned-{len(keep)}-of-{num_layers}"],
     )
-    table = _table(results)
+    table = _table(results_by_set)
     record = {
         "settings": asdict(settings),
         "student_layers": keep,
         "stage_starts_s": stage_starts,
+        "eval_s": {name: round(seconds, 1) for name, seconds in eval_seconds.items()},
         "wall_s": round(time.perf_counter() - started, 1),
         "results": results,
     }
+    if "heldout_general" in results_by_set:
+        record["results_general"] = results_by_set["heldout_general"]
     write_text_atomically(out / "demo_results.json", json.dumps(record, indent=2))
     write_text_atomically(out / "demo_results.md", table + "\n\n![training curves](training_curves.png)\n")
     print(table)

@@ -1,6 +1,6 @@
 import datasets
 
-from hf_kd.demo import BUNDLED_DATA, DROPPED_LOOPS_DATA, DemoSettings, training_data, without_looping_answers
+from hf_kd.demo import BUNDLED_DATA, DROPPED_LOOPS_DATA, DemoSettings, _table, training_data, without_looping_answers
 
 
 def _conversation(answer: str) -> dict:
@@ -39,3 +39,20 @@ def test_a_run_shorter_than_an_epoch_caches_only_the_conversations_it_trains_on(
     assert len(full) == 30 and name == DROPPED_LOOPS_DATA
     everything, name = training_data(bundled, DemoSettings(max_steps=10, drop_looping_answers=False))
     assert len(everything) == 31 and name == BUNDLED_DATA
+
+
+def test_results_table_has_a_row_per_held_out_set_and_model_with_the_length_columns():
+    scores = {"rouge_l": 30.0, "exact_match": 10.0, "loop_rate": 5.0, "answer_words": 42.5, "short_answer_rate": 12.5}
+    table = _table(
+        {
+            "heldout": {"teacher": scores, "student after": scores | {"kl": 0.5}},
+            "heldout_general": {"teacher": scores | {"rouge_l": 25.0, "short_answer_rate": 2.5}},
+        }
+    )
+    lines = table.splitlines()
+    assert "| answer words (mean) | answers under 10 words (%) | held-out KL |" in lines[0]
+    assert lines[2:] == [
+        "| heldout | teacher | 30.00 | 10.0 | 5.0 | 42.5 | 12.5 | - |",
+        "| heldout | student after | 30.00 | 10.0 | 5.0 | 42.5 | 12.5 | 0.500 |",
+        "| heldout_general | teacher | 25.00 | 10.0 | 5.0 | 42.5 | 2.5 | - |",
+    ]

@@ -80,3 +80,17 @@ def test_seeds_of_a_step_budget_share_a_row_with_their_mean_and_range(frontier):
         "| 80 | 0, 1 | 8.0 | 3.0 | 11.0 | 29.00 [27.00, 31.00] | 25.0 [25.0, 25.0] | 12.5 [12.5, 12.5] | "
         "25.0 [0.0, 50.0] | 0.600 [0.500, 0.700] |"
     )
+
+
+def test_the_general_held_out_set_gets_its_columns_when_every_point_scored_it(frontier):
+    points = [_point(80, 600.0, 0.0, 31.0, seed=0), _point(80, 600.0, 0.0, 29.0, seed=1)]
+    assert "general Rouge-L" not in frontier.markdown_table(points)
+    for point, rouge, words in zip(points, (24.0, 26.0), (30.0, 40.0)):
+        after = _scores(rouge, 5.0, 0.6, ["An answer."]) | {"answer_words": words, "short_answer_rate": 10.0}
+        teacher = _scores(90.0, 2.5, 0.0, ["An answer."]) | {"answer_words": 59.0, "short_answer_rate": 0.0}
+        point["results_general"] = {"teacher": teacher, "student after": after}
+    head, rule, row = frontier.markdown_table(points).splitlines()
+    assert head.count("|") == rule.count("|") == row.count("|") == 15
+    assert row.endswith(
+        "| 25.00 [24.00, 26.00] | 5.0 [5.0, 5.0] | 35.0 [30.0, 40.0] (59.0 [59.0, 59.0]) | 10.0 [10.0, 10.0] |"
+    )

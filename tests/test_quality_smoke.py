@@ -78,12 +78,16 @@ def test_run_method_fields(quality, method, tmp_path):
     assert quality.RunSpec.from_dict(json.loads(json.dumps(dataclasses.asdict(spec)))) == spec
     train = Dataset.from_list(make_conversations(8, seed=0))
     heldout = Dataset.from_list(make_conversations(6, seed=1))
-    record = quality.run_method(spec, tiny_pair(quality, method), train, heldout)
+    general = Dataset.from_list(make_conversations(3, seed=2))
+    record = quality.run_method(spec, tiny_pair(quality, method), train, heldout, general)
 
     assert record["method"] == method and record["seed"] == 0
     assert 0 <= record["rouge_l"] <= 100 and 0 <= record["exact_match"] <= 100
     assert record["num_samples"] == 4 and record["eval_s"] > 0 and record["eval_cpu_s"] > 0
-    assert record["mean_answer_words"] >= 0 and 0 <= record["empty_answers_pct"] <= 100
+    assert record["answer_words"] >= 0 and 0 <= record["empty_answers_pct"] <= 100
+    assert 0 <= record["short_answer_rate"] <= 100
+    on_general = record["heldout_general"]
+    assert on_general["num_samples"] == 3 and len(on_general["per_sample"]["words"]) == 3  # its own prompts
     assert len(record["predictions"]) == 4 and all(isinstance(x, str) for x in record["predictions"])
     assert len(record["per_sample"]["rouge_l"]) == 4 and 0 <= record["loop_rate"] <= 100
     trained = quality.METHODS[method].trainer is not None
@@ -159,6 +163,9 @@ def test_page_renders_from_records(quality, tmp_path):
         _record("akl", 0, [30.0, 40.0, 50.0, 40.0], [0.5, 0.6, 0.4, 0.5], teacher_cache=True, train_s=3.0),
         {"method": "bild", "seed": 0, "error": "exit 1: boom"},
     ]
+    # The general-assistant set: AKL below FKL there.
+    records[4]["heldout_general"] = _record("fkl-tail", 0, [40.0, 50.0, 45.0], [0.9, 0.8, 1.0])
+    records[5]["heldout_general"] = _record("akl", 0, [5.0, 7.0, 6.0], [2.0, 2.5, 3.0])
     payload = {
         "budget_name": "tiny",
         "budget": dataclasses.asdict(budget),
@@ -176,12 +183,21 @@ def test_page_renders_from_records(quality, tmp_path):
     fkl_row = next(line for line in page.splitlines() if line.startswith("| fkl |"))
     assert "| cache | 0 | 2 | 20.00 [" in fkl_row and "| 3 |" in fkl_row
     assert "| teacher |" in page and "error: exit 1: boom" in page
+    first_set = page[: page.index("## General-assistant held-out set")]
     claims = {
-        line.split(" | ")[0]: line for line in page.splitlines() if "over FKL" in line or "vs live teacher" in line
+        line.split(" | ")[0]: line
+        for line in first_set.splitlines()
+        if "over FKL" in line or "vs live teacher" in line
     }
     assert claims["| AKL over FKL (AKL paper)"].endswith("| reproduces |")
     assert claims["| teacher cache, flat tail vs live teacher, fkl (should agree)"].endswith("| agree |")
     assert "Observed on this run only." in page
+    general = page[page.index("## General-assistant held-out set") :]
+    assert "on 3 prompts of `heldout_general`" in general
+    assert next(line for line in general.splitlines() if line.startswith("| akl |")).count("| 6.00 [") == 1
+    assert "| fkl-live |" not in general  # only the rows scored on it
+    akl_claim = next(line for line in general.splitlines() if line.startswith("| AKL over FKL (AKL paper)"))
+    assert "| -39.00 [" in akl_claim and akl_claim.endswith("| reversed |")
     assert json.loads((tmp_path / "quality_tiny.json").read_text())["results"] == records
     readme = tmp_path / "README.md"
     readme.write_text("# T\n\n### Methods side by side\n\nold table\n\n### Speed\n\nkept\n")
