@@ -2,7 +2,7 @@
 
 AKL splits each teacher row into a head (the largest entries holding ``mu`` of the mass) and a tail; on a flat
 teacher the head spans much of the vocabulary, so how the split is found decides whether AKL costs what JSD costs.
-This script times ``jsd`` and ``akl`` with ``speed_memory.py``'s loss-side step (384 response rows, the student head
+This script times ``jsd`` and ``akl`` with ``loss_side.py``'s step (384 response rows, the student head
 forward and backward, the teacher head forward and the divergence, fp32, each configuration in a fresh process)
 with the teacher's hidden states scaled by 6 (peaked: about half the mass in the top 64 entries, as in a trained
 LM) or by 1 (flat: a random-weight head's near-uniform rows). Rounds interleave every (checkout, vocabulary, teacher,
@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import environment, format_table, run_in_fresh_process, write_text_atomically  # noqa: E402
-from speed_memory import RESULTS_DIR, LossSideSpec, _loss_side_inputs  # noqa: E402
+from harness import RESULTS_DIR, environment, format_table, run_in_fresh_process, write_text_atomically  # noqa: E402
+from loss_side import LossSideSpec, _loss_side_inputs  # noqa: E402
 
 TEACHERS = {"peaked": 6.0, "flat": 1.0}  # LossSideSpec.teacher_scale
 METHODS = ("jsd", "akl")

@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed_memory import MemoryMeter  # noqa: E402  (peak resident memory of a step; also puts this hf_kd first)
+from harness import format_table  # noqa: E402  (also puts this checkout's hf_kd first)
+from meters import MemoryMeter  # noqa: E402  (peak resident memory of a step)
 
 
 def live_buffers(
@@ -56,13 +57,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{live_buffers(args.child, args.vocab, args.chunk_rows, *args.hidden):.1f}")
         return
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    lines = [f"| term | live [{args.chunk_rows}, {args.vocab}] float32 buffers |", "|---|---|"]
+    rows = []
     for term in args.terms:  # one process per term: the peak of one term only
         shape = ["--vocab", str(args.vocab), "--chunk-rows", str(args.chunk_rows), "--hidden", *map(str, args.hidden)]
         command = [sys.executable, __file__, "--child", term, *shape]
         out = subprocess.run(command, env=env, capture_output=True, text=True)
-        lines.append(f"| {term} | {out.stdout.strip() or out.stderr.strip().splitlines()[-1]} |")
-    print("\n".join(lines))
+        rows.append([term, out.stdout.strip() or out.stderr.strip().splitlines()[-1]])
+    print(format_table(["term", f"live [{args.chunk_rows}, {args.vocab}] float32 buffers"], rows), end="")
 
 
 if __name__ == "__main__":

@@ -3,14 +3,17 @@
 Importing it applies hf_kd's offline environment defaults (hf_kd/environment.py, loaded by path so that no Hugging
 Face library reads the environment before they are set). `environment` records library versions and hardware;
 `run_in_fresh_process` runs one configuration in a new Python process, so that each row starts from a clean state
-(peak memory, caches, threads) and a crash becomes a record instead of ending the benchmark. `format_table` and
-`replace_readme_section` write the results pages and README sections.
+(peak memory, caches, threads) and a crash becomes a record instead of ending the benchmark. `format_table` (with
+`cell` and `percent` for its cells) writes every results table; `replace_readme_section` rewrites README sections.
+Importing it also puts this checkout first on ``sys.path``, so a benchmark times this hf_kd, not another installed
+copy.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import platform
 import runpy
@@ -21,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT))
 _ENVIRONMENT = runpy.run_path(str(ROOT / "hf_kd" / "environment.py"))
 _ENVIRONMENT["apply_defaults"](_ENVIRONMENT["OFFLINE_DEFAULTS"])
 write_text_atomically = runpy.run_path(str(ROOT / "hf_kd" / "atomic.py"))["write_text_atomically"]
@@ -71,6 +76,18 @@ def format_table(head: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(cells) + " |" for cells in rows]
     return "\n".join(lines) + "\n"
+
+
+def cell(value: Any, spec: str) -> str:
+    """A table cell: ``value`` in format ``spec``, or "-" when it is missing (None or NaN)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, spec)
+
+
+def percent(value: float | None, spec: str = ".0f") -> str:
+    """A fraction as a percentage cell ("-" when missing)."""
+    return "-" if value is None else f"{100 * value:{spec}}%"
 
 
 def replace_readme_section(readme: Path, heading: str, lines: list[str]) -> None:

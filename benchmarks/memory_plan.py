@@ -15,7 +15,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import format_table  # noqa: E402  (also puts this checkout's hf_kd first)
+
 from hf_kd.losses.core import DEFAULT_CHUNK_ELEMENTS  # noqa: E402  (rows per loss chunk = this // vocabulary)
 
 GB = 1e9
@@ -86,16 +88,12 @@ def table(ranks: int, batch: int, seq: int, memory_gb: float) -> str:
         f"({STUDENT.params / 1e9:.2f}B), {ranks} GPUs of {memory_gb:.0f} GB, {batch} x {seq} tokens per GPU; "
         "GB per GPU.",
         "",
-        "| held by each GPU | " + " | ".join(configs) + " |",
-        "|---|" + "---|" * len(configs),
     ]
-    for key in keys:
-        lines.append(f"| {key} | " + " | ".join(f"{r.get(key, 0.0):.1f}" for r in results.values()) + " |")
+    rows = [[key, *(f"{r.get(key, 0.0):.1f}" for r in results.values())] for key in keys]
     totals = {name: sum(r.values()) for name, r in results.items()}
-    lines.append("| **total** | " + " | ".join(f"**{t:.1f}**" for t in totals.values()) + " |")
-    fits = " | ".join("yes" if t < memory_gb else "no" for t in totals.values())
-    lines.append(f"| fits in {memory_gb:.0f} GB | {fits} |")
-    return "\n".join(lines)
+    rows.append(["**total**", *(f"**{t:.1f}**" for t in totals.values())])
+    rows.append([f"fits in {memory_gb:.0f} GB", *("yes" if t < memory_gb else "no" for t in totals.values())])
+    return "\n".join(lines) + "\n" + format_table(["held by each GPU", *configs], rows).rstrip("\n")
 
 
 def main() -> None:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from hf_kd.real_models import load_real_model
 from hf_kd.data import load_bundled_dataset
+from hf_kd.real_models import load_real_model
 from hf_kd.teachers import ServedTeacher
 from hf_kd.vllm_server import VLLMServer
 

@@ -26,6 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+from harness import format_table  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 VOCAB, SEQ, GLOBAL_BATCH, STEPS = 32768, 128, 4, 3
 STUDENT = dict(hidden=512, layers=4, heads=8, kv_heads=4, intermediate=1536)
@@ -55,7 +57,7 @@ def worker(mode: str, fused: bool, out: Path) -> None:
     import torch
     import torch.distributed as dist
     from datasets import Dataset
-    from speed_memory import ModelShape, build_model, build_tokenizer
+    from shapes import ModelShape, build_model, build_tokenizer
 
     from hf_kd import DistillationConfig, DistillationTrainer
 
@@ -141,17 +143,17 @@ def markdown(records: list[dict]) -> str:
         "were built (Python, torch, libraries); peak = highest RSS during the steps, minus the same baseline; "
         "process peak = ru_maxrss over the whole process (includes building the full models before sharding). MiB.",
         "",
-        "| configuration | fused loss | ranks | rows per rank | resident | peak during steps | process peak |",
-        "|---|---|---|---|---|---|---|",
     ]
+    rows = []
     for r in records:
         base = r["baseline_rss_mib"]
-        lines.append(
-            f"| {r['mode']} | {'on' if r['fused'] else 'off'} | {r['world']} | {GLOBAL_BATCH // r['world']} | "
-            f"{r['resident_before_steps_mib'] - base:.0f} | {r['peak_during_steps_mib'] - base:.0f} | "
-            f"{r['process_peak_rss_mib']:.0f} |"
+        rows.append(
+            [r["mode"], "on" if r["fused"] else "off", str(r["world"]), str(GLOBAL_BATCH // r["world"])]
+            + [f"{r['resident_before_steps_mib'] - base:.0f}", f"{r['peak_during_steps_mib'] - base:.0f}"]
+            + [f"{r['process_peak_rss_mib']:.0f}"]
         )
-    return "\n".join(lines) + "\n"
+    head = ["configuration", "fused loss", "ranks", "rows per rank", "resident", "peak during steps", "process peak"]
+    return "\n".join(lines) + "\n" + format_table(head, rows)
 
 
 def main() -> None:

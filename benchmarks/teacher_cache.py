@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import environment, write_text_atomically  # noqa: E402  (offline defaults, shared with the other benchmarks)
+from harness import environment, format_table, write_text_atomically  # noqa: E402  (offline defaults, shared with the other benchmarks)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TEACHER = "smollm2-135m-instruct"
@@ -240,9 +240,8 @@ def render(results: dict[str, Any]) -> str:
         "Columns: cache temperature -> temperature of the loss term. KL(p_T || p_hat_T) per response token, where "
         "p_T is the teacher at the term's temperature and p_hat_T the reconstruction the term sees.",
         "",
-        "| k | value dtype | bytes/token | KL mean 1->1 | median 1->1 | max 1->1 | KL mean 1->2 | KL mean 2->2 |",
-        "|---|---|---|---|---|---|---|---|",
     ]
+    fidelity = []
     by = {
         (r.get("cache_temperature", 1.0), r["temperature"], r["top_k"], r["value_dtype"]): r
         for r in results["fidelity"]
@@ -251,28 +250,29 @@ def render(results: dict[str, Any]) -> str:
         if (tc, t) != (1.0, 1.0):
             continue
         others = [by.get((a, b, k, dtype)) for a, b in ((1.0, 2.0), (2.0, 2.0))]
-        cells = " | ".join(f"{o['kl_mean']:.4f}" if o else "-" for o in others)
-        lines.append(
-            f"| {k} | {dtype} | {r['bytes_per_token']} | {r['kl_mean']:.4f} | {r['kl_median']:.4f} | "
-            f"{r['kl_max']:.3f} | {cells} |"
+        fidelity.append(
+            [str(k), dtype, str(r["bytes_per_token"]), f"{r['kl_mean']:.4f}", f"{r['kl_median']:.4f}"]
+            + [f"{r['kl_max']:.3f}", *(f"{o['kl_mean']:.4f}" if o else "-" for o in others)]
         )
+    fidelity_head = ["k", "value dtype", "bytes/token", "KL mean 1->1", "median 1->1", "max 1->1", "KL mean 1->2"]
+    lines += [format_table([*fidelity_head, "KL mean 2->2"], fidelity).rstrip("\n")]
     lines += ["", "## On disk (Parquet, `hf_kd.cache_teacher`)", ""]
-    lines += ["| k | value dtype | encoding B/token | Parquet B/response token | examples | tokens | cache s |"]
-    lines += ["|---|---|---|---|---|---|---|"]
-    for r in results["disk"]:
-        lines.append(
-            f"| {r['top_k']} | {r['value_dtype']} | {r['encoding_bytes_per_token']} | "
-            f"{r['parquet_bytes_per_response_token']:.1f} | {r['examples']} | {r['response_tokens']} | "
-            f"{r['cache_seconds']:.1f} |"
-        )
+    disk = [
+        [str(r["top_k"]), r["value_dtype"], str(r["encoding_bytes_per_token"])]
+        + [f"{r['parquet_bytes_per_response_token']:.1f}", str(r["examples"]), str(r["response_tokens"])]
+        + [f"{r['cache_seconds']:.1f}"]
+        for r in results["disk"]
+    ]
+    disk_head = ["k", "value dtype", "encoding B/token", "Parquet B/response token", "examples", "tokens", "cache s"]
+    lines += [format_table(disk_head, disk).rstrip("\n")]
     lines += ["", "## One training step, live teacher vs cache (fkl, fused loss, off-policy)", ""]
-    lines += ["| teacher | step s (mean) | steps measured | peak RSS MiB | threads |", "|---|---|---|---|---|"]
-    for r in results["speed"]:
-        lines.append(
-            f"| {r['mode']} | {r['step_seconds_mean']:.2f} | {r['steps_measured']} | {r['peak_rss_mib']:.0f} | "
-            f"{r['threads']} |"
-        )
-    return "\n".join(lines) + "\n"
+    speed = [
+        [r["mode"], f"{r['step_seconds_mean']:.2f}", str(r["steps_measured"]), f"{r['peak_rss_mib']:.0f}"]
+        + [str(r["threads"])]
+        for r in results["speed"]
+    ]
+    lines += [format_table(["teacher", "step s (mean)", "steps measured", "peak RSS MiB", "threads"], speed)]
+    return "\n".join(lines)
 
 
 def main() -> None:

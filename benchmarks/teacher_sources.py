@@ -167,8 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from hf_kd import cache_teacher
-    from hf_kd import load_real_model, make_layer_pruned_student
+    from hf_kd import cache_teacher, load_real_model, make_layer_pruned_student
     from hf_kd.vllm_server import VLLMServer
 
     teacher_path = load_real_model(TEACHER)
