@@ -10,6 +10,7 @@ model card, a results table and a plot of the training curves.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -180,10 +181,14 @@ def bundled_teacher_cache(
 
 
 def bundled_cache_folder(teacher_name: str, data_name: str, top_k: int) -> Path:
-    """Where :func:`bundled_teacher_cache` keeps the cache of one teacher, data selection and k."""
+    """Where :func:`bundled_teacher_cache` keeps the cache of one teacher, data selection and k. The name carries a
+    digest of the bundled training file, so rebuilt data gets a cache of its own instead of meeting the old cache's
+    refusal of other rows."""
     from .assets import cache_root
+    from .data import BUNDLED_DATA_DIR
 
-    return cache_root().parent / "teacher-cache" / f"{teacher_name}-{data_name}-top{top_k}"
+    digest = hashlib.sha256((BUNDLED_DATA_DIR / "train.jsonl").read_bytes()).hexdigest()[:8]
+    return cache_root().parent / "teacher-cache" / f"{teacher_name}-{data_name}-{digest}-top{top_k}"
 
 
 def run_demo(settings: DemoSettings) -> dict[str, dict]:

@@ -1,6 +1,14 @@
 import datasets
 
-from hf_kd.demo import BUNDLED_DATA, DROPPED_LOOPS_DATA, DemoSettings, _table, training_data, without_looping_answers
+from hf_kd.demo import (
+    BUNDLED_DATA,
+    DROPPED_LOOPS_DATA,
+    DemoSettings,
+    _table,
+    bundled_cache_folder,
+    training_data,
+    without_looping_answers,
+)
 
 
 def _conversation(answer: str) -> dict:
@@ -56,3 +64,14 @@ def test_results_table_has_a_row_per_held_out_set_and_model_with_the_length_colu
         "| heldout | student after | 30.00 | 10.0 | 5.0 | 42.5 | 12.5 | 0.500 |",
         "| heldout_general | teacher | 25.00 | 10.0 | 5.0 | 42.5 | 2.5 | - |",
     ]
+
+
+def test_rebuilt_bundled_data_gets_a_teacher_cache_folder_of_its_own(tmp_path, monkeypatch):
+    """A cache of the old rows would refuse the new ones (its fingerprint differs), so the folder names the file."""
+    monkeypatch.setattr("hf_kd.data.BUNDLED_DATA_DIR", tmp_path)
+    (tmp_path / "train.jsonl").write_text('{"messages": [], "source": "a"}\n')
+    before = bundled_cache_folder("smollm2-135m-instruct", DROPPED_LOOPS_DATA, 64)
+    assert before == bundled_cache_folder("smollm2-135m-instruct", DROPPED_LOOPS_DATA, 64)
+    (tmp_path / "train.jsonl").write_text('{"messages": [], "source": "b"}\n')
+    after = bundled_cache_folder("smollm2-135m-instruct", DROPPED_LOOPS_DATA, 64)
+    assert after != before and after.parent == before.parent and after.name.endswith("-top64")
