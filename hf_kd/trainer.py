@@ -237,7 +237,7 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
             self.generation_config.suppress_tokens = padded
         eos = getattr(self.model.generation_config, "eos_token_id", None)
         self.generation_config.eos_token_id = eos if eos is not None else self.processing_class.eos_token_id
-        if args.use_vllm and args.lmbda == 0 and args.scrg_corrections == 0:
+        if args.use_vllm and args.lmbda == 0:
             raise ValueError(
                 "use_vllm=True generates the student's rollouts with vLLM, but lmbda=0 never lets the student "
                 "generate: set lmbda > 0, or use_vllm=False (seq_kd from a served teacher generates with its server "
