@@ -14,6 +14,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -82,8 +83,9 @@ class WeightSync:
     reload it. ``seconds``: the time of the last push (writing and reloading)."""
 
     def __init__(self, folder: str | None = None):
-        self._own = folder is None
         self.folder = Path(tempfile.mkdtemp(prefix="hf_kd-vllm-weights-") if folder is None else folder)
+        # a temporary folder goes with this object (or the process) when nobody calls close()
+        self._remove = weakref.finalize(self, shutil.rmtree, str(self.folder), True) if folder is None else None
         self.seconds = 0.0
 
     def push(self, model: nn.Module, backend: Any) -> None:
@@ -133,8 +135,8 @@ class WeightSync:
             raise
 
     def close(self) -> None:
-        if self._own:
-            shutil.rmtree(self.folder, ignore_errors=True)
+        if self._remove is not None:
+            self._remove()
 
 
 __all__ = ["EXTENSION", "METHOD", "WeightSync", "fingerprint", "merged_state_dict"]

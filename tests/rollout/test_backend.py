@@ -5,6 +5,7 @@ tests/integration/test_vllm_rollouts.py runs the vLLM backend against a real vLL
 """
 
 import copy
+import gc
 
 import pytest
 import torch
@@ -143,6 +144,19 @@ def test_a_sync_that_fails_or_leaves_other_weights_is_an_error(student, tmp_path
     with FakeServer(lambda path, payload: (404, {"detail": "Not Found"})) as server:
         with pytest.raises(VLLMRolloutError, match="VLLM_SERVER_DEV_MODE=1 and --worker-extension-cls"):
             sync.push(student, VLLMServerBackend(server.url, retries=0))
+
+
+def test_a_temporary_weights_folder_goes_with_its_sync(student):
+    """Each push writes the whole student: a temporary folder is removed by close(), or when the sync is collected."""
+    for closing in (True, False):
+        sync = WeightSync()
+        folder = sync.folder
+        student.save_pretrained(folder)
+        if closing:
+            sync.close()
+        del sync
+        gc.collect()
+        assert not folder.exists()
 
 
 def test_a_lora_student_is_written_merged_and_left_unmerged(student):
