@@ -35,6 +35,7 @@ from .formats import screen_rows, uses_chat_template
 from .heads import padded_token_ids
 from .hub import MODULES_FILE, TEACHERS_FILE, DistillationHubMixin
 from .losses import DistillationLoss
+from .losses.cpu_allocator import tune_for_chunks
 from .rollout import GeneratedBatch, GenerationCallback, GenerationContext, RolloutStep
 from .rollout.backend import TransformersBackend, rollout_outputs
 from .rollout.select import WeightSyncCallback, student_backend, teacher_backend
@@ -170,6 +171,8 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
             disable_dropout_in_model(self.model)
         self._check_sharding()
         self.loss_fn = self.teacher_source.build_loss(args)  # None when the source builds its own terms (a bridge)
+        if args.device.type == "cpu":  # chunk temporaries reuse their pages (HF_KD_TUNE_MALLOC=0 opts out)
+            tune_for_chunks()
         self.teacher_source.prepare(self)
         self.teacher_model = self.teacher_source.model
         self._setup_generation()

@@ -61,3 +61,27 @@ def test_the_engine_leaves_malloc_alone():
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split()[-1] == "None"  # tune_for_chunks was never called
+
+
+def test_a_trainer_on_cpu_tunes_malloc():
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.path.insert(0, "tests")
+        from datasets import Dataset
+        from tiny import make_args, make_conversations, make_model, make_tokenizer
+        from hf_kd import DistillationTrainer
+        from hf_kd.losses import cpu_allocator
+        import tempfile, pathlib
+        tokenizer = make_tokenizer()
+        DistillationTrainer(
+            model=make_model(len(tokenizer), layers=1), teacher_model=make_model(len(tokenizer), seed=2),
+            args=make_args(pathlib.Path(tempfile.mkdtemp())), train_dataset=Dataset.from_list(make_conversations(4)),
+            processing_class=tokenizer,
+        )
+        print(cpu_allocator._applied)
+        """
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-1] == "True"
