@@ -11,11 +11,6 @@ student's weights into the engine (``hf_kd.rollout.weight_sync``); a server for 
 
 from __future__ import annotations
 
-import http.client
-import json
-import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -23,6 +18,7 @@ import torch
 from torch import nn
 from transformers import GenerationConfig
 
+from ..http_json import JsonServerClient
 from .backend import RolloutBackend, eos_ids
 
 
@@ -30,7 +26,7 @@ class VLLMRolloutError(RuntimeError):
     """The vLLM rollout server could not be reached, refused a request, or answered something unusable."""
 
 
-class VLLMServerBackend(RolloutBackend):
+class VLLMServerBackend(RolloutBackend, JsonServerClient):
     """Generates with the model a vLLM server at ``url`` serves (``http://127.0.0.1:8000/v1``).
 
     ``model``: the served name to ask for (None: the only one it serves). ``vocab_size``: restrict sampling to the ids
@@ -41,6 +37,8 @@ class VLLMServerBackend(RolloutBackend):
     """
 
     name = "vllm"
+    server_name = "vLLM server"
+    error = VLLMRolloutError
 
     def __init__(
         self,
@@ -54,47 +52,9 @@ class VLLMServerBackend(RolloutBackend):
         syncer: Any = None,
         server: Any = None,
     ):
-        self.url = url.rstrip("/")
-        self.root = self.url.removesuffix("/v1")
+        JsonServerClient.__init__(self, url, timeout=timeout, retries=retries, backoff=backoff)
         self.model, self.vocab_size = model, vocab_size
-        self.timeout, self.retries, self.backoff = timeout, retries, backoff
         self.syncer, self.server = syncer, server
-
-    # ------------------------------------------------------------------ HTTP
-    def request(self, path: str, payload: dict[str, Any] | None = None) -> Any:
-        """GET (no payload) or POST JSON to ``root + path``; the decoded JSON answer (None for an empty body)."""
-        data = None if payload is None else json.dumps(payload).encode()
-        headers = {"Content-Type": "application/json"} if data is not None else {}
-        last = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            try:
-                request = urllib.request.Request(self.root + path, data=data, headers=headers)
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    body = response.read()
-            except urllib.error.HTTPError as error:
-                detail = error.read()[:1000].decode(errors="replace")
-                if error.code < 500:
-                    raise VLLMRolloutError(
-                        f"The vLLM server at {self.url} refused {path} (HTTP {error.code}): {detail}"
-                    ) from None
-                last = f"HTTP {error.code}: {detail}"
-                continue
-            except (OSError, http.client.HTTPException) as error:  # refused, reset, timed out, cut short
-                last = f"{type(error).__name__}: {error}"
-                continue
-            try:
-                return json.loads(body) if body else None
-            except ValueError:
-                raise VLLMRolloutError(
-                    f"The vLLM server at {self.url} answered {path} with {len(body)} bytes that are not JSON: "
-                    f"{body[:200]!r}"
-                ) from None
-        raise VLLMRolloutError(
-            f"The vLLM server at {self.url} did not answer {path} after {attempt + 1} attempts (last: {last}). Is "
-            "it running? Restart it and resume from the last checkpoint."
-        )
 
     def served_model(self) -> str:
         """The name to ask for: ``model``, or the only model ``GET /v1/models`` lists (checked once)."""

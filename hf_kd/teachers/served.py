@@ -11,19 +11,15 @@ connection errors and 5xx answers are retried with exponential backoff. Only the
 
 from __future__ import annotations
 
-import http.client
-import json
 import math
 import os
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..http_json import JsonServerClient
 from ..teacher_cache.encoding import pack_rows
 
 PROBE_TEXT = (
@@ -61,7 +57,7 @@ class ServedScores:
         return pack_rows(self.ids, self.logprobs, self.log_tail)
 
 
-class ServedTeacher:
+class ServedTeacher(JsonServerClient):
     """Client of a vLLM OpenAI-compatible server that scores token ids with the teacher it serves.
 
     ``url`` is the server's address with or without the ``/v1`` suffix (``http://127.0.0.1:8000/v1``). ``top_k``
@@ -70,6 +66,9 @@ class ServedTeacher:
     ``model`` is the served model name sent with each request (None: the only model the server serves).
     ``vocab_size`` (optional) bounds the token ids the server may return.
     """
+
+    server_name = "teacher server"
+    error = ServedTeacherError
 
     def __init__(
         self,
@@ -84,56 +83,15 @@ class ServedTeacher:
     ):
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}.")
-        if timeout <= 0 or retries < 0 or backoff < 0:
-            raise ValueError(f"timeout must be > 0, retries and backoff >= 0; got {timeout}, {retries}, {backoff}.")
-        self.url = url.rstrip("/")
-        self.root = self.url.removesuffix("/v1")
-        self.top_k, self.timeout, self.retries, self.backoff = top_k, timeout, retries, backoff
+        super().__init__(url, timeout=timeout, retries=retries, backoff=backoff)
+        self.top_k = top_k
         self.model = model
         self.vocab_size = vocab_size
-        self.bytes_received = 0  # response bodies, for measuring the traffic per token
-        self.tokens_scored = 0  # tokens of the sequences sent to score
-
-    # ------------------------------------------------------------------ HTTP
-    def _request(self, path: str, payload: dict[str, Any] | None = None) -> Any:
-        """GET (no payload) or POST JSON to ``root + path``; the decoded JSON answer."""
-        data = None if payload is None else json.dumps(payload).encode()
-        headers = {"Content-Type": "application/json"} if data is not None else {}
-        last = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            request = urllib.request.Request(self.root + path, data=data, headers=headers)
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    body = response.read()
-            except urllib.error.HTTPError as error:
-                detail = error.read()[:1000].decode(errors="replace")
-                if error.code < 500:
-                    raise ServedTeacherError(
-                        f"The teacher server at {self.url} refused {path} (HTTP {error.code}): {detail}"
-                    ) from None
-                last = f"HTTP {error.code}: {detail}"
-                continue
-            except (OSError, http.client.HTTPException) as error:  # refused, reset, timed out, cut short
-                last = f"{type(error).__name__}: {error}"
-                continue
-            self.bytes_received += len(body)
-            try:
-                return json.loads(body)
-            except ValueError:
-                raise ServedTeacherError(
-                    f"The teacher server at {self.url} answered {path} with {len(body)} bytes that are not JSON: "
-                    f"{body[:200]!r}"
-                ) from None
-        raise ServedTeacherError(
-            f"The teacher server at {self.url} did not answer {path} after {self.retries + 1} attempts "
-            f"(last: {last}). Is it running? Restart it and resume from the last checkpoint."
-        )
+        self.tokens_scored = 0  # tokens of the sequences sent to score (with bytes_received: traffic per token)
 
     def _served_model(self) -> dict[str, Any]:
         """The entry of ``GET /v1/models`` for ``self.model`` (setting it when None and only one model is served)."""
-        answer = self._request("/v1/models")
+        answer = self.request("/v1/models")
         models = answer.get("data") if isinstance(answer, dict) else None
         if not models:
             raise ServedTeacherError(f"The teacher server at {self.url} lists no model at /v1/models: {answer!r:.300}")
@@ -159,7 +117,7 @@ class ServedTeacher:
                 f"{model_name!r}: start it with --model {model_name}, or name the model it serves."
             )
         probe = PROBE_TEXT + " ".join(tokenizer.all_special_tokens)
-        served = self._request("/tokenize", {"model": self.model, "prompt": probe, "add_special_tokens": False})
+        served = self.request("/tokenize", {"model": self.model, "prompt": probe, "add_special_tokens": False})
         served_ids = served.get("tokens") if isinstance(served, dict) else None
         student_ids = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
         if served_ids != student_ids:
@@ -183,7 +141,7 @@ class ServedTeacher:
         if self.model is None:
             self._served_model()
         self.tokens_scored += sum(len(sequence) for sequence in sequences)
-        answer = self._request(
+        answer = self.request(
             "/v1/completions",
             {
                 "model": self.model,
