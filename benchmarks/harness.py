@@ -4,7 +4,8 @@ Importing it applies hf_kd's offline environment defaults (hf_kd/environment.py,
 Face library reads the environment before they are set). `environment` records library versions and hardware;
 `run_in_fresh_process` runs one configuration in a new Python process, so that each row starts from a clean state
 (peak memory, caches, threads) and a crash becomes a record instead of ending the benchmark. `format_table` (with
-`cell` and `percent` for its cells) writes every results table; `replace_readme_section` rewrites README sections.
+`cell` and `percent` for its cells) writes every results table; `replace_readme_section` rewrites a section of
+README or of a docs page.
 Importing it also puts this checkout first on ``sys.path``, so a benchmark times this hf_kd, not another installed
 copy.
 """
@@ -16,6 +17,7 @@ import json
 import math
 import os
 import platform
+import re
 import runpy
 import subprocess
 import sys
@@ -91,12 +93,14 @@ def percent(value: float | None, spec: str = ".0f") -> str:
 
 
 def replace_readme_section(readme: Path, heading: str, lines: list[str]) -> None:
-    """Rewrites ``readme`` from ``heading`` to the next ``### `` heading (or the end) with ``lines``, heading
-    included: how each benchmark regenerates its README section."""
+    """Rewrites ``readme`` (README or a docs page) from ``heading`` to the next heading of its level or above (or
+    the end) with ``lines``, heading included: how each benchmark regenerates its section."""
     text = readme.read_text()
-    if heading not in text:
+    found = re.search(f"^{re.escape(heading)}$", text, re.MULTILINE)
+    if found is None:
         raise SystemExit(f"{readme} has no '{heading}' heading to rewrite.")
-    start = text.index(heading)
-    end = text.find("\n### ", start + len(heading))
-    end = len(text) if end < 0 else end + 1
+    start = found.start()
+    level = len(heading) - len(heading.lstrip("#"))
+    ends = [text.find("\n" + "#" * n + " ", found.end()) for n in range(1, level + 1)]
+    end = min((e + 1 for e in ends if e >= 0), default=len(text))
     write_text_atomically(readme, text[:start] + "\n".join(lines) + "\n" + text[end:])

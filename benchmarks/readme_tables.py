@@ -1,4 +1,5 @@
-"""Regenerates the result tables of README (and of the other docs) from the benchmarks' own results pages.
+"""Regenerates the result tables of the docs (docs/results/, docs/scaling.md, benchmarks/README.md) from the
+benchmarks' own results pages.
 
 A table is generated when a marker comment precedes it and an end marker follows it::
 
@@ -17,10 +18,10 @@ A table is generated when a marker comment precedes it and an end marker follows
 
 Usage::
 
-    python benchmarks/readme_tables.py README.md           # rewrite every generated table
-    python benchmarks/readme_tables.py README.md --check   # exit 1 if a table differs from its results pages
+    python benchmarks/readme_tables.py docs/results/*.md           # rewrite every generated table of these pages
+    python benchmarks/readme_tables.py docs/results/*.md --check   # exit 1 if a table differs from its results pages
 
-The prose around the tables is commentary written after the runs, as in the quality and demo sections.
+The prose around the tables is commentary written after the runs, as in the quality and demo pages.
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ def render_table(spec: TableSpec, base: Path) -> str:
 
 
 def regenerate(readme: Path) -> tuple[str, int]:
-    """README's text with every generated table rewritten, and how many tables changed."""
+    """The page's text with every generated table rewritten, and how many tables changed."""
     text = readme.read_text()
     changed = 0
 
@@ -129,16 +130,19 @@ def regenerate(readme: Path) -> tuple[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("readme", type=Path, help="the README whose marked tables are regenerated")
+    parser.add_argument("readme", type=Path, nargs="+", help="the pages whose marked tables are regenerated")
     parser.add_argument("--check", action="store_true", help="only report tables that differ (exit 1 if any)")
     args = parser.parse_args(argv)
-    text, changed = regenerate(args.readme)
-    if args.check:
-        print(f"{changed} generated table(s) of {args.readme} differ from their results pages")
-        return 1 if changed else 0
-    args.readme.write_text(text)
-    print(f"rewrote {changed} table(s) of {args.readme}")
-    return 0
+    drifted = 0
+    for page in args.readme:
+        text, changed = regenerate(page)
+        drifted += changed
+        if args.check:
+            print(f"{changed} generated table(s) of {page} differ from their results pages")
+        else:
+            page.write_text(text)
+            print(f"rewrote {changed} table(s) of {page}")
+    return 1 if args.check and drifted else 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""benchmarks/demo_frontier.py renders its page, plot and README section from recorded points (the demo runs
+"""benchmarks/demo_frontier.py renders its page, plot, README section and docs page from recorded points (the demo runs
 themselves are measured by the script, not here)."""
 
 import json
@@ -60,11 +60,30 @@ def test_page_plot_and_readme_section_come_from_the_points(frontier, tmp_path):
     assert rows[0].startswith("| 40 | 0 | 7.0 | 0.0 | 7.0 | 24.25 | 25.0 | 12.5 | 25.0 |")
     assert rows[1].startswith("| 120 | 0 | 11.0 | 4.0 | 15.0 | 33.50 |")  # 120 built its cache in 4 minutes
     readme = tmp_path / "README.md"
-    readme.write_text("# x\n\n### Demo results\n\nold text\n\n### Methods side by side\n\nkept\n")
-    frontier.update_readme(readme, payload, json_path)
+    readme.write_text("# x\n\n### Demo results\n\nold text\n\n### Benchmarks\n\nkept\n\n## Development\n")
+    docs_page = tmp_path / "docs" / "results" / "demo.md"
+    docs_page.parent.mkdir(parents=True)
+    docs_page.write_text(f"{frontier.PAGE_SECTION}\n\nold frontier\n")
+    frontier.update_readme(readme, payload, json_path, docs_page)
+    frontier.update_page(docs_page, payload, json_path, readme)
     text = readme.read_text()
-    assert "old text" not in text and "kept" in text and "Findings go here." in text
-    assert "| student after | 31.00 |" in text and "![Rouge-L against minutes](results/frontier_cpu.png)" in text
+    assert "old text" not in text and "kept" in text and text.endswith("## Development\n")
+    assert "| student after | 31.00 |" in text and "![demo training curves](results/training_curves.png)" in text
+    assert "[docs/results/demo.md](docs/results/demo.md)" in text and "Findings go here." not in text
+    page_text = docs_page.read_text()
+    assert "old frontier" not in page_text and "Findings go here." in page_text and rows[0] in page_text
+    assert "![Rouge-L against minutes](../../results/frontier_cpu.png)" in page_text
+    assert "(../../README.md#demo-results)" in page_text
+
+
+def test_the_committed_demo_section_and_page_show_the_committed_results(frontier):
+    """README's demo table is the default run's, and the docs page's frontier table is the recorded points' (rerun
+    `demo_frontier.py --render ... --readme README.md` after a demo run)."""
+    results = frontier.ROOT / "benchmarks" / "results" / "demo"
+    readme = (frontier.ROOT / "README.md").read_text()
+    assert (results / "demo_results.md").read_text().split("\n\n")[0] in readme
+    points = json.loads((results / "frontier_cpu.json").read_text())["points"]
+    assert frontier.markdown_table(points) in frontier.PAGE.read_text()
 
 
 def test_seeds_of_a_step_budget_share_a_row_with_their_mean_and_range(frontier):

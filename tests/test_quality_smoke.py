@@ -199,13 +199,29 @@ def test_page_renders_from_records(quality, tmp_path):
     akl_claim = next(line for line in general.splitlines() if line.startswith("| AKL over FKL (AKL paper)"))
     assert "| -39.00 [" in akl_claim and akl_claim.endswith("| reversed |")
     assert json.loads((tmp_path / "quality_tiny.json").read_text())["results"] == records
-    readme = tmp_path / "README.md"
-    readme.write_text("# T\n\n### Methods side by side\n\nold table\n\n### Speed\n\nkept\n")
-    quality.update_readme(readme, payload, page, tmp_path / "quality_tiny.json")
-    text = readme.read_text()
-    assert "old table" not in text and text.endswith("### Speed\n\nkept\n") and text.startswith("# T\n\n")
-    assert fkl_row in text and "(quality_tiny.png)" in text and "Observed on this run only." in text
+    docs_page = tmp_path / "docs" / "results" / "methods.md"
+    docs_page.parent.mkdir(parents=True)
+    docs_page.write_text("# Methods side by side\n\nold table\n\n## Findings (commentary)\n\nold findings\n")
+    quality.update_section(docs_page, payload, page, tmp_path / "quality_tiny.json")
+    text = docs_page.read_text()
+    assert "old table" not in text and "old findings" not in text and text.startswith("# Methods side by side\n\n")
+    assert fkl_row in text and "(../../quality_tiny.png)" in text and "Observed on this run only." in text
+    assert "\n## Findings (commentary on this run, written after it)\n" in text
     planned = f"{budget.seeds} seeds per trained row are planned; rows or seeds still missing"
     assert planned in " ".join(text.split())  # most rows have no seed yet
-    quality.update_readme(readme, {**payload, "methods": ["teacher", "fkl"]}, page, tmp_path / "quality_tiny.json")
-    assert f"{budget.seeds} seeds per trained row." in " ".join(readme.read_text().split())  # fkl has them all
+    quality.update_section(docs_page, {**payload, "methods": ["teacher", "fkl"]}, page, tmp_path / "quality_tiny.json")
+    assert f"{budget.seeds} seeds per trained row." in " ".join(docs_page.read_text().split())  # fkl has them all
+    readme = tmp_path / "README.md"  # the section's heading is a whole line: README's old one is not it
+    readme.write_text("# T\n\n### Methods side by side\n\nold\n")
+    with pytest.raises(SystemExit, match="has no '# Methods side by side' heading"):
+        quality.update_section(readme, payload, page, tmp_path / "quality_tiny.json")
+    assert readme.read_text() == "# T\n\n### Methods side by side\n\nold\n"
+
+
+def test_the_committed_methods_page_shows_its_results_page(quality):
+    """docs/results/methods.md holds the methods table of the committed results page (rerun `quality.py --render
+    benchmarks/results/quality_cpu-demo.json --readme docs/results/methods.md` after a quality run)."""
+    root = quality.RESULTS_DIR.parents[1]
+    results_page = (quality.RESULTS_DIR / "quality_cpu-demo.md").read_text()
+    table = results_page[results_page.index("| method | recipe |") :].split("\n\n")[0]
+    assert table in (root / "docs" / "results" / "methods.md").read_text()
