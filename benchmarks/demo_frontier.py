@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import ROOT, environment, replace_readme_section, write_text_atomically  # noqa: E402  (offline defaults, shared with the other benchmarks)
+from harness import ROOT, environment, format_table, replace_readme_section, write_text_atomically  # noqa: E402  (offline defaults, shared with the other benchmarks)
 
 RESULTS = ROOT / "benchmarks" / "results" / "demo"
 README_SECTION = "### Demo results"
@@ -124,31 +124,41 @@ def markdown_table(points: list[dict[str, Any]]) -> str:
     """One row per step budget; with the general-assistant held-out set scored in every point (the demo's
     ``general_eval``), its Rouge-L, loops and answer length (the teacher's in brackets) too."""
     general = all("results_general" in p for p in points)
-    head = (
-        "| steps | seeds | minutes, cache built | minutes to build the cache | minutes, first run | Rouge-L | "
-        "first-sentence EM % | loops % | repeats a 6+ word run % | held-out KL |"
-    )
+    head = ["steps", "seeds", "minutes, cache built", "minutes to build the cache", "minutes, first run", "Rouge-L"]
+    head += ["first-sentence EM %", "loops %", "repeats a 6+ word run %", "held-out KL"]
     if general:
-        head += " general Rouge-L | general loops % | general answer words (teacher) | general answers < 10 words % |"
-    lines = [head, "|---" * head.count(" | ") + "|---|"]
+        head += [
+            "general Rouge-L",
+            "general loops %",
+            "general answer words (teacher)",
+            "general answers < 10 words %",
+        ]
+    rows = []
     for steps, group in by_steps(points).items():
         warm, build = sum(_warm_s(p) for p in group) / len(group), cache_build_s(group)
         repeats = [repeated_run_pct(p["results"]["student after"]["predictions"]) for p in group]
-        row = (
-            f"| {steps} | {', '.join(str(_seed(p)) for p in group)} | {_minutes(warm)} | {_minutes(build)} | "
-            f"{_minutes(warm + build)} | "
-            f"{_spread(_after(group, 'rouge_l'), 2)} | {_spread(_after(group, 'exact_match'), 1)} | "
-            f"{_spread(_after(group, 'loop_rate'), 1)} | {_spread(repeats, 1)} | {_spread(_after(group, 'kl'), 3)} |"
-        )
+        cells = [
+            str(steps),
+            ", ".join(str(_seed(p)) for p in group),
+            _minutes(warm),
+            _minutes(build),
+            _minutes(warm + build),
+            _spread(_after(group, "rouge_l"), 2),
+            _spread(_after(group, "exact_match"), 1),
+            _spread(_after(group, "loop_rate"), 1),
+            _spread(repeats, 1),
+            _spread(_after(group, "kl"), 3),
+        ]
         if general:
             teacher_words = _spread(_general(group, "answer_words", "teacher"), 1)
-            row += (
-                f" {_spread(_general(group, 'rouge_l'), 2)} | {_spread(_general(group, 'loop_rate'), 1)} | "
-                f"{_spread(_general(group, 'answer_words'), 1)} ({teacher_words}) | "
-                f"{_spread(_general(group, 'short_answer_rate'), 1)} |"
-            )
-        lines.append(row)
-    return "\n".join(lines)
+            cells += [
+                _spread(_general(group, "rouge_l"), 2),
+                _spread(_general(group, "loop_rate"), 1),
+                f"{_spread(_general(group, 'answer_words'), 1)} ({teacher_words})",
+                _spread(_general(group, "short_answer_rate"), 1),
+            ]
+        rows.append(cells)
+    return format_table(head, rows).rstrip("\n")
 
 
 def plot_frontier(points: list[dict[str, Any]], path: Path) -> Path:

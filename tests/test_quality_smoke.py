@@ -1,8 +1,10 @@
-"""Smoke test of benchmarks/quality.py: its per-method function trains tiny random models for 2 steps and reports
-its fields; the page renders from the records. Only presence and range of the fields are checked, never quality."""
+"""Smoke test of benchmarks/quality.py and its modules: the per-method function trains tiny random models for 2 steps
+and reports its fields; the page renders from the records. Only presence and range of the fields are checked, never
+quality."""
 
 import dataclasses
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -26,7 +28,11 @@ TINY_METHODS = [
 
 @pytest.fixture(scope="module")
 def quality():
-    return load_script("benchmarks/quality.py")
+    """The benchmark's modules, loaded in import order (each then imports the one loaded before it): quality.rows,
+    .stats, .runs, .render, and .cli (the command line)."""
+    names = {"rows": "quality_rows", "stats": "quality_stats", "runs": "quality_runs", "render": "quality_render"}
+    modules = {key: load_script(f"benchmarks/{name}.py") for key, name in names.items()}
+    return SimpleNamespace(**modules, cli=load_script("benchmarks/quality.py"))
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +44,7 @@ def _one_thread():
 
 
 def tiny_budget(quality):
-    return quality.Budget(
+    return quality.rows.Budget(
         steps=2,
         batch=2,
         learning_rate=1e-3,
@@ -58,16 +64,16 @@ def tiny_pair(quality, method: str):
     tokenizer = make_tokenizer()
     student = make_model(len(tokenizer), hidden=32, layers=1, seed=1)
     kl_teacher = make_model(len(tokenizer), hidden=48, layers=2, seed=2)
-    if quality.METHODS[method].teacher == quality.SMOLLM2:
-        return quality.Pair(student, tokenizer, kl_teacher, kl_teacher)
+    if quality.rows.METHODS[method].teacher == quality.rows.SMOLLM2:
+        return quality.runs.Pair(student, tokenizer, kl_teacher, kl_teacher)
     teacher_tokenizer = make_tokenizer(extra_words=["sun", "moon", "sky"])
     teacher = make_model(len(teacher_tokenizer), hidden=48, layers=2, seed=3)
-    return quality.Pair(student, tokenizer, teacher, kl_teacher, teacher_tokenizer)
+    return quality.runs.Pair(student, tokenizer, teacher, kl_teacher, teacher_tokenizer)
 
 
 @pytest.mark.parametrize("method", TINY_METHODS)
 def test_run_method_fields(quality, method, tmp_path):
-    spec = quality.RunSpec(
+    spec = quality.rows.RunSpec(
         method=method,
         seed=0,
         budget=tiny_budget(quality),
@@ -75,11 +81,11 @@ def test_run_method_fields(quality, method, tmp_path):
         config_overrides={"loss_kwargs": {"dac_kl_hidden": 8}} if method == "mgsr" else {},
         cache_dir=str(tmp_path / "teacher-cache"),
     )
-    assert quality.RunSpec.from_dict(json.loads(json.dumps(dataclasses.asdict(spec)))) == spec
+    assert quality.rows.RunSpec.from_dict(json.loads(json.dumps(dataclasses.asdict(spec)))) == spec
     train = Dataset.from_list(make_conversations(8, seed=0))
     heldout = Dataset.from_list(make_conversations(6, seed=1))
     general = Dataset.from_list(make_conversations(3, seed=2))
-    record = quality.run_method(spec, tiny_pair(quality, method), train, heldout, general)
+    record = quality.runs.run_method(spec, tiny_pair(quality, method), train, heldout, general)
 
     assert record["method"] == method and record["seed"] == 0
     assert 0 <= record["rouge_l"] <= 100 and 0 <= record["exact_match"] <= 100
@@ -90,8 +96,8 @@ def test_run_method_fields(quality, method, tmp_path):
     assert on_general["num_samples"] == 3 and len(on_general["per_sample"]["words"]) == 3  # its own prompts
     assert len(record["predictions"]) == 4 and all(isinstance(x, str) for x in record["predictions"])
     assert len(record["per_sample"]["rouge_l"]) == 4 and 0 <= record["loop_rate"] <= 100
-    trained = quality.METHODS[method].trainer is not None
-    evaluates_teacher = quality.METHODS[method].evaluates == "teacher"
+    trained = quality.rows.METHODS[method].trainer is not None
+    evaluates_teacher = quality.rows.METHODS[method].evaluates == "teacher"
     assert record["teacher_cache"] == (method in ("sft", "fkl", "rkl", "jsd", "akl"))
     assert record["teacher_cache"] == (tmp_path / "teacher-cache" / "teacher_cache.json").is_file()
     assert ("kl" in record) == (not evaluates_teacher) == ("kl_sum" in record["per_sample"])
@@ -112,11 +118,11 @@ def test_group_by_length_budget_trains_every_kind_of_row(quality, method, tmp_pa
     """The cpu-demo budget batches by length: from the cache, with a live teacher, in TRL's trainer, across
     vocabularies."""
     budget = dataclasses.replace(tiny_budget(quality), train_sampling_strategy="group_by_length")
-    spec = quality.RunSpec(method=method, seed=0, budget=budget, output_dir=str(tmp_path / method),
+    spec = quality.rows.RunSpec(method=method, seed=0, budget=budget, output_dir=str(tmp_path / method),
                            cache_dir=str(tmp_path / "teacher-cache"))  # fmt: skip
     train = Dataset.from_list(make_conversations(24, seed=0))
     heldout = Dataset.from_list(make_conversations(6, seed=1))
-    assert quality.run_method(spec, tiny_pair(quality, method), train, heldout)["global_step"] == 2
+    assert quality.runs.run_method(spec, tiny_pair(quality, method), train, heldout)["global_step"] == 2
 
 
 def _record(method: str, seed: int, rouge: list[float], kl: list[float] | None = None, **more) -> dict:
@@ -132,11 +138,11 @@ def _record(method: str, seed: int, rouge: list[float], kl: list[float] | None =
 
 def test_bootstrap_intervals_contain_the_point_and_shrink_to_it_without_spread(quality):
     same = [_record("fkl", s, [10.0, 20.0, 30.0, 40.0], [1.0, 1.0, 1.0, 1.0]) for s in range(2)]
-    point, low, high = quality.bootstrap([same], "rouge_l")
+    point, low, high = quality.stats.bootstrap([same], "rouge_l")
     assert point == 25.0 and 10.0 <= low < point < high <= 40.0
-    assert quality.bootstrap([same], "kl") == (1.0, 1.0, 1.0)  # no spread over prompts or seeds
+    assert quality.stats.bootstrap([same], "kl") == (1.0, 1.0, 1.0)  # no spread over prompts or seeds
     shifted = [_record("akl", s, [15.0, 25.0, 35.0, 45.0], [0.5] * 4) for s in range(2)]
-    assert quality.bootstrap([shifted, same], "rouge_l", sign=(1, -1)) == (5.0, 5.0, 5.0)  # paired over prompts
+    assert quality.stats.bootstrap([shifted, same], "rouge_l", sign=(1, -1)) == (5.0, 5.0, 5.0)  # paired over prompts
 
 
 def test_claims_count_differences_inside_the_margins_as_ties(quality):
@@ -147,7 +153,7 @@ def test_claims_count_differences_inside_the_margins_as_ties(quality):
     close = [_record("jsd-live", 0, rouge, [1.0001, 1.2001, 0.8001, 1.1001])]
     far = [_record("jsd-live", 0, rouge, [1.05, 1.25, 0.85, 1.15])]
     for rows, verdict in ((close, "agree"), (far, "differ")):
-        table = quality.claims_table(trl + rows)
+        table = quality.render.claims_table(trl + rows)
         line = next(x for x in table.splitlines() if "jsd-live - trl-gkd" in x)
         assert line.endswith(f"| {verdict} |"), line
 
@@ -171,13 +177,13 @@ def test_page_renders_from_records(quality, tmp_path):
         "budget": dataclasses.asdict(budget),
         "threads": 1,
         "environment": {"cpu": "x86_64", "cpu_count": 2, "python": "3", "torch": "t", "transformers": "x", "trl": "y"},
-        "methods": list(quality.METHODS),
+        "methods": list(quality.rows.METHODS),
         "commands": ["python benchmarks/quality.py --budget tiny"],
         "wall_s": 60.0,
         "results": records,
         "commentary": "Observed on this run only.",
     }
-    page = quality.write_outputs(payload, tmp_path / "quality_tiny.json")
+    page = quality.render.write_outputs(payload, tmp_path / "quality_tiny.json")
     assert (tmp_path / "quality_tiny.md").read_text() == page
     assert (tmp_path / "quality_tiny.png").stat().st_size > 0 and "![Rouge-L and KL" in page
     fkl_row = next(line for line in page.splitlines() if line.startswith("| fkl |"))
@@ -202,26 +208,27 @@ def test_page_renders_from_records(quality, tmp_path):
     docs_page = tmp_path / "docs" / "results" / "methods.md"
     docs_page.parent.mkdir(parents=True)
     docs_page.write_text("# Methods side by side\n\nold table\n\n## Findings (commentary)\n\nold findings\n")
-    quality.update_section(docs_page, payload, page, tmp_path / "quality_tiny.json")
+    quality.render.update_section(docs_page, payload, page, tmp_path / "quality_tiny.json")
     text = docs_page.read_text()
     assert "old table" not in text and "old findings" not in text and text.startswith("# Methods side by side\n\n")
     assert fkl_row in text and "(../../quality_tiny.png)" in text and "Observed on this run only." in text
     assert "\n## Findings (commentary on this run, written after it)\n" in text
     planned = f"{budget.seeds} seeds per trained row are planned; rows or seeds still missing"
     assert planned in " ".join(text.split())  # most rows have no seed yet
-    quality.update_section(docs_page, {**payload, "methods": ["teacher", "fkl"]}, page, tmp_path / "quality_tiny.json")
+    fewer_rows = {**payload, "methods": ["teacher", "fkl"]}
+    quality.render.update_section(docs_page, fewer_rows, page, tmp_path / "quality_tiny.json")
     assert f"{budget.seeds} seeds per trained row." in " ".join(docs_page.read_text().split())  # fkl has them all
     readme = tmp_path / "README.md"  # the section's heading is a whole line: README's old one is not it
     readme.write_text("# T\n\n### Methods side by side\n\nold\n")
     with pytest.raises(SystemExit, match="has no '# Methods side by side' heading"):
-        quality.update_section(readme, payload, page, tmp_path / "quality_tiny.json")
+        quality.render.update_section(readme, payload, page, tmp_path / "quality_tiny.json")
     assert readme.read_text() == "# T\n\n### Methods side by side\n\nold\n"
 
 
 def test_the_committed_methods_page_shows_its_results_page(quality):
     """docs/results/methods.md holds the methods table of the committed results page (rerun `quality.py --render
     benchmarks/results/quality_cpu-demo.json --readme docs/results/methods.md` after a quality run)."""
-    root = quality.RESULTS_DIR.parents[1]
-    results_page = (quality.RESULTS_DIR / "quality_cpu-demo.md").read_text()
+    root = quality.cli.RESULTS_DIR.parents[1]
+    results_page = (quality.cli.RESULTS_DIR / "quality_cpu-demo.md").read_text()
     table = results_page[results_page.index("| method | recipe |") :].split("\n\n")[0]
     assert table in (root / "docs" / "results" / "methods.md").read_text()
