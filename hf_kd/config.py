@@ -1,24 +1,28 @@
 """DistillationConfig: every knob of hf_kd, as a dataclass with help text (Python, YAML and CLI alike).
 
 The options of the loss terms and bridges (``akl_mu``, ``bild_top_k``, ``skew_alpha``, ``dac_kl_lr``,
-``span_segmenter``, ``kd_rate``, ``projector_lr``, ...) are not written here: each term or bridge declares its
-knobs (``hf_kd.knobs.Knob``) and ``MethodKnobs`` turns the registered ones into dataclass fields.
+``span_segmenter``, ``kd_rate``, ``projector_lr``) are not written here: each method declares them in a small
+dataclass in its own file (``hf_kd.knobs``), which ``DistillationConfig`` inherits from.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from trl.experimental.gkd import GKDConfig
 
 from .bridge import BRIDGE_REGISTRY, bridge_class
-from .knobs import knob_fields
+from .bridge.dskd import DSKDKnobs
 from .losses import LOSS_REGISTRY, parse_recipe
-from .losses.registry import loss_class
+from .losses.akl import AKLKnobs
+from .losses.bild import BiLDKnobs
+from .losses.dac_kl import DACKLKnobs
+from .losses.divergences import SkewKnobs
+from .losses.span import SpanKnobs
 from .teacher_cache.encoding import TAIL_SHAPES
 
 
@@ -34,15 +38,10 @@ def _default_temperatures() -> str:
     return ", ".join(parts)
 
 
-MethodKnobs = knob_fields(
-    [*LOSS_REGISTRY.values(), *BRIDGE_REGISTRY.values()],
-    "MethodKnobs",
-    skip=[f.name for f in fields(GKDConfig)],  # e.g. `beta`, which the jsd term reads from GKD's own field
-)
-
-
+# The methods' knobs, bases listed last first: dataclass fields follow the reversed MRO, so GKD's come first, then
+# akl_mu ... projector_lr. The jsd term's knob is GKD's own `beta`.
 @dataclass
-class DistillationConfig(MethodKnobs, GKDConfig):
+class DistillationConfig(DSKDKnobs, SpanKnobs, SkewKnobs, DACKLKnobs, BiLDKnobs, AKLKnobs, GKDConfig):
     """Configuration of [`DistillationTrainer`]; extends TRL's `GKDConfig` (lmbda, beta, seq_kd, max_new_tokens,
     temperature keep their GKD meaning). With the defaults a run is GKD: generalized JSD with beta = 0.5.
 
@@ -263,27 +262,11 @@ class DistillationConfig(MethodKnobs, GKDConfig):
         super().__post_init__()
 
     def knob_value(self, knob_field: str) -> Any:
-        """The value of a term's or bridge's knob; a knob declared after this class was built has no field."""
+        """The value of a term's or bridge's knob; a knob whose dataclass this class does not inherit has no field."""
         if not hasattr(self, knob_field):
             raise ValueError(
-                f"'{knob_field}' is not a DistillationConfig field: its term or bridge was registered after hf_kd "
-                "built the config. Put the term in hf_kd/losses (or the bridge in hf_kd/bridge), or reuse an "
-                "existing knob, or pass constructor arguments through `loss_kwargs`."
+                f"'{knob_field}' is not a DistillationConfig field: its term or bridge declares knobs that "
+                "DistillationConfig does not inherit. Add its knobs dataclass to DistillationConfig's bases "
+                "(hf_kd/config.py), or reuse an existing knob, or pass constructor arguments through `loss_kwargs`."
             )
         return getattr(self, knob_field)
-
-    def loss_build_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for `build_loss(self.kd_loss, ...)`: each recipe term's knobs that set a constructor
-        argument (as `<term>_<argument>`), the KD temperature, then `loss_kwargs`."""
-        names = [name for _, name in parse_recipe(self.kd_loss)]
-        kwargs: dict[str, Any] = {}
-        for name in names:
-            for knob in loss_class(name).knobs:
-                if knob.arg is not None:
-                    kwargs[f"{name}_{knob.arg}"] = self.knob_value(knob.field)
-        if self.kd_temperature is not None:
-            for name in names:
-                if "temperature" in inspect.signature(loss_class(name).__init__).parameters:
-                    kwargs[f"{name}_temperature"] = self.kd_temperature
-        kwargs.update(self.loss_kwargs or {})
-        return kwargs

@@ -22,7 +22,7 @@ from transformers.utils import logging
 
 from .atomic import write_text_atomically
 from .bridge import BRIDGE_REGISTRY
-from .losses import parse_recipe
+from .losses import Recipe
 from .losses.registry import loss_class
 from .papers import GKD, MGSR, Paper
 
@@ -185,8 +185,8 @@ class ModelCardData:
 
     @property
     def terms(self) -> list[tuple[float, str]]:
-        """The recipe's (weight, name) terms, read by the loss library's parser."""
-        return parse_recipe(self.recipe)
+        """The recipe's (weight, name) terms, as the loss library parses it (``Recipe``)."""
+        return [(term.weight, term.name) for term in Recipe.parse(self.recipe).terms]
 
     @property
     def papers(self) -> list[Paper]:

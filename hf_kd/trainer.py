@@ -34,7 +34,7 @@ from .finiteness import TRAINING_CAUSES
 from .formats import screen_rows, uses_chat_template
 from .heads import padded_token_ids
 from .hub import MODULES_FILE, TEACHERS_FILE, DistillationHubMixin
-from .losses import DistillationLoss
+from .losses import DistillationLoss, Recipe
 from .losses.cpu_allocator import tune_for_chunks
 from .rollout import GeneratedBatch, GenerationCallback, GenerationContext, RolloutStep
 from .rollout.backend import TransformersBackend, rollout_outputs
@@ -170,7 +170,8 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
         if args.disable_dropout:
             disable_dropout_in_model(self.model)
         self._check_sharding()
-        self.loss_fn = self.teacher_source.build_loss(args)  # None when the source builds its own terms (a bridge)
+        self.recipe = Recipe.from_config(args)  # kd_loss parsed once: the loss, a bridge and the card read it
+        self.loss_fn = self.teacher_source.build_loss(self.recipe, args)  # None when a bridge builds its own terms
         if args.device.type == "cpu":  # chunk temporaries reuse their pages (HF_KD_TUNE_MALLOC=0 opts out)
             tune_for_chunks()
         self.teacher_source.prepare(self)

@@ -8,7 +8,7 @@ import pytest
 from tiny import make_args
 
 from hf_kd import DistillationConfig
-from hf_kd.losses import build_loss
+from hf_kd.losses import Recipe, build_loss
 from hf_kd.losses.core import DEFAULT_CHUNK_ELEMENTS
 
 
@@ -19,7 +19,8 @@ def test_kd_temperature_must_be_positive(tmp_path, temperature):
 
 
 def test_a_positive_kd_temperature_and_none_are_accepted(tmp_path):
-    assert make_args(tmp_path, kd_temperature=2.0, kd_loss="akl").loss_build_kwargs()["akl_temperature"] == 2.0
+    (akl,) = Recipe.from_config(make_args(tmp_path, kd_temperature=2.0, kd_loss="akl")).terms
+    assert akl.options["temperature"] == 2.0 and akl.build().temperature == 2.0
     assert make_args(tmp_path).kd_temperature is None
 
 

@@ -27,16 +27,16 @@ weight); the projected accuracy ``t2s_acc`` is logged as a fraction.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..heads import FirstBatchHeadCheck, loss_forward, output_head, real_vocab_size, unwrap_model
-from ..knobs import Knob
-from ..losses import IGNORE_INDEX, LogitSource, LossEngine, TokenLoss, TokenRows, build_loss, parse_recipe
+from ..knobs import knob
+from ..losses import IGNORE_INDEX, LogitSource, LossEngine, Recipe, TokenLoss, TokenRows
 from ..losses.registry import loss_class
 from ..papers import Paper
 from ..sharding import gathered
@@ -99,22 +99,23 @@ def _hidden_size(model: nn.Module) -> int:
     return output_head(model).weight.shape[-1]
 
 
-def _divergence_terms(args: Any, temperature: float) -> tuple[list[TokenLoss], list[float]]:
-    """The terms of ``args.kd_loss`` built as the trainer builds them (``args.loss_build_kwargs()``), every term
-    that takes a temperature at the bridge's KD temperature unless ``loss_kwargs`` names another."""
-    recipe = getattr(args, "kd_loss", "fkl")
-    kwargs = dict(args.loss_build_kwargs()) if hasattr(args, "loss_build_kwargs") else {}
-    names = {name: loss_class(name) for _, name in parse_recipe(recipe)}
-    if "ce" in names:
+def _divergence_terms(recipe: Recipe, temperature: float) -> tuple[list[TokenLoss], list[float]]:
+    """The recipe's terms, every term that takes a temperature at the bridge's KD temperature unless the recipe's
+    options set one (``kd_temperature``, ``loss_kwargs``)."""
+    if "ce" in recipe.names:
         raise ValueError(
-            f"kd_loss '{recipe}' contains 'ce': under the DSKD bridge the CE term is mixed in by kd_rate "
+            f"kd_loss '{recipe.text}' contains 'ce': under the DSKD bridge the CE term is mixed in by kd_rate "
             "(L = (1 - kd_rate) CE + kd_rate KD); give only the divergence, e.g. kd_loss='fkl'."
         )
-    for name, cls in names.items():
-        if "temperature" in inspect.signature(cls.__init__).parameters:
-            kwargs.setdefault(f"{name}_temperature", temperature)
-    loss = build_loss(recipe, **kwargs)
-    return list(loss.terms), list(loss.weights)
+    return [term.build(temperature) for term in recipe.terms], [term.weight for term in recipe.terms]
+
+
+@dataclass
+class DSKDKnobs:
+    """DSKD's options (``DistillationConfig`` fields)."""
+
+    kd_rate: float = knob(0.5, "DSKD: L = (1 - kd_rate) * CE + kd_rate * (L_stu + L_t2s_ce + L_tea).")
+    projector_lr: float = knob(1e-3, "Learning rate of the DSKD projectors.")
 
 
 @register_bridge("dskd")
@@ -124,8 +125,8 @@ class DSKDBridge(nn.Module):
     ``args`` needs ``kd_loss``, ``kd_temperature``, ``kd_rate`` and ``loss_chunk_size`` (a ``DistillationConfig``);
     ``teacher_tokenizer`` is None when both models share one tokenizer, which selects the same-vocabulary DSKD,
     and is the teacher's tokenizer otherwise, which selects DSKD-CMA. ``tokenizer`` (the student's), when given,
-    limits both heads to the real tokens of their tokenizers. The projectors are created in float32 on the
-    student's device.
+    limits both heads to the real tokens of their tokenizers. ``recipe`` is the run's parsed ``kd_loss`` (the
+    trainer's; parsed from ``args`` when None). The projectors are created in float32 on the student's device.
     """
 
     paper = Paper(
@@ -139,10 +140,7 @@ class DSKDBridge(nn.Module):
   year    = {2024}
 }""",
     )
-    knobs = (
-        Knob("kd_rate", "DSKD: L = (1 - kd_rate) * CE + kd_rate * (L_stu + L_t2s_ce + L_tea).", default=0.5),
-        Knob("projector_lr", "Learning rate of the DSKD projectors.", default=1e-3),
-    )
+    knobs = DSKDKnobs
     lr_knob = "projector_lr"
     cross_vocabulary = True
     default_temperature = DSKD_DEFAULT_TEMPERATURE
@@ -154,6 +152,7 @@ class DSKDBridge(nn.Module):
         args: Any,
         teacher_tokenizer: Any | None = None,
         tokenizer: Any | None = None,
+        recipe: Recipe | None = None,
     ):
         super().__init__()
         d_s, d_t = _hidden_size(student_model), _hidden_size(teacher_model)
@@ -166,7 +165,7 @@ class DSKDBridge(nn.Module):
         self.kd_rate = float(args.kd_rate)
         if not 0.0 <= self.kd_rate <= 1.0:
             raise ValueError(f"kd_rate must be in [0, 1], got {self.kd_rate}.")
-        terms, weights = _divergence_terms(args, self.temperature)
+        terms, weights = _divergence_terms(recipe or Recipe.from_config(args), self.temperature)
         chunk_size = getattr(args, "loss_chunk_size", None)
         self.student_kd = TermSum("kd_student", terms, weights, keep_if_teacher_correct=self.vocabularies_differ)
         self.teacher_kd = TermSum("kd_teacher", [loss_class("fkl")(temperature=self.temperature)], [1])

@@ -8,7 +8,7 @@ import importlib
 import pkgutil
 
 from .core import IGNORE_INDEX, LogitSource, LossEngine, TeacherSignal, TokenLoss, TokenRows, default_chunk_size
-from .recipe import DistillationLoss, build_loss, parse_recipe
+from .recipe import DistillationLoss, Recipe, RecipeTerm, build_loss, parse_recipe
 from .registry import LOSS_REGISTRY, register_loss
 
 for _module in pkgutil.iter_modules(__path__):
@@ -20,6 +20,8 @@ __all__ = [
     "DistillationLoss",
     "LogitSource",
     "LossEngine",
+    "Recipe",
+    "RecipeTerm",
     "TeacherSignal",
     "TokenLoss",
     "TokenRows",

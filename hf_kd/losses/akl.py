@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..knobs import Knob
+from ..knobs import knob
 from ..papers import Paper
 from .core import TokenLoss, TokenRows
 from .divergences import row_dot, softmax_backward, with_gradient
@@ -150,6 +150,13 @@ class _Select:
         self.error += (cumulative[first + fit] - cumulative[first]).to(self.error.dtype)
 
 
+@dataclass
+class AKLKnobs:
+    """AKL's options (``DistillationConfig`` fields)."""
+
+    akl_mu: float = knob(0.5, "AKL head/tail boundary: cumulative teacher probability.", arg="mu")
+
+
 @register_loss("akl")
 class AdaptiveKL(TokenLoss):
     """Adaptive KL: head-error-weighted FKL plus tail-error-weighted RKL (see module docstring)."""
@@ -165,9 +172,9 @@ class AdaptiveKL(TokenLoss):
   year    = {2024}
 }""",
     )
-    knobs = (Knob("akl_mu", "AKL head/tail boundary: cumulative teacher probability.", arg="mu"),)
+    knobs = AKLKnobs
 
-    def __init__(self, mu: float = 0.5, temperature: float = 1.0):
+    def __init__(self, mu: float = AKLKnobs.akl_mu, temperature: float = 1.0):
         super().__init__()
         if not 0.0 < mu < 1.0:
             raise ValueError(f"akl: mu must be in (0, 1), got {mu}.")

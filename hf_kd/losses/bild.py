@@ -9,9 +9,11 @@ runs there is no T^2 factor. Defaults follow the official code: k = 8, T = 3.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from ..knobs import Knob
+from ..knobs import knob
 from ..papers import BILD
 from .core import TeacherSignal, TokenLoss, TokenRows
 from .divergences import kl_rows
@@ -35,6 +37,13 @@ def logit_difference_kl(leader: torch.Tensor, follower: torch.Tensor, student_le
     return kl_rows(torch.log_softmax(teacher_diffs, -1), torch.log_softmax(student_diffs, -1))
 
 
+@dataclass
+class BiLDKnobs:
+    """BiLD's options (``DistillationConfig`` fields)."""
+
+    bild_top_k: int = knob(8, "BiLD: number of top logits whose differences are used.", arg="top_k")
+
+
 @register_loss("bild")
 class BiLD(TokenLoss):
     """Teacher-led plus student-led logit-difference KL over the top-k logits.
@@ -44,10 +53,10 @@ class BiLD(TokenLoss):
     """
 
     paper = BILD
-    knobs = (Knob("bild_top_k", "BiLD: number of top logits whose differences are used.", arg="top_k"),)
+    knobs = BiLDKnobs
     teacher_needs = TeacherSignal.FULL_ROWS  # the teacher at the student's own top-k tokens
 
-    def __init__(self, top_k: int = 8, temperature: float = 3.0):
+    def __init__(self, top_k: int = BiLDKnobs.bild_top_k, temperature: float = 3.0):
         super().__init__()
         if top_k < 2:
             raise ValueError(f"bild: top_k must be >= 2 (differences need two logits), got {top_k}.")

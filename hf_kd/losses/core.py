@@ -38,8 +38,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..knobs import knob_value, knobs_of
+
 if TYPE_CHECKING:
-    from ..knobs import Knob
     from ..papers import Paper
 
 IGNORE_INDEX = -100
@@ -209,7 +210,8 @@ class TokenLoss(nn.Module):
     What the rest of hf_kd asks of a term is declared on its class, once:
 
     * ``paper``: the paper the model card cites when a run uses the term (None for textbook divergences);
-    * ``knobs``: its ``DistillationConfig`` fields (CLI flags, YAML keys), see ``hf_kd.knobs.Knob``;
+    * ``knobs``: the dataclass of its ``DistillationConfig`` fields (CLI flags, YAML keys), see ``hf_kd.knobs``;
+      ``config_options`` reads the ones that set constructor arguments from a run's config;
     * ``requires`` and ``build_inputs``: the per-token inputs it needs beyond logits and labels, and how a
       trainer builds them from a batch;
     * ``lr_knob``: the knob holding the learning rate of its trainable parameters (their own optimizer group);
@@ -225,11 +227,16 @@ class TokenLoss(nn.Module):
     name: str = ""
     pairwise: bool = False
     paper: Paper | None = None
-    knobs: tuple[Knob, ...] = ()
+    knobs: type | None = None
     requires: tuple[str, ...] = ()  # names of per-token extras the term needs (e.g. "span_ids")
     lr_knob: str | None = None
     teacher_needs: TeacherSignal = TeacherSignal.TOP_K
     positions: str | None = None
+
+    @classmethod
+    def config_options(cls, config: Any) -> dict[str, Any]:
+        """The constructor arguments ``config`` (a run's ``DistillationConfig``) sets through this term's knobs."""
+        return {item.arg: knob_value(config, item) for item in knobs_of(cls) if item.arg is not None}
 
     @classmethod
     def build_inputs(cls, batch: dict[str, Any], tokenizer: Any, options: Any) -> dict[str, torch.Tensor]:

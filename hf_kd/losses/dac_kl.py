@@ -50,11 +50,13 @@ k, the features past k are entries of the flat tail.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..knobs import Knob
+from ..knobs import knob
 from ..papers import MGSR
 from .core import TokenLoss, TokenRows
 from .divergences import kl_rows
@@ -118,12 +120,19 @@ def clipped_log_vector(
     return torch.cat([top + log_w, out.clamp(min=floor).unsqueeze(-1)], dim=-1)
 
 
+@dataclass
+class DACKLKnobs:
+    """DAC-KL's options (``DistillationConfig`` fields)."""
+
+    dac_kl_lr: float = knob(1e-3, "Learning rate of the DAC-KL sub-network (MGSR).")
+
+
 @register_loss("dac_kl")
 class DACKL(TokenLoss):
     """Distribution adaptive clipping KL with a learned band (see the module docstring)."""
 
     paper = MGSR
-    knobs = (Knob("dac_kl_lr", "Learning rate of the DAC-KL sub-network (MGSR).", default=1e-3),)
+    knobs = DACKLKnobs
     lr_knob = "dac_kl_lr"
 
     def __init__(

@@ -18,9 +18,11 @@ the same formula on it; the error against the live teacher is bounded through KL
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from ..knobs import Knob
+from ..knobs import knob
 from ..papers import DISTILLM, GKD
 from .core import TeacherSignal, TokenLoss, TokenRows
 from .registry import register_loss
@@ -154,6 +156,13 @@ class ReverseKL(TokenLoss):
         return reverse_kl(rows, self.temperature)
 
 
+@dataclass
+class JSDKnobs:
+    """The jsd term's option: GKD's own ``beta`` field (TRL's ``GKDConfig`` declares it for the config)."""
+
+    beta: float = knob(0.5, "GKD's generalized JSD interpolation coefficient beta (jsd term).", arg="beta")
+
+
 @register_loss("jsd")
 class GeneralizedJSD(TokenLoss):
     """GKD's generalized Jensen-Shannon divergence (arXiv 2306.13649, Eq. 1), as TRL computes it.
@@ -163,9 +172,9 @@ class GeneralizedJSD(TokenLoss):
     """
 
     paper = GKD
-    knobs = (Knob("beta", "GKD's generalized JSD interpolation coefficient beta (jsd term).", arg="beta"),)
+    knobs = JSDKnobs
 
-    def __init__(self, beta: float = 0.5, temperature: float = 1.0):
+    def __init__(self, beta: float = JSDKnobs.beta, temperature: float = 1.0):
         super().__init__()
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"jsd: beta must be in [0, 1], got {beta}.")
@@ -181,14 +190,21 @@ class GeneralizedJSD(TokenLoss):
         return mixture_kl(rows, t, beta, weight_p=beta, weight_q=1 - beta)
 
 
+@dataclass
+class SkewKnobs:
+    """The skew KLs' option, shared by sfkl and srkl (a ``DistillationConfig`` field)."""
+
+    skew_alpha: float = knob(0.1, "Skew KL (sfkl/srkl) mixing weight alpha.", arg="alpha")
+
+
 @register_loss("sfkl")
 class SkewForwardKL(TokenLoss):
     """Skew forward KL (DistiLLM, arXiv 2402.03898): KL(p || alpha p + (1 - alpha) q)."""
 
     paper = DISTILLM
-    knobs = (Knob("skew_alpha", "Skew KL (sfkl/srkl) mixing weight alpha.", arg="alpha"),)
+    knobs = SkewKnobs
 
-    def __init__(self, alpha: float = 0.1, temperature: float = 1.0):
+    def __init__(self, alpha: float = SkewKnobs.skew_alpha, temperature: float = 1.0):
         super().__init__()
         if not 0.0 < alpha < 1.0:
             raise ValueError(f"sfkl: alpha must be in (0, 1), got {alpha}.")
@@ -204,9 +220,9 @@ class SkewReverseKL(TokenLoss):
     """Skew reverse KL (DistiLLM, arXiv 2402.03898): KL(q || alpha q + (1 - alpha) p)."""
 
     paper = DISTILLM
-    knobs = SkewForwardKL.knobs
+    knobs = SkewKnobs
 
-    def __init__(self, alpha: float = 0.1, temperature: float = 1.0):
+    def __init__(self, alpha: float = SkewKnobs.skew_alpha, temperature: float = 1.0):
         super().__init__()
         if not 0.0 < alpha < 1.0:
             raise ValueError(f"srkl: alpha must be in (0, 1), got {alpha}.")

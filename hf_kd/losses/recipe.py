@@ -1,10 +1,17 @@
-"""Recipes: weighted sums of named loss terms, e.g. ``"0.5*ce+0.5*akl"`` or ``"ce+dac_kl+span"``."""
+"""Recipes: weighted sums of named loss terms, e.g. ``"0.5*ce+0.5*akl"`` or ``"ce+dac_kl+span"``.
+
+A recipe is parsed once into a ``Recipe``: each term's class, weight and constructor arguments (``options``). The
+trainer builds its loss from it, a bridge its divergence terms, the model card reads its terms' papers.
+"""
 
 from __future__ import annotations
 
 import inspect
 import math
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -48,20 +55,93 @@ def parse_recipe(recipe: str) -> list[tuple[float, str]]:
     return terms
 
 
-def _term_kwargs(name: str, cls: type[TokenLoss], kwargs: dict[str, Any], used: set[str]) -> dict[str, Any]:
-    """Keyword arguments for one term: ``<name>_<arg>`` targets this term, a plain ``arg`` every term taking it."""
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
-    chosen = {}
-    for key, value in kwargs.items():
-        if key in accepted:
-            chosen.setdefault(key, value)
-            used.add(key)
-    for key, value in kwargs.items():
-        prefix = f"{name}_"
-        if key.startswith(prefix) and key[len(prefix) :] in accepted:
-            chosen[key[len(prefix) :]] = value
-            used.add(key)
-    return chosen
+def _takes(cls: type[TokenLoss], argument: str) -> bool:
+    return argument in inspect.signature(cls.__init__).parameters
+
+
+@dataclass(frozen=True)
+class RecipeTerm:
+    """One term of a recipe: its class, its weight and its constructor arguments (``options``)."""
+
+    cls: type[TokenLoss]
+    weight: float
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
+        temperature = self.options.get("temperature")
+        if temperature is not None and not 0 < temperature < math.inf:
+            raise ValueError(
+                f"{self.name}: temperature must be a positive number, got {temperature}: the logits are divided by "
+                "it (0 gives NaN, a negative value inverts the distributions). Use e.g. 1.0, or 2.0 for softer ones."
+            )
+
+    @property
+    def name(self) -> str:
+        return self.cls.name
+
+    def build(self, default_temperature: float | None = None) -> TokenLoss:
+        """The term, at ``default_temperature`` (a bridge's KD temperature) unless its options set one."""
+        options = dict(self.options)
+        if default_temperature is not None and _takes(self.cls, "temperature"):
+            options.setdefault("temperature", default_temperature)
+        return self.cls(**options)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A parsed recipe: its text and its terms in order, each with its class, weight and constructor arguments."""
+
+    text: str
+    terms: tuple[RecipeTerm, ...]
+
+    @classmethod
+    def parse(
+        cls, recipe: str, kwargs: Mapping[str, Any] | None = None, base: Mapping[str, Mapping[str, Any]] | None = None
+    ) -> Recipe:
+        """``recipe`` (see ``parse_recipe``) with its terms' constructor arguments: ``base[name]`` (a term's own
+        options), then ``kwargs``, where ``<name>_<arg>`` targets one term (over its base) and a plain ``arg`` every
+        term taking it (under its base). A key no term takes is an error."""
+        kwargs, base = dict(kwargs or {}), base or {}
+        used: set[str] = set()
+        terms = []
+        for weight, name in parse_recipe(recipe):
+            term_cls = loss_class(name)
+            accepted = set(inspect.signature(term_cls.__init__).parameters) - {"self"}
+            options = dict(base.get(name, {}))
+            for key, value in kwargs.items():
+                if key in accepted:
+                    options.setdefault(key, value)
+                    used.add(key)
+                elif key.startswith(f"{name}_") and key[len(name) + 1 :] in accepted:
+                    options[key[len(name) + 1 :]] = value
+                    used.add(key)
+            terms.append(RecipeTerm(term_cls, weight, options))
+        unused = sorted(set(kwargs) - used)
+        if unused:
+            raise ValueError(f"Recipe '{recipe}' has no term that takes {unused}; check the names of the arguments.")
+        return cls(recipe, tuple(terms))
+
+    @classmethod
+    def from_config(cls, config: Any) -> Recipe:
+        """The run's recipe (``config.kd_loss``): each term with the values of its knobs (``config_options``) and
+        ``kd_temperature`` when set, then ``loss_kwargs`` as ``parse`` applies them."""
+        base = {}
+        for _, name in parse_recipe(config.kd_loss):
+            term_cls = loss_class(name)
+            base[name] = term_cls.config_options(config)
+            if config.kd_temperature is not None and _takes(term_cls, "temperature"):
+                base[name]["temperature"] = config.kd_temperature
+        return cls.parse(config.kd_loss, getattr(config, "loss_kwargs", None), base)
+
+    @property
+    def names(self) -> list[str]:
+        return [term.name for term in self.terms]
+
+    def build(self, chunk_size: int | None = None, default_temperature: float | None = None) -> DistillationLoss:
+        """The loss: every term built (``RecipeTerm.build``) and summed with its weight by one engine."""
+        terms = [term.build(default_temperature) for term in self.terms]
+        return DistillationLoss(terms, [term.weight for term in self.terms], chunk_size)
 
 
 class DistillationLoss(nn.Module):
@@ -152,20 +232,4 @@ class DistillationLoss(nn.Module):
 def build_loss(recipe: str, chunk_size: int | None = None, **kwargs: Any) -> DistillationLoss:
     """Build a loss from a recipe. Keyword arguments go to every term that accepts them
     (``temperature=2.0``), or to one term with its name as prefix (``bild_temperature=3.0``)."""
-    used: set[str] = set()
-    terms, weights = [], []
-    for weight, name in parse_recipe(recipe):
-        cls = loss_class(name)
-        term_kwargs = _term_kwargs(name, cls, kwargs, used)
-        temperature = term_kwargs.get("temperature")
-        if temperature is not None and not 0 < temperature < math.inf:
-            raise ValueError(
-                f"{name}: temperature must be a positive number, got {temperature}: the logits are divided by it "
-                "(0 gives NaN, a negative value inverts the distributions). Use e.g. 1.0, or 2.0 for softer ones."
-            )
-        terms.append(cls(**term_kwargs))
-        weights.append(weight)
-    unused = sorted(set(kwargs) - used)
-    if unused:
-        raise ValueError(f"Recipe '{recipe}' has no term that takes {unused}; check the names of the arguments.")
-    return DistillationLoss(terms, weights, chunk_size)
+    return Recipe.parse(recipe, kwargs).build(chunk_size)

@@ -21,15 +21,23 @@ From a teacher cache the teacher probabilities are the reconstructed ones (top-k
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..knobs import Knob
+from ..knobs import knob
 from ..papers import MGSR
 from .core import TokenLoss, TokenRows
 from .registry import register_loss
 from .sentence_spans import span_ids_for_batch
+
+
+@dataclass
+class SpanKnobs:
+    """The span loss's options (``DistillationConfig`` fields)."""
+
+    span_segmenter: str = knob("pysbd", "Span loss: sentence segmenter, 'pysbd' or 'punct'.")
 
 
 @register_loss("span")
@@ -38,7 +46,7 @@ class SpanCorrelation(TokenLoss):
 
     pairwise = True
     paper = MGSR
-    knobs = (Knob("span_segmenter", "Span loss: sentence segmenter, 'pysbd' or 'punct'.", default="pysbd"),)
+    knobs = SpanKnobs
     requires = ("span_ids",)
 
     @classmethod

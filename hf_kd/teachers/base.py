@@ -26,7 +26,7 @@ from trl.trainer.utils import disable_dropout_in_model
 from ..finiteness import valid_rows
 from ..formats import FormatCollator
 from ..heads import FirstBatchHeadCheck, loss_forward, output_head
-from ..losses import LOSS_REGISTRY, DistillationLoss, LogitSource, TeacherSignal, TokenLoss, build_loss
+from ..losses import LOSS_REGISTRY, DistillationLoss, LogitSource, Recipe, TeacherSignal, TokenLoss
 from ..sharding import gathered
 
 if TYPE_CHECKING:
@@ -120,10 +120,10 @@ class TeacherSource:
                     f"train '{term.name}' with a live teacher_model."
                 )
 
-    def build_loss(self, args: Any) -> DistillationLoss | None:
-        """The recipe's loss for ``loss``, its terms checked against this source (None when the source builds its
-        own terms, as a bridge does)."""
-        loss_fn = build_loss(args.kd_loss, chunk_size=args.loss_chunk_size, **args.loss_build_kwargs())
+    def build_loss(self, recipe: Recipe, args: Any) -> DistillationLoss | None:
+        """The run's recipe built for ``loss``, its terms checked against this source (None when the source builds
+        its own terms, as a bridge does)."""
+        loss_fn = recipe.build(args.loss_chunk_size)
         self.check_terms(list(loss_fn.terms))
         return loss_fn.to(args.device)
 

@@ -41,7 +41,7 @@ class BridgeTeacher(TeacherSource):
             return super().chat_collator(tokenizer, args)
         return DualTokenizationCollator(tokenizer, self.teacher_tokenizer, args.max_length)
 
-    def build_loss(self, args: Any) -> DistillationLoss | None:
+    def build_loss(self, recipe: Any, args: Any) -> DistillationLoss | None:
         return None  # the bridge builds (and owns) the recipe's terms: no second, unused copy
 
     def prepare(self, trainer: Any) -> None:
@@ -52,7 +52,7 @@ class BridgeTeacher(TeacherSource):
             self.vocab_size = min(self.vocab_size, real_vocab_size(self.model, self.tokenizer))
         self.model = prepare_teacher_model(self.model, trainer)
         cls = bridge_class(self.name)
-        bridge = cls(trainer.model, self.model, trainer.args, self.teacher_tokenizer, self.tokenizer)
+        bridge = cls(trainer.model, self.model, trainer.args, self.teacher_tokenizer, self.tokenizer, trainer.recipe)
         self.bridge = bridge.to(trainer.args.device)
 
     def modules(self) -> dict[str, nn.Module]:

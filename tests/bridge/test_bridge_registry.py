@@ -6,7 +6,7 @@ import pytest
 
 from hf_kd import DistillationConfig
 from hf_kd.bridge import BRIDGE_REGISTRY, DSKDBridge, bridge_class, register_bridge
-from hf_kd.knobs import Knob
+from hf_kd.knobs import knob, knobs_of
 from hf_kd.model_card import methods_used
 
 
@@ -19,8 +19,8 @@ def test_dskd_is_registered_with_its_declarations():
 
 def test_bridge_knobs_are_config_fields(tmp_path):
     fields = {f.name: f for f in dataclasses.fields(DistillationConfig)}
-    for knob in DSKDBridge.knobs:
-        assert fields[knob.field].default == knob.default and fields[knob.field].metadata["help"]
+    for declared in knobs_of(DSKDBridge):
+        assert fields[declared.field].default == declared.default and fields[declared.field].metadata["help"]
     assert DistillationConfig(output_dir=str(tmp_path), kd_rate=0.25).kd_rate == 0.25
 
 
@@ -32,7 +32,8 @@ def test_unknown_bridge_lists_the_registered_ones(tmp_path):
 def test_registration_checks_declarations():
     with pytest.raises(ValueError, match="must declare"):
         register_bridge("incomplete")(type("Incomplete", (), {"paper": None}))
-    declared = dict(paper=None, knobs=(Knob("x_lr", "lr", default=1.0),), cross_vocabulary=False)
+    knobs = dataclasses.make_dataclass("XKnobs", [("x_lr", float, knob(1.0, "lr"))])
+    declared = dict(paper=None, knobs=knobs, cross_vocabulary=False)
     with pytest.raises(ValueError, match="lr_knob 'y_lr' is not one of its knobs"):
         register_bridge("wrong_lr")(type("WrongLr", (), {**declared, "lr_knob": "y_lr", "default_temperature": 1.0}))
     with pytest.raises(ValueError, match="already registered"):

@@ -15,6 +15,7 @@ from tiny import (
 from trl.experimental.utils import DataCollatorForChatML
 
 from hf_kd.bridge import DSKD_DEFAULT_TEMPERATURE, DSKDBridge
+from hf_kd.losses import Recipe
 
 
 @pytest.fixture
@@ -132,6 +133,17 @@ def test_temperature_and_recipe_validation(pair):
         DSKDBridge(student, teacher, bridge_args(5, kd_loss="0.5*ce+0.5*fkl"))
     with pytest.raises(ValueError, match=r"kd_rate must be in \[0, 1\]"):
         DSKDBridge(student, teacher, bridge_args(5, kd_rate=1.5))
+
+
+def test_the_bridge_builds_the_recipe_it_is_given(pair):
+    """The trainer's parsed recipe, not a second parse of the args: its terms and options, at the bridge's KD
+    temperature where the recipe sets none."""
+    student, teacher, _ = pair
+    recipe = Recipe.parse("0.25*akl+srkl", {"akl_mu": 0.7, "srkl_temperature": 1.5})
+    bridge = DSKDBridge(student, teacher, bridge_args(5, kd_loss="fkl"), recipe=recipe)
+    akl, srkl = bridge.student_kd.terms
+    assert (type(akl).name, akl.mu, akl.temperature) == ("akl", 0.7, DSKD_DEFAULT_TEMPERATURE)
+    assert (type(srkl).name, srkl.temperature, bridge.student_kd.weights) == ("srkl", 1.5, [0.25, 1.0])
 
 
 def test_same_vocab_rejects_mismatched_teacher_ids(pair):

@@ -13,8 +13,8 @@ import torch
 from tiny import random_logits
 
 from hf_kd import DistillationConfig
-from hf_kd.knobs import Knob
-from hf_kd.losses import IGNORE_INDEX, LOSS_REGISTRY, build_loss
+from hf_kd.knobs import knobs_of
+from hf_kd.losses import IGNORE_INDEX, LOSS_REGISTRY, Recipe, TeacherSignal, build_loss
 from hf_kd.model_card import papers_used
 from hf_kd.papers import Paper
 
@@ -85,7 +85,7 @@ def batch():
 def test_zero_for_identical_positive_otherwise(batch, name):
     s, t, labels = batch
     loss, extras = _loss(name), _inputs(name, labels)
-    if LOSS_REGISTRY[name].teacher_needs == "nothing":  # not a divergence (ce): the teacher must not matter
+    if LOSS_REGISTRY[name].teacher_needs == TeacherSignal.NOTHING:  # not a divergence (ce): the teacher is ignored
         torch.testing.assert_close(loss(s, t, labels, **extras), loss(s, -t, labels, **extras))
         assert loss(s, t, labels, **extras) > 1e-4
         return
@@ -127,7 +127,7 @@ def test_uniform_and_peaked_teachers(batch, name, shape):
     s, t, labels = batch
     t = TEACHER_SHAPES[shape](t)
     extras = _inputs(name, labels)
-    if LOSS_REGISTRY[name].teacher_needs != "nothing":
+    if LOSS_REGISTRY[name].teacher_needs != TeacherSignal.NOTHING:
         assert _loss(name)(t, t, labels, **extras).abs() < 1e-12
     reference = _value_and_grad(_loss(name, chunk_size=1000), s, t, labels, **extras)
     assert torch.isfinite(reference[0]) and torch.isfinite(reference[1]).all()
@@ -199,7 +199,7 @@ def test_declarations(name):
     cls = LOSS_REGISTRY[name]
     assert cls.paper is None or isinstance(cls.paper, Paper)
     assert papers_used([name]) == ([cls.paper] if cls.paper else [])  # the model card cites the declared paper
-    assert all(isinstance(knob, Knob) for knob in cls.knobs)
+    assert cls.knobs is None or dataclasses.is_dataclass(cls.knobs)
     if cls.requires:
         assert cls.build_inputs.__func__ is not LOSS_REGISTRY["fkl"].build_inputs.__func__
     has_parameters = any(True for _ in _loss(name).parameters())
@@ -213,15 +213,14 @@ def test_knobs_are_config_fields_that_reach_the_term(tmp_path, name):
     cls = LOSS_REGISTRY[name]
     fields = {f.name: f for f in dataclasses.fields(DistillationConfig)}
     changed = {}
-    for knob in cls.knobs:
+    for knob in knobs_of(cls):
         assert fields[knob.field].metadata.get("help"), knob.field
-        assert fields[knob.field].default == knob.default_for(cls), knob.field
+        assert fields[knob.field].default == knob.default, knob.field
         if knob.arg is not None:
-            default = knob.default_for(cls)
-            changed[knob.field] = max(2, default // 2) if isinstance(default, int) else default / 2
+            changed[knob.field] = max(2, knob.default // 2) if isinstance(knob.default, int) else knob.default / 2
     config = DistillationConfig(output_dir=str(tmp_path), kd_loss=name, **changed)
-    term = build_loss(name, **config.loss_build_kwargs()).terms[0]
-    for knob in cls.knobs:
+    term = Recipe.from_config(config).build().terms[0]
+    for knob in knobs_of(cls):
         if knob.arg is not None:
             assert getattr(term, knob.arg) == changed[knob.field], knob.field
 
@@ -229,3 +228,29 @@ def test_knobs_are_config_fields_that_reach_the_term(tmp_path, name):
 def test_a_knob_without_a_config_field_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="'late_knob' is not a DistillationConfig field.*loss_kwargs"):
         DistillationConfig(output_dir=str(tmp_path)).knob_value("late_knob")
+
+
+def test_the_config_recipe_gives_knobs_over_plain_loss_kwargs_and_prefixed_ones_over_both(tmp_path):
+    """One parse of kd_loss: a term's knob beats a plain `loss_kwargs` key, `<term>_<arg>` beats both, and
+    kd_temperature reaches every term taking a temperature unless a prefixed key names another."""
+    config = DistillationConfig(
+        output_dir=str(tmp_path),
+        kd_loss="akl+0.5*bild",
+        akl_mu=0.3,
+        kd_temperature=2.0,
+        loss_kwargs={"mu": 0.9, "top_k": 4, "akl_temperature": 4.0},
+    )
+    akl, bild = Recipe.from_config(config).terms
+    assert (akl.name, akl.weight, dict(akl.options)) == ("akl", 1.0, {"mu": 0.3, "temperature": 4.0})
+    assert (bild.name, bild.weight, dict(bild.options)) == ("bild", 0.5, {"top_k": 8, "temperature": 2.0})
+    built = Recipe.from_config(config).build()
+    assert (built.terms[0].mu, built.terms[1].top_k, built.recipe) == (0.3, 8, "1*akl+0.5*bild")
+
+
+def test_a_knob_whose_constructor_default_differs_is_refused_at_registration():
+    from hf_kd.knobs import check_knobs, knob
+
+    knobs = dataclasses.make_dataclass("OddKnobs", [("odd_mu", float, knob(0.5, "help", arg="mu"))])
+    odd = type("Odd", (), {"knobs": knobs, "lr_knob": None, "__init__": lambda self, mu=0.4: None})
+    with pytest.raises(ValueError, match=r"'odd_mu' of Odd sets 'mu'.*default 0.5.*mu=OddKnobs.odd_mu"):
+        check_knobs(odd)

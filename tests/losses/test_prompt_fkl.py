@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from tiny import make_args, make_pair
 
 from hf_kd import DistillationConfig, DistillationTrainer
-from hf_kd.losses import build_loss
+from hf_kd.losses import Recipe, build_loss
 from hf_kd.losses.prompt_fkl import PromptForwardKL
 
 
@@ -28,8 +28,8 @@ def test_value_is_the_mean_kl_at_t1_over_positions_predicting_prompt_tokens(tmp_
     assert prompt.tolist() == [[True, True, False, False, False], [True, False, False, False, False]]
     kl = (F.softmax(t, -1) * (F.log_softmax(t, -1) - F.log_softmax(s, -1))).sum(-1)
     expected = kl[prompt].mean()
-    kwargs = DistillationConfig(output_dir=str(tmp_path), kd_loss="prompt_fkl", kd_temperature=3.0)
-    loss = build_loss("prompt_fkl", **kwargs.loss_build_kwargs())
+    config = DistillationConfig(output_dir=str(tmp_path), kd_loss="prompt_fkl", kd_temperature=3.0)
+    loss = Recipe.from_config(config).build()
     torch.testing.assert_close(loss(s, t, labels, prompt_positions=prompt), expected, rtol=1e-12, atol=1e-14)
     # The official mask (attended position t, label -100 at t + 1) also keeps each sequence's last real token,
     # which predicts padding: one more row per sequence here, so the two means differ.
