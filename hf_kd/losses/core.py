@@ -216,9 +216,10 @@ class TokenLoss(nn.Module):
       trainer builds them from a batch;
     * ``lr_knob``: the knob holding the learning rate of its trainable parameters (their own optimizer group);
       required when the term has parameters;
-    * ``teacher_needs``: the ``TeacherSignal`` it reads of the teacher, which decides the teacher sources it can
-      train from (``hf_kd.teachers``): ``TOP_K`` (the default: from a cache, the top-k plus a tail) and
-      ``NOTHING`` train from every source, ``FULL_ROWS`` and ``PROMPT_ROWS`` need a teacher in memory;
+    * ``teacher_needs``: the ``TeacherSignal`` member (checked when the class is made) it reads of the teacher,
+      which decides the teacher sources it can train from (``hf_kd.teachers``): ``TOP_K`` (the default: from a
+      cache, the top-k plus a tail) and ``NOTHING`` train from every source, ``FULL_ROWS`` and ``PROMPT_ROWS``
+      need a teacher in memory;
     * ``positions``: None for the response tokens (labels != -100), else the name of a boolean per-token input
       (listed in ``requires``) selecting the rows the term is computed on. Such a term is divided by the count
       of its own rows (``position_counts[positions]``, gathered by the trainer like ``num_items_in_batch``).
@@ -232,6 +233,14 @@ class TokenLoss(nn.Module):
     lr_knob: str | None = None
     teacher_needs: TeacherSignal = TeacherSignal.TOP_K
     positions: str | None = None
+
+    def __init_subclass__(cls, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        if not isinstance(cls.teacher_needs, TeacherSignal):
+            raise TypeError(
+                f"{cls.__name__}.teacher_needs must be a TeacherSignal (e.g. TeacherSignal.TOP_K), got "
+                f"{cls.teacher_needs!r}: the teacher sources compare it with the signals they provide."
+            )
 
     @classmethod
     def config_options(cls, config: Any) -> dict[str, Any]:

@@ -60,7 +60,7 @@ def position_counts(
 
 def terms_fed_by(signals: frozenset[TeacherSignal]) -> list[str]:
     """The registered loss terms whose declared teacher signal is among ``signals``, in registry order."""
-    return [name for name, cls in LOSS_REGISTRY.items() if TeacherSignal(cls.teacher_needs) in signals]
+    return [name for name, cls in LOSS_REGISTRY.items() if cls.teacher_needs in signals]
 
 
 class TeacherSource:
@@ -112,12 +112,11 @@ class TeacherSource:
     def check_terms(self, terms: list[TokenLoss]) -> None:
         """Refuse a loss term whose declared teacher signal this source does not provide, naming those it feeds."""
         for term in terms:
-            signal = TeacherSignal(term.teacher_needs)
-            if signal not in self.signals:
+            if term.teacher_needs not in self.signals:
                 raise ValueError(
-                    f"Loss term '{term.name}' {NEEDS[signal]}, and {self.description} holds {self.holds}. From "
-                    f"{self.description} use terms that work from it ({', '.join(terms_fed_by(self.signals))}), or "
-                    f"train '{term.name}' with a live teacher_model."
+                    f"Loss term '{term.name}' {NEEDS[term.teacher_needs]}, and {self.description} holds "
+                    f"{self.holds}. From {self.description} use terms that work from it "
+                    f"({', '.join(terms_fed_by(self.signals))}), or train '{term.name}' with a live teacher_model."
                 )
 
     def build_loss(self, recipe: Recipe, args: Any) -> DistillationLoss | None:

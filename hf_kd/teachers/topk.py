@@ -33,7 +33,7 @@ class TopKTeacher(LogitSpaceSource):
         stored = self.temperature
         for term in terms:
             temperature = getattr(term, "temperature", stored)
-            if TeacherSignal(term.teacher_needs) == TeacherSignal.TOP_K and temperature != stored:
+            if term.teacher_needs == TeacherSignal.TOP_K and temperature != stored:
                 raise ValueError(
                     f"Loss term '{term.name}' runs at temperature {temperature} but {self.description} gives the "
                     f"teacher at {stored}: the top-k would rescale exactly but the flat tail would not (its mass at "

@@ -14,7 +14,7 @@ from tiny import random_logits
 
 from hf_kd import DistillationConfig
 from hf_kd.knobs import knobs_of
-from hf_kd.losses import IGNORE_INDEX, LOSS_REGISTRY, Recipe, TeacherSignal, build_loss
+from hf_kd.losses import IGNORE_INDEX, LOSS_REGISTRY, Recipe, TeacherSignal, TokenLoss, build_loss
 from hf_kd.model_card import papers_used
 from hf_kd.papers import Paper
 
@@ -245,6 +245,13 @@ def test_the_config_recipe_gives_knobs_over_plain_loss_kwargs_and_prefixed_ones_
     assert (bild.name, bild.weight, dict(bild.options)) == ("bild", 0.5, {"top_k": 8, "temperature": 2.0})
     built = Recipe.from_config(config).build()
     assert (built.terms[0].mu, built.terms[1].top_k, built.recipe) == (0.3, 8, "1*akl+0.5*bild")
+
+
+def test_teacher_needs_is_a_teacher_signal():
+    """Declared as the enum the teacher sources compare with, never a string converted where it is read."""
+    assert all(isinstance(cls.teacher_needs, TeacherSignal) for cls in LOSS_REGISTRY.values())
+    with pytest.raises(TypeError, match=r"teacher_needs must be a TeacherSignal.*got 'top_k'"):
+        type("StringNeeds", (TokenLoss,), {"teacher_needs": "top_k"})
 
 
 def test_a_knob_whose_constructor_default_differs_is_refused_at_registration():
