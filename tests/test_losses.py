@@ -9,10 +9,9 @@ import torch
 import torch.nn.functional as F
 from tiny import random_logits
 
-from hf_kd.losses import LOSS_REGISTRY, build_loss, parse_recipe
+from hf_kd.losses import build_loss, parse_recipe
 
 V = 13
-BASE_NAMES = ["fkl", "rkl", "jsd", "sfkl", "srkl", "akl", "bild", "ce"]
 
 
 @pytest.fixture
@@ -104,14 +103,6 @@ def test_jsd_matches_trl(batch, beta, temperature):
     ours = build_loss("jsd", beta=beta, temperature=temperature)(s, t, labels)
     trl = GKDTrainer.generalized_jsd_loss(s, t, labels, beta=beta, temperature=temperature)
     torch.testing.assert_close(ours, trl, rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.parametrize("name", [n for n in BASE_NAMES if n != "ce"])
-def test_zero_for_identical_positive_otherwise(batch, name):
-    s, t, labels = batch
-    loss = build_loss(name)
-    assert loss(t, t, labels).abs() < 1e-12
-    assert loss(s, t, labels) > 1e-4
 
 
 def test_akl_weights_sum_to_one_and_interpolate(batch):
@@ -239,13 +230,13 @@ def test_akl_on_non_finite_rows_terminates_and_gives_nan(vocab):
     assert value.isnan() and at_zero_temperature.isnan()
 
 
-@pytest.mark.parametrize("recipe", ["bild", "jsd", "fkl", "rkl", "sfkl", "srkl", "ce", "0.3*ce+0.7*srkl"])
-def test_gradcheck(batch, recipe):
+def test_gradcheck_of_a_weighted_sum(batch):
+    """Each term's gradient is checked by tests/losses/test_contract.py; a weighted sum of two is exact too."""
     s, t, labels = batch
     s = s[:, :4, :7].clone().requires_grad_(True)
     t, labels = t[:, :4, :7], labels[:, :4] % 7
     labels[0, 0] = -100
-    fn = build_loss(recipe, chunk_size=3, **({"bild_top_k": 4} if "bild" in recipe else {}))
+    fn = build_loss("0.3*ce+0.7*srkl", chunk_size=3)
     assert torch.autograd.gradcheck(lambda x: fn(x, t, labels), (s,))
 
 
@@ -289,11 +280,11 @@ def test_closed_form_gradients_equal_autograd_reference(batch, name, kw):
     torch.testing.assert_close(x.grad, y.grad, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("recipe", ["0.5*ce+0.5*jsd", "akl", "bild", "srkl"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_fused_linear_heads_equal_full_logits(recipe, bias):
-    """Hidden states + nn.Linear heads (the head gradient written by hand, chunk by chunk) against autograd on
-    full logits: same value, same gradients for the student's hidden states, head weight and bias."""
+def test_fused_linear_heads_of_a_weighted_sum_equal_full_logits(bias):
+    """As tests/losses/test_contract.py checks each term: hidden states + nn.Linear heads against autograd on full
+    logits, for a weighted sum of two terms."""
+    recipe = "0.5*ce+0.5*jsd"
     g = torch.Generator().manual_seed(3)
     head_s, head_t = torch.nn.Linear(5, V, bias=bias).double(), torch.nn.Linear(7, V, bias=bias).double()
     hs, ht = torch.randn(2, 6, 5, generator=g, dtype=torch.float64), torch.randn(2, 6, 7, generator=g).double()
@@ -387,8 +378,9 @@ def test_autocast_runs_heads_in_its_dtype_and_divergences_in_float32():
     assert torch.equal(under_autocast, loss(student_logits.detach(), teacher_logits, labels))
 
 
-@pytest.mark.parametrize("recipe", ["jsd", "akl", "bild", "0.5*ce+0.5*fkl", "sfkl"])
-def test_chunked_equals_unchunked(batch, recipe):
+def test_chunked_equals_unchunked_for_a_weighted_sum(batch):
+    """Each term is checked by tests/losses/test_contract.py; a weighted sum in float32 too."""
+    recipe = "0.5*ce+0.5*fkl"
     s, t, labels = batch[0].float(), batch[1].float(), batch[2]
     values, grads = [], []
     for chunk in (1, 3, 1000):
@@ -409,25 +401,6 @@ def test_masking_and_num_items_in_batch(batch):
     torch.testing.assert_close(loss(changed, t, labels), loss(s, t, labels))
     n = int((labels != -100).sum())
     torch.testing.assert_close(loss(s, t, labels, num_items_in_batch=4 * n), loss(s, t, labels) / 4)
-
-
-def test_fully_masked_and_infinite_logits_are_finite(batch):
-    s, t, labels = batch
-    s = s.float().clone().requires_grad_(True)
-    for name in BASE_NAMES:
-        value = build_loss(name)(s, t.float(), torch.full_like(labels, -100))
-        value.backward()
-        assert value == 0 and torch.isfinite(s.grad).all()
-    t_inf = t.float().clone()
-    t_inf[..., :3] = float("-inf")  # e.g. padded vocabulary entries
-    s_inf = s.detach().clone()
-    s_inf[..., 3:5] = float("-inf")
-    for name in BASE_NAMES:
-        x = s_inf.clone().requires_grad_(True)
-        value = build_loss(name)(x, t_inf, labels)
-        value.backward()
-        assert torch.isfinite(x.grad).all(), name
-        assert not torch.isnan(value), name
 
 
 def test_bf16_inputs_computed_in_fp32(batch):
@@ -465,4 +438,3 @@ def test_recipe_parsing_terms_and_errors(batch):
     with pytest.raises(ValueError, match="twice"):
         build_loss("ce+ce")
     assert build_loss("akl+bild", temperature=2.0, bild_temperature=3.0).terms[1].temperature == 3.0
-    assert set(BASE_NAMES) <= set(LOSS_REGISTRY)

@@ -112,6 +112,63 @@ def test_chunk_size_invariance(batch, name):
         value, grad = _value_and_grad(_loss(name, chunk_size=chunk), s, t, labels, **extras)
         torch.testing.assert_close(value, reference[0], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(grad, reference[1], rtol=1e-10, atol=1e-12)
+    s32, t32 = s.float(), t.float()  # float32 logits: chunked sums agree to float32 precision
+    reference = _value_and_grad(_loss(name, chunk_size=1000).float(), s32, t32, labels, **extras)
+    for chunk in (1, 3):
+        value, grad = _value_and_grad(_loss(name, chunk_size=chunk).float(), s32, t32, labels, **extras)
+        torch.testing.assert_close(value, reference[0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(grad, reference[1], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("name", NAMES)
+def test_fused_linear_heads_equal_full_logits(name, bias):
+    """Hidden states + nn.Linear heads (the head gradient written by hand, chunk by chunk) against autograd on
+    full logits: same value, same gradients for the student's hidden states, head weight and bias."""
+    g = torch.Generator().manual_seed(3)
+    head_s, head_t = torch.nn.Linear(5, V, bias=bias).double(), torch.nn.Linear(7, V, bias=bias).double()
+    hs, ht = torch.randn(2, 6, 5, generator=g, dtype=torch.float64), torch.randn(2, 6, 7, generator=g).double()
+    labels = torch.randint(0, V, (2, 6), generator=g)
+    labels[0, :2] = -100
+    extras = _inputs(name, labels)
+    results = []
+    for fused, chunk in ((False, None), (True, 1), (True, 4), (True, None)):
+        head_s.zero_grad(set_to_none=True)
+        x = hs.clone().requires_grad_(True)
+        loss = _loss(name, chunk_size=chunk)
+        if fused:
+            value = loss.forward_fused(x, head_s, ht, head_t, labels, **extras)
+        else:
+            value = loss(head_s(x), head_t(ht), labels, **extras)
+        value.backward()
+        results.append([value.detach(), x.grad, *(p.grad for p in head_s.parameters())])
+    assert head_t.weight.grad is None or not head_t.weight.grad.any()  # teacher accessors are detached
+    for got in results[1:]:
+        for a, b in zip(got, results[0]):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fully_masked_and_infinite_logits_are_finite(batch, name):
+    """No row to compute gives 0 and a finite gradient; -inf logits (padded vocabulary entries) on either side give
+    a finite gradient and no NaN."""
+    s, t, labels = batch
+    s, t = s.float(), t.float()
+    nothing = torch.full_like(labels, IGNORE_INDEX)
+    extras = {key: torch.zeros_like(value) for key, value in _inputs(name, nothing).items()}
+    if "span_ids" in extras:
+        extras["span_ids"] -= 1  # -1: outside every span
+    x = s.clone().requires_grad_(True)
+    value = _loss(name).float()(x, t, nothing, **extras)
+    value.backward()
+    assert value == 0 and torch.isfinite(x.grad).all()
+    t_inf, s_inf = t.clone(), s.clone()
+    t_inf[..., :3] = float("-inf")
+    s_inf[..., 3:5] = float("-inf")
+    x = s_inf.requires_grad_(True)
+    value = _loss(name).float()(x, t_inf, labels, **_inputs(name, labels))
+    value.backward()
+    assert torch.isfinite(x.grad).all() and not torch.isnan(value)
 
 
 # Teacher shapes besides random logits: every entry tied (a uniform teacher, the worst case of a search by teacher
