@@ -228,28 +228,12 @@ class DSKDBridge(nn.Module):
         t_labels = t_labels_full[:, 1:]
         if num_items_in_batch is None:
             num_items_in_batch = (labels != IGNORE_INDEX).sum()
-
         if self.vocabularies_differ:
-            student_table, teacher_table = (unwrap_model(m).get_input_embeddings() for m in (model, teacher_model))
-            with gathered(student_table):  # sharded models: one whole table at a time
-                student_index = index_embeddings(student_table, inputs["input_ids"][:, :-1], labels)
-            with gathered(teacher_table):
-                teacher_index = index_embeddings(teacher_table, t_ids[:, :-1], t_labels)
-            aligned = self.cma(
-                student_index,
-                teacher_index,
-                h_s,
-                h_t,
-                labels != IGNORE_INDEX,
-                t_labels != IGNORE_INDEX,
-                self.t2s,
-                self.s2t,
-            )
-            t2s_hidden, s2t_hidden = aligned.t2s_hidden, aligned.s2t_hidden
+            ids = (inputs["input_ids"][:, :-1], t_ids[:, :-1])
+            t2s_hidden, s2t_hidden = self._aligned(model, teacher_model, ids, (h_s, h_t), (labels, t_labels))
         else:
             t2s_hidden = self.t2s(h_t.to(self.t2s.weight.dtype))
             s2t_hidden = self.s2t(h_s.to(self.s2t.weight.dtype))
-
         with gathered(unwrap_model(model).get_output_embeddings()):  # sharded models: one head at a time
             student_head = output_head(model, vocab_size=self.student_vocab_size)
             self.head_check(student_head, s_out)  # the model kept its last position's logits: check the rebuilt head
@@ -269,6 +253,26 @@ class DSKDBridge(nn.Module):
             )
         values = {**self.student_engine.last_values, **self.teacher_engine.last_values}
         return student_space + teacher_space, {k: v.detach() for k, v in values.items()}
+
+    def _aligned(
+        self,
+        model: nn.Module,
+        teacher_model: nn.Module,
+        ids: tuple[torch.Tensor, torch.Tensor],
+        hidden: tuple[torch.Tensor, torch.Tensor],
+        labels: tuple[torch.Tensor, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """DSKD-CMA: (teacher states in the student's space at the student's positions, student states in the
+        teacher's space at the teacher's), aligned by cross-model attention. Each pair is (student, teacher), shifted
+        as the loss reads them."""
+        student_table, teacher_table = (unwrap_model(m).get_input_embeddings() for m in (model, teacher_model))
+        with gathered(student_table):  # sharded models: one whole table at a time
+            student_index = index_embeddings(student_table, ids[0], labels[0])
+        with gathered(teacher_table):
+            teacher_index = index_embeddings(teacher_table, ids[1], labels[1])
+        masks = (labels[0] != IGNORE_INDEX, labels[1] != IGNORE_INDEX)
+        aligned = self.cma(student_index, teacher_index, *hidden, *masks, self.t2s, self.s2t)
+        return aligned.t2s_hidden, aligned.s2t_hidden
 
     def teacher_inputs_for_generated(
         self,

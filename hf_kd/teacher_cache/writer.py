@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -189,22 +190,64 @@ def cache_teacher(
     forwards run ``batch_size`` examples at a time on ``device`` (CUDA when present, in bf16/fp16 there when
     the teacher is given as a path or ``dtype`` says so). Returns the output folder.
     """
+    _check_request(dataset, temperature, batch_size, shard_size)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    teacher = _load_teacher(teacher_model, device, dtype)
+    encoding = CacheEncoding(top_k, _vocab_size(teacher, processing_class), value_dtype)
+    identity = _identity(teacher, processing_class, dataset, encoding, temperature, max_length, shard_size)
+    folder = Path(output_dir)
+    num_shards = -(-len(dataset) // shard_size)
+    shards = _resume(folder, identity)
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    # Written before the first shard too, so that a run stopped inside it resumes instead of finding a foreign folder.
+    write_manifest(folder, {**identity, "shards": shards, "complete": len(shards) == num_shards})
+    collator = DataCollatorForChatML(tokenizer=processing_class, max_length=max_length)
+    bar = tqdm(total=len(dataset), desc="Caching the teacher", unit="ex", disable=not progress)
+    bar.update(min(len(shards) * shard_size, len(dataset)))
+    for index in range(len(shards), num_shards):
+        rows = range(index * shard_size, min((index + 1) * shard_size, len(dataset)))
+        writer = _ShardWriter(encoding)
+        for indices, batch in _batches_by_length(dataset, rows, batch_size, collator):
+            _encode_batch(teacher, indices, batch, encoding, temperature, device, writer)
+            bar.update(len(indices))
+        shards.append(writer.write(folder / "data" / f"train-{index:05d}.parquet"))
+        write_manifest(folder, {**identity, "shards": shards, "complete": index + 1 == num_shards})
+    bar.close()
+    return folder
+
+
+def _check_request(dataset: Any, temperature: float, batch_size: int, shard_size: int) -> None:
+    """Refuse settings no cache can be built with, before the teacher is loaded."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}.")
     if batch_size < 1 or shard_size < 1:
         raise ValueError(f"batch_size and shard_size must be >= 1, got {batch_size} and {shard_size}.")
     if len(dataset) == 0:
         raise ValueError("The dataset is empty: nothing to cache.")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    teacher = _load_teacher(teacher_model, device, dtype)
+
+
+def _vocab_size(teacher: nn.Module, processing_class: Any) -> int:
+    """The teacher's vocabulary size, which the tokenizer's tokens must fit in (a cache holds one vocabulary)."""
     vocab_size = teacher.config.get_text_config().vocab_size
     if len(processing_class) > vocab_size:
         raise ValueError(
             f"The tokenizer has {len(processing_class)} tokens but the teacher's vocabulary only {vocab_size}: "
             "a cache stores distributions over the teacher's vocabulary, so pass the teacher's own tokenizer."
         )
-    encoding = CacheEncoding(top_k, vocab_size, value_dtype)
-    identity = {
+    return vocab_size
+
+
+def _identity(
+    teacher: nn.Module,
+    processing_class: Any,
+    dataset: Any,
+    encoding: CacheEncoding,
+    temperature: float,
+    max_length: int,
+    shard_size: int,
+) -> dict[str, Any]:
+    """What makes a cache this cache (recorded in its manifest; resuming requires the same)."""
+    return {
         "format": FORMAT,
         "teacher": teacher_identity(teacher),
         "tokenizer": tokenizer_identity(processing_class),
@@ -217,30 +260,17 @@ def cache_teacher(
             "shard_size": shard_size,
         },
     }
-    folder = Path(output_dir)
-    num_shards = -(-len(dataset) // shard_size)
-    shards = _resume(folder, identity)
-    (folder / "data").mkdir(parents=True, exist_ok=True)
-    # Written before the first shard too, so that a run stopped inside it resumes instead of finding a foreign folder.
-    write_manifest(folder, {**identity, "shards": shards, "complete": len(shards) == num_shards})
-    collator = DataCollatorForChatML(tokenizer=processing_class, max_length=max_length)
-    bar = tqdm(total=len(dataset), desc="Caching the teacher", unit="ex", disable=not progress)
-    bar.update(min(len(shards) * shard_size, len(dataset)))
-    for index in range(len(shards), num_shards):
-        writer = _ShardWriter(encoding)
-        stop = min((index + 1) * shard_size, len(dataset))
-        # Batches of similar length pad less (about a third fewer teacher tokens on chat data); the shard keeps
-        # dataset order.
-        order = sorted(range(index * shard_size, stop), key=lambda i: _text_length(dataset[i]))
-        for start in range(0, len(order), batch_size):
-            indices = order[start : start + batch_size]
-            examples = [dataset[i] for i in indices]
-            _encode_batch(teacher, indices, collator(examples), encoding, temperature, device, writer)
-            bar.update(len(examples))
-        shards.append(writer.write(folder / "data" / f"train-{index:05d}.parquet"))
-        write_manifest(folder, {**identity, "shards": shards, "complete": index + 1 == num_shards})
-    bar.close()
-    return folder
+
+
+def _batches_by_length(
+    dataset: Any, rows: range, batch_size: int, collator: Any
+) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+    """(dataset indices, collated batch) over ``rows``. Batches of similar length pad less (about a third fewer
+    teacher tokens on chat data); the shard keeps dataset order."""
+    order = sorted(rows, key=lambda i: _text_length(dataset[i]))
+    for start in range(0, len(order), batch_size):
+        indices = order[start : start + batch_size]
+        yield indices, collator([dataset[i] for i in indices])
 
 
 def _comparable(key: str, value: Any) -> Any:
