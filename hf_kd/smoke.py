@@ -80,7 +80,8 @@ class SmokeSetup:
 
 
 def build_smoke_setup(cross_vocabulary: bool = False, num_examples: int = 64, seed: int = 0) -> SmokeSetup:
-    """A 1-layer student (d=32) and a 2-layer teacher (d=64); with `cross_vocabulary` the teacher's vocabulary differs."""
+    """A 1-layer student (d=32) and a 2-layer teacher (d=64); with `cross_vocabulary` the teacher has its own
+    vocabulary."""
     tokenizer = make_chat_tokenizer()
     teacher_tokenizer = make_chat_tokenizer(TEACHER_EXTRA_WORDS) if cross_vocabulary else None
     return SmokeSetup(

@@ -17,8 +17,8 @@ from transformers import PreTrainedTokenizerBase
 from trl.experimental.utils import DataCollatorForChatML
 from trl.trainer.utils import pad
 
-from ..real_models import PLAIN_CHAT_TEMPLATE  # (for teachers without a chat template)
 from ..losses import IGNORE_INDEX
+from ..real_models import PLAIN_CHAT_TEMPLATE  # (for teachers without a chat template)
 
 Messages = list[dict[str, str]]
 
