@@ -43,7 +43,7 @@ class DemoSettings:
         default=24,
         metadata={
             "help": "Teacher layers kept in the student (of 30): 24 layers are 113M of the teacher's 135M parameters. "
-            "Measured: 20 layers reach a lower Rouge-L and loop more in the same minutes (README, Demo results)."
+            "Measured: 20 layers reach a lower Rouge-L and loop more in the same minutes (docs/results/demo.md)."
         },
     )
     layer_selection: str = field(
@@ -88,7 +88,7 @@ class DemoSettings:
         default=2e-4,
         metadata={
             "help": "Peak learning rate (cosine schedule). Measured: 5e-4 undoes what the pruned student kept "
-            "(held-out KL 0.69 after 80 steps against 0.57 at 2e-4 and 1e-4; README, Demo results)."
+            "(held-out KL 0.69 after 80 steps against 0.57 at 2e-4 and 1e-4; docs/results/demo.md)."
         },
     )
     max_length: int = field(default=256, metadata={"help": "Tokens per training conversation (longer are cut)."})

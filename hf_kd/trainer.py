@@ -47,6 +47,39 @@ from .validation import check_dataset, check_inherited_options, check_lora_targe
 logger = get_logger(__name__)
 
 
+def _checked_datasets(
+    args: DistillationConfig | None, model: Any, processing_class: Any, train_dataset: Any, eval_dataset: Any
+) -> tuple[Any, Any]:
+    """The datasets after the checks that come before anything is loaded: the config's type and inherited options,
+    the chat template, the datasets' types, the tokenizer, and every row (``formats.screen_rows``)."""
+    if args is None:
+        raise ValueError("Pass `args=DistillationConfig(output_dir=...)`.")
+    if not isinstance(args, DistillationConfig):
+        raise TypeError(f"`args` must be a DistillationConfig, got {type(args).__name__}.")
+    check_inherited_options(args, student_is_loaded=model is not None and not isinstance(model, str))
+    if args.chat_template_path is not None and processing_class is not None:  # SFTTrainer reads it after the check
+        processing_class.chat_template = Path(args.chat_template_path).read_text(encoding="utf-8")
+    check_dataset(train_dataset, "train_dataset", args)
+    check_dataset(eval_dataset, "eval_dataset", args, evaluation=True)
+    chat = uses_chat_template(train_dataset) or uses_chat_template(eval_dataset)
+    check_tokenizer(processing_class, "processing_class (the student's tokenizer)", need_template=chat)
+    train_dataset = screen_rows(train_dataset, "train_dataset", args.dataset_text_field, args.invalid_rows)
+    eval_dataset = screen_rows(eval_dataset, "eval_dataset", args.dataset_text_field, args.invalid_rows)
+    return train_dataset, eval_dataset
+
+
+def _prepared_train_dataset(args: DistillationConfig, train_dataset: Any, processing_class: Any) -> Any:
+    """The training data as the collator reads it: SFT's dataset preparation skipped (the collator tokenizes), its
+    `shuffle_dataset` applied, token lengths added for length-grouped sampling."""
+    args.remove_unused_columns = False
+    args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+    if args.shuffle_dataset:  # SFTConfig's option, which SFT applies while preparing the (skipped) dataset
+        train_dataset = train_dataset.shuffle(seed=args.seed)
+    if args.train_sampling_strategy in ("group_by_length", "batch_rebalance"):
+        train_dataset = with_token_lengths(train_dataset, processing_class, args.length_column_name)
+    return train_dataset
+
+
 class _ZeroHelperGradients(TrainerCallback):
     """The Trainer zeroes only the student's gradients after each optimizer step; do it for the helper modules."""
 
@@ -113,19 +146,7 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
         teacher_processing_class: Any = None,
         generation_callbacks: list[GenerationCallback] | None = None,
     ):
-        if args is None:
-            raise ValueError("Pass `args=DistillationConfig(output_dir=...)`.")
-        if not isinstance(args, DistillationConfig):
-            raise TypeError(f"`args` must be a DistillationConfig, got {type(args).__name__}.")
-        check_inherited_options(args, student_is_loaded=model is not None and not isinstance(model, str))
-        if args.chat_template_path is not None and processing_class is not None:  # SFTTrainer reads it after the check
-            processing_class.chat_template = Path(args.chat_template_path).read_text(encoding="utf-8")
-        check_dataset(train_dataset, "train_dataset", args)
-        check_dataset(eval_dataset, "eval_dataset", args, evaluation=True)
-        chat = uses_chat_template(train_dataset) or uses_chat_template(eval_dataset)
-        check_tokenizer(processing_class, "processing_class (the student's tokenizer)", need_template=chat)
-        train_dataset = screen_rows(train_dataset, "train_dataset", args.dataset_text_field, args.invalid_rows)
-        eval_dataset = screen_rows(eval_dataset, "eval_dataset", args.dataset_text_field, args.invalid_rows)
+        train_dataset, eval_dataset = _checked_datasets(args, model, processing_class, train_dataset, eval_dataset)
         self.teacher_source = make_teacher_source(
             teacher_model, model, train_dataset, eval_dataset, args, processing_class, teacher_processing_class
         )
@@ -133,13 +154,7 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
             check_tokenizer(teacher_processing_class, "teacher_processing_class", need_template=False)
         if peft_config is not None and not isinstance(model, str):
             check_lora_targets(model, peft_config)
-
-        args.remove_unused_columns = False
-        args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
-        if args.shuffle_dataset:  # SFTConfig's option, which SFT applies while preparing the (skipped) dataset
-            train_dataset = train_dataset.shuffle(seed=args.seed)
-        if args.train_sampling_strategy in ("group_by_length", "batch_rebalance"):
-            train_dataset = with_token_lengths(train_dataset, processing_class, args.length_column_name)
+        train_dataset = _prepared_train_dataset(args, train_dataset, processing_class)
         if data_collator is None:
             data_collator = self.teacher_source.collator(processing_class, args)
         # GKDTrainer.__init__ refuses differing vocabularies outright; its remaining set-up is done below.
@@ -158,6 +173,14 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
             peft_config=peft_config,
             formatting_func=formatting_func,
         )
+        self._check_student(model, peft_config)
+        self.teacher_processing_class = teacher_processing_class
+        self._setup_distillation(generation_callbacks)
+
+    # ------------------------------------------------------------------ set-up
+    def _check_student(self, model: nn.Module | str | None, peft_config: Any) -> None:
+        """Refuse, once SFTTrainer has loaded it, a student whose LoRA config matches no module or whose MoE router
+        loss SFT would add (this trainer's loss is `kd_loss` alone)."""
         if peft_config is not None and isinstance(model, str):
             check_lora_targets(self.model, peft_config)
         if self.aux_loss_enabled:  # set by SFTTrainer for MoE students; its compute_loss, not this one, adds the loss
@@ -166,7 +189,11 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
                 f"{self.router_aux_loss_coef}), but DistillationTrainer's loss is `kd_loss` alone. Set "
                 "`router_aux_loss_coef=0.0` to distill without it."
             )
-        self.teacher_processing_class = teacher_processing_class
+
+    def _setup_distillation(self, generation_callbacks: list[GenerationCallback] | None) -> None:
+        """GKD's set-up that GKDTrainer.__init__ would do, and hf_kd's: dropout off, sharding checked, the recipe's
+        loss built against the teacher source, the source prepared, generation and its callbacks."""
+        args = self.args
         if args.disable_dropout:
             disable_dropout_in_model(self.model)
         self._check_sharding()
@@ -187,7 +214,6 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
         # compute_loss always normalises by num_items_in_batch when given: the Trainer must not rescale.
         self.model_accepts_loss_kwargs = True
 
-    # ------------------------------------------------------------------ set-up
     def _check_sharding(self) -> None:
         """Warn when an FSDP request did not shard; refuse head-reading losses where heads cannot be gathered.
 

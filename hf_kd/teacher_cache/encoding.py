@@ -24,7 +24,7 @@ f-divergence of p and q (fkl, rkl, jsd, sfkl, srkl, tvd) and AKL's |p - q| split
 included: the student is taught the teacher's top-k and the tail's total mass, and keeps its own shape inside the
 tail instead of being pulled towards a flat one. ``dac_kl`` and ``span`` read the reconstructed row as it is (the
 band's ranks and the adjacent-token products inside the tail then follow the student's tail shape).
-How the two tails compare in training is measured by benchmarks/quality.py (its results page in the README).
+How the two tails compare in training is measured by benchmarks/quality.py (docs/results/methods.md).
 """
 
 from __future__ import annotations

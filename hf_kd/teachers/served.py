@@ -124,7 +124,8 @@ class ServedTeacher(JsonServerClient):
             raise ServedTeacherError(
                 f"The teacher server at {self.url} ({self.model!r}) tokenizes a probe text differently from the "
                 f"student's tokenizer ({_first_difference(served_ids, student_ids)}): a served teacher must share the "
-                "student's vocabulary. Serve a teacher with the student's tokenizer, or use a cross-tokenizer method."
+                "student's vocabulary. Serve a teacher with the student's tokenizer, or distill across vocabularies "
+                "from a live teacher with bridge='dskd'."
             )
         self.score([student_ids])  # top_k within the server's --max-logprobs, answers well formed
 
