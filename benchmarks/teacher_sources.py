@@ -196,7 +196,12 @@ def main(argv: list[str] | None = None) -> None:
     payload = {
         "command": " ".join(["python", "benchmarks/teacher_sources.py", *(argv or sys.argv[1:])]),
         "environment": environment(),
-        "settings": {**asdict(Spec("", 0, **base)), "top_k": TOP_K, "threads": args.threads},
+        "settings": {  # the student by its layers, not by the temporary folder it was written to
+            **{k: v for k, v in asdict(Spec("", 0, **base)).items() if k not in ("student", "url", "cache")},
+            "student_layers": args.student_layers,
+            "top_k": TOP_K,
+            "threads": args.threads,
+        },
         "cache_build_seconds": cache_seconds,
         "server_rss_gib": server_gib,
         "results": results,
