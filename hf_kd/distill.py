@@ -233,6 +233,13 @@ def _student_kwargs(config: DistillationConfig, model_args: ModelConfig) -> dict
     return init_kwargs({**kwargs, **(config.model_init_kwargs or {})}, "float32", config.trust_remote_code)
 
 
+def _load_student(name: str, student_kwargs: dict[str, Any]) -> tuple[PreTrainedModel, Any]:
+    """The student given as `model_name_or_path` (a folder, Hub id or real-model name) and its tokenizer."""
+    student_path = resolve_model_path(name)
+    student = AutoModelForCausalLM.from_pretrained(student_path, **student_kwargs)
+    return student, load_tokenizer(student_path, "student's")
+
+
 def load_models(script_args: DistillScriptArguments, config: DistillationConfig, model_args: ModelConfig) -> Models:
     """Teacher, student and tokenizers; `teacher_model_init_kwargs` and the student's `dtype` choose dtypes."""
     if script_args.teacher is None:
@@ -251,9 +258,8 @@ def load_models(script_args: DistillScriptArguments, config: DistillationConfig,
                 "student_layers cuts the student from the teacher's weights, which a served teacher does not give: "
                 "pass model_name_or_path (e.g. a student cut once with hf_kd.make_layer_pruned_student)."
             )
-        student_path = resolve_model_path(model_args.model_name_or_path)
-        student = AutoModelForCausalLM.from_pretrained(student_path, **student_kwargs)
-        return Models(student, script_args.teacher, load_tokenizer(student_path, "student's"), None)
+        student, tokenizer = _load_student(model_args.model_name_or_path, student_kwargs)
+        return Models(student, script_args.teacher, tokenizer, None)
     teacher_path = resolve_model_path(script_args.teacher)
     teacher = AutoModelForCausalLM.from_pretrained(
         teacher_path, **init_kwargs(config.teacher_model_init_kwargs, "auto", config.trust_remote_code)
@@ -271,9 +277,7 @@ def load_models(script_args: DistillScriptArguments, config: DistillationConfig,
             student = student.to(student_kwargs["dtype"])
         tokenizer = load_tokenizer(teacher_path, "teacher's (shared with the student)")
     else:
-        student_path = resolve_model_path(model_args.model_name_or_path)
-        student = AutoModelForCausalLM.from_pretrained(student_path, **student_kwargs)
-        tokenizer = load_tokenizer(student_path, "student's")
+        student, tokenizer = _load_student(model_args.model_name_or_path, student_kwargs)
     teacher_tokenizer = None
     if script_args.teacher_tokenizer is not None:
         teacher_tokenizer = load_tokenizer(resolve_model_path(script_args.teacher_tokenizer), "teacher's")
