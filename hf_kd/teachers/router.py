@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..formats import first_rows, is_stream
-from ..losses import DistillationLoss, TokenLoss
+from ..losses import IGNORE_INDEX, DistillationLoss, TokenLoss
 from .base import POSITION_COUNTS, TeacherSource, position_counts
 
 TEACHER_INDEX = "teacher_index"  # batch key: [B] position of each row's teacher in the router's names
@@ -76,7 +76,7 @@ class TeacherRouter(TeacherSource):
         self.refusal = f"With several teachers ({', '.join(self.names)}), each row has its own teacher, but {{needs}}."
         self.scores_generated = all(source.scores_generated for source in sources.values())
         self.teacher_name = ", ".join(f"{name}: {s.teacher_name or 'unknown'}" for name, s in sources.items())
-        self._metrics: dict[str, float] = {}
+        self._token_shares: dict[str, float] = {}  # of the batch ``loss`` last saw, for ``batch_metrics``
 
     def check_args(self, args: Any) -> None:
         needs = []
@@ -153,17 +153,18 @@ class TeacherRouter(TeacherSource):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], Any, torch.Tensor | None]:
         """Each teacher's source on its rows, every part over the whole batch's normalisers; the student's outputs
         are None (the trainer runs one forward of the whole batch when it needs them)."""
-        labels = inputs["labels"][:, 1:]
+        answered = inputs["labels"][:, 1:] != IGNORE_INDEX
+        responses = answered.sum(-1)
         if num_items_in_batch is None:  # evaluation: the batch's own count, as one teacher would divide by
-            num_items_in_batch = (labels != -100).sum()
+            num_items_in_batch = responses.sum()
         if POSITION_COUNTS not in inputs:
             inputs = {**inputs, POSITION_COUNTS: position_counts(loss_fn, [inputs], self.tokenizer, self.args)}
-        responses = (labels != -100).sum(-1)
-        valid = torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
-        total, values, self._metrics = 0, {}, {}
+        valid = torch.ones(answered.shape, dtype=torch.bool, device=answered.device)
+        total, values, self._token_shares = 0, {}, {}
         for i, (name, source) in enumerate(self.sources.items()):
             index = (inputs[TEACHER_INDEX] == i).nonzero().flatten()
-            self._metrics[f"teacher_tokens/{name}"] = float(responses[index].sum() / responses.sum().clamp_min(1))
+            share = responses[index].sum() / responses.sum().clamp_min(1)
+            self._token_shares[f"teacher_tokens/{name}"] = float(share)
             if len(index) == 0:
                 continue
             part, part_values, _, part_valid = source.loss(model, rows_of(inputs, index), num_items_in_batch, loss_fn)
@@ -176,7 +177,7 @@ class TeacherRouter(TeacherSource):
         return total, values, None, valid
 
     def batch_metrics(self) -> dict[str, float]:
-        return dict(self._metrics)
+        return dict(self._token_shares)
 
     def record(self) -> dict[str, Any]:
         return {"column": self.column, "teachers": {name: s.teacher_name for name, s in self.sources.items()}}
