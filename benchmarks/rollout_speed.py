@@ -6,7 +6,7 @@ bundled conversations, batch, recipe (jsd) and ``max_new_tokens`` for every conf
 * ``off-policy``: ``lmbda=0`` (no generation);
 * ``on-policy transformers``: ``lmbda=1``, transformers' ``generate``;
 * ``on-policy vllm``: ``lmbda=1``, a vLLM server (its own environment, ``--python``) hf_kd starts from the student,
-  its weights pushed after every optimizer step (``vllm_sync_steps=1``, included in the step time).
+  its weights pushed after every optimizer step (``--sync-steps``, default 1; the push is included in the step time).
 
 Each runs ``--warmup`` steps then ``--steps`` timed ones (between the Trainer's step begin and end, the weight push
 included). Also recorded: generation time and tokens/s (generated tokens up to EOS, per rollout call), weight-push
@@ -58,7 +58,7 @@ def run(name: str, overrides: dict, paths: tuple[Path, Path], args: argparse.Nam
         output_dir=str(out / name.replace(" ", "-")), per_device_train_batch_size=args.batch, learning_rate=1e-5,
         max_steps=args.warmup + args.steps, max_new_tokens=args.new_tokens, max_length=args.max_length,
         logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0, kd_loss="jsd",
-        vllm_python=args.python if overrides.get("use_vllm") else None, **overrides,
+        vllm_python=args.python if overrides.get("use_vllm") else None, vllm_sync_steps=args.sync_steps, **overrides,
     )  # fmt: skip
     rows = load_bundled_dataset("train").select(range(args.batch * (args.warmup + args.steps)))
     student = AutoModelForCausalLM.from_pretrained(student_path, dtype=torch.float32)
@@ -99,6 +99,7 @@ def run(name: str, overrides: dict, paths: tuple[Path, Path], args: argparse.Nam
     timed = record["steps"][args.warmup :]
     generated = record["generation"][args.warmup :]
     record["step_seconds_median"] = statistics.median(timed)
+    record["step_seconds_mean"] = statistics.mean(timed)  # with pushes every N steps, the median misses them
     if generated:
         record["generation_seconds_median"] = statistics.median(g["seconds"] for g in generated)
         record["tokens_per_second"] = sum(g["tokens"] for g in generated) / sum(g["seconds"] for g in generated)
@@ -108,20 +109,22 @@ def run(name: str, overrides: dict, paths: tuple[Path, Path], args: argparse.Nam
 
 
 def table(results: dict) -> str:
-    base = results["configs"]["off-policy"]["step_seconds_median"]
+    base = results["configs"]["off-policy"]
     rows = []
     for name, r in results["configs"].items():
         rows.append(
             [
                 name,
                 f"{r['step_seconds_median']:.2f}",
-                f"{r['step_seconds_median'] / base:.2f}x",
+                f"{r['step_seconds_mean']:.2f}",
+                f"{r['step_seconds_mean'] / base['step_seconds_mean']:.2f}x",
                 f"{r['generation_seconds_median']:.2f}" if "generation_seconds_median" in r else "-",
                 f"{r['tokens_per_second']:.0f}" if "tokens_per_second" in r else "-",
                 f"{r['sync_seconds_median']:.2f}" if "sync_seconds_median" in r else "-",
             ]
         )
-    head = ["configuration", "step s (median)", "vs off-policy", "generation s", "generated tokens/s", "weight push s"]
+    head = ["configuration", "step s (median)", "step s (mean)", "mean vs off-policy", "generation s"]
+    head += ["generated tokens/s", "weight push s"]
     return format_table(head, rows)
 
 
@@ -133,6 +136,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--sync-steps", type=int, default=1, help="vllm_sync_steps: push weights every N steps")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--tag", default="cpu")
@@ -148,7 +152,8 @@ def main() -> None:
     teacher_path = load_real_model("smollm2-135m-instruct")
     paths = (teacher_path, student_folder(teacher_path, out))
     results = {
-        "command": f"OMP_NUM_THREADS={args.threads} python benchmarks/rollout_speed.py --tag {args.tag}",
+        "command": f"OMP_NUM_THREADS={args.threads} python benchmarks/rollout_speed.py "
+        f"--batch {args.batch} --sync-steps {args.sync_steps} --tag {args.tag}",
         "settings": {k: v for k, v in vars(args).items() if k not in ("python", "work")},
         "environment": environment(),
         "configs": {},
