@@ -274,7 +274,7 @@ class DistillationTrainer(DistillationHubMixin, GKDTrainer):
                 "either way)."
             )
         # the student's rollouts (and SCRG's re-generations); seq_kd from a served teacher generates with its server
-        self.rollout_backend = student_backend(args, self.model, self.processing_class)
+        self.rollout_backend = student_backend(args, self.model, self.processing_class, self.accelerator)
         self.teacher_rollout_backend = teacher_backend(self.teacher_source, args) or TransformersBackend()
         if args.use_vllm:
             self.add_callback(WeightSyncCallback(self))

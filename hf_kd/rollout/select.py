@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import atexit
 import importlib.util
+import os
 import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import broadcast_object_list
 from transformers import TrainerCallback
 
 from ..vllm_server import VLLMServer
@@ -36,9 +38,10 @@ def extension_path(parent: Path) -> str:
     return str(folder)
 
 
-def student_backend(args: Any, model: Any, tokenizer: Any) -> RolloutBackend:
+def student_backend(args: Any, model: Any, tokenizer: Any, accelerator: Any) -> RolloutBackend:
     """The backend the student's rollouts use (not yet synced: ``WeightSyncCallback`` pushes the weights when
-    training begins)."""
+    training begins). Under several processes they all generate through one server: the main process alone starts
+    it (and stops it) and pushes the weights, as TRL's server mode does."""
     if not args.use_vllm:
         return TransformersBackend()
     if args.vllm_mode == "colocate":
@@ -52,12 +55,28 @@ def student_backend(args: Any, model: Any, tokenizer: Any) -> RolloutBackend:
             )
             + "use vllm_mode='server' (with vllm_python='.venv-vllm/bin/python' hf_kd starts the server itself)."
         )
-    sync = WeightSync(args.vllm_sync_dir)
+    sync = WeightSync(args.vllm_sync_dir) if accelerator.is_main_process else None
     if args.vllm_server_url is not None:
         return VLLMServerBackend(args.vllm_server_url, timeout=args.vllm_server_timeout, syncer=sync)
-    server = start_student_server(args, model, tokenizer, sync.folder)
-    backend = VLLMServerBackend(server.url, timeout=args.vllm_server_timeout, syncer=sync, server=server)
-    atexit.register(backend.close)  # the server stops with the process at the latest
+    if int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)) < accelerator.num_processes:
+        raise ValueError(
+            "use_vllm=True without vllm_server_url starts the rollout server on 127.0.0.1 of the main process's "
+            "machine, which the processes on the other machines cannot reach: start a server they all reach and set "
+            "vllm_server_url to it (and vllm_sync_dir to a folder it can read)."
+        )
+    server, failure = None, None
+    if accelerator.is_main_process:
+        try:
+            server = start_student_server(args, model, tokenizer, sync.folder)
+        except Exception as error:  # raised below, after the other processes learn there is no server
+            failure = error
+    [url] = broadcast_object_list([server.url if server else None])
+    if failure is not None:
+        raise failure
+    if url is None:
+        raise RuntimeError("The main process could not start the vLLM rollout server: its error says why.")
+    backend = VLLMServerBackend(url, timeout=args.vllm_server_timeout, syncer=sync, server=server)
+    atexit.register(backend.close)  # the owner's server stops with the process at the latest
     return backend
 
 

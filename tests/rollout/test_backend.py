@@ -6,6 +6,7 @@ tests/integration/test_vllm_rollouts.py runs the vLLM backend against a real vLL
 
 import copy
 import gc
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from trl.experimental.utils import DataCollatorForChatML
 
 from hf_kd import DistillationConfig, DistillationTrainer
 from hf_kd.rollout.backend import TransformersBackend, rollout_outputs
+from hf_kd.rollout.select import student_backend
 from hf_kd.rollout.vllm_backend import VLLMRolloutError, VLLMServerBackend
 from hf_kd.rollout.weight_sync import METHOD, WeightSync, fingerprint, merged_state_dict
 from hf_kd.vllm_server import free_port
@@ -248,3 +250,15 @@ def test_vllm_options_are_checked(tmp_path, tokenizer, student, teacher, train_d
         trainer(use_vllm=True, lmbda=1.0)
     with pytest.raises(ValueError, match="lmbda=0 never lets the student generate"):
         trainer(use_vllm=True, vllm_server_url="http://127.0.0.1:1/v1")
+
+
+def test_processes_without_the_main_ones_server_stop_with_an_error(tmp_path, monkeypatch, tokenizer, student):
+    """Under several processes only the main one starts the server (tests/integration/test_vllm_ranks.py runs two):
+    on other machines it could not be reached, and a process that receives no URL from the main one stops."""
+    args = make_args(tmp_path, lmbda=1.0, use_vllm=True)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="other machines cannot reach: .* set vllm_server_url"):
+        student_backend(args, student, tokenizer, SimpleNamespace(is_main_process=True, num_processes=4))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # a single process: the broadcast hands back what it is given
+    with pytest.raises(RuntimeError, match="The main process could not start the vLLM rollout server"):
+        student_backend(args, student, tokenizer, SimpleNamespace(is_main_process=False, num_processes=1))
