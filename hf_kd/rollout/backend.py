@@ -43,10 +43,8 @@ class TransformersBackend(RolloutBackend):
     def generate(
         self, model: nn.Module | None, prompts: torch.Tensor, prompt_mask: torch.Tensor, config: GenerationConfig
     ) -> torch.Tensor:
-        out = model.generate(
-            input_ids=prompts, attention_mask=prompt_mask, generation_config=config, return_dict_in_generate=True
-        )
-        return out.sequences
+        out = model.generate(input_ids=prompts, attention_mask=prompt_mask, generation_config=config)
+        return getattr(out, "sequences", out)  # a tensor unless the config asks for a dict
 
 
 def eos_ids(config: GenerationConfig) -> list[int]:
