@@ -73,6 +73,9 @@ class VLLMServer:
         self.args = [
             *("--model", self.model, "--host", HOST, "--port", str(self.port), "--dtype", dtype),
             *("--max-logprobs", str(max_logprobs), "--max-model-len", str(max_model_len), "--enforce-eager"),
+            # Whole prefills only: on the CPU build a seeded request whose prefill is split over two steps kills the
+            # engine ("CPU Generator does not use offset"), as rollouts of 32 prompts did.
+            "--no-enable-chunked-prefill",
             *extra_args,
         ]
         self.env = {

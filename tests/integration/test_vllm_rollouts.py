@@ -143,3 +143,22 @@ def test_seq_kd_from_the_served_teacher_generates_as_the_teacher_does_here(
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 1 and torch.isfinite(torch.tensor(losses[0]))
+
+
+def test_sampled_rollouts_of_more_prompt_tokens_than_one_engine_step_takes(
+    student_server, student_path, teacher, teacher_tokenizer, tmp_path
+):
+    """Per-row seeds with more prompt tokens than an engine step schedules (2048): with split prefills the CPU build's
+    engine died on them ("CPU Generator does not use offset"); the servers hf_kd starts take whole prefills only.
+    The same seeds sample the same rollouts again."""
+    rows = load_bundled_dataset("train").select(range(48))
+    trainer = _trainer(student_path, teacher, rows, teacher_tokenizer, tmp_path, student_server.url,
+                       per_device_train_batch_size=48)  # fmt: skip
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["prompt_attention_mask"].sum() > 2048
+    torch.manual_seed(0)
+    first = trainer._rollout(trainer.model, batch, "student")
+    torch.manual_seed(0)
+    again = trainer._rollout(trainer.model, batch, "student")
+    assert torch.equal(first["input_ids"], again["input_ids"])
+    assert (first["labels"] != -100).sum() > 48 * 4
