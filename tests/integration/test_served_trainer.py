@@ -119,8 +119,9 @@ def test_a_server_killed_mid_run_stops_training_naming_its_url_and_its_checkpoin
 ):
     """Runs last (it kills the session's server). A 2-step run checkpointing every step; the same run with the server
     killed after step 1 fails at step 2 after the client's retries, naming the URL; once a server is back (a new one,
-    on another port) the run resumes from checkpoint-1 to the uninterrupted run's student."""
-    options = {"kd_loss": "fkl", "max_steps": 2, "save_strategy": "steps", "save_steps": 1}
+    on another port) the run resumes from checkpoint-1 to the uninterrupted run's student. Without prefetching: the
+    data loader collates step 2's batch during step 1, so its prefetched scores may arrive before the kill."""
+    options = {"kd_loss": "fkl", "max_steps": 2, "save_strategy": "steps", "save_steps": 1, "teacher_prefetch": False}
 
     def client(url):
         return ServedTeacher(url, top_k=8, timeout=10, retries=2, backoff=0.1)
