@@ -155,15 +155,16 @@ class TeacherRouter(TeacherSource):
         are None (the trainer runs one forward of the whole batch when it needs them)."""
         answered = inputs["labels"][:, 1:] != IGNORE_INDEX
         responses = answered.sum(-1)
+        answered_total = responses.sum()
         if num_items_in_batch is None:  # evaluation: the batch's own count, as one teacher would divide by
-            num_items_in_batch = responses.sum()
+            num_items_in_batch = answered_total
         if POSITION_COUNTS not in inputs:
             inputs = {**inputs, POSITION_COUNTS: position_counts(loss_fn, [inputs], self.tokenizer, self.args)}
         valid = torch.ones(answered.shape, dtype=torch.bool, device=answered.device)
         total, values, self._token_shares = 0, {}, {}
         for i, (name, source) in enumerate(self.sources.items()):
             index = (inputs[TEACHER_INDEX] == i).nonzero().flatten()
-            share = responses[index].sum() / responses.sum().clamp_min(1)
+            share = responses[index].sum() / answered_total.clamp_min(1)
             self._token_shares[f"teacher_tokens/{name}"] = float(share)
             if len(index) == 0:
                 continue
