@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -52,6 +53,8 @@ from harness import RESULTS_DIR, environment  # noqa: E402  (offline defaults, t
 from quality_render import update_section, write_outputs  # noqa: E402
 from quality_rows import BUDGETS, METHODS, Budget, RunSpec  # noqa: E402
 from quality_runs import run_child, run_in_subprocess  # noqa: E402
+
+from hf_kd.data import BUNDLED_DATA_DIR, BUNDLED_SPLITS  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -80,6 +83,14 @@ def build_budget(args: argparse.Namespace) -> Budget:
     return dataclasses.replace(BUDGETS[args.budget], **{k: v for k, v in overrides.items() if v is not None})
 
 
+def bundled_data_digest() -> dict[str, str]:
+    """A short SHA-256 of each bundled split, stored with the results so that --resume never mixes data versions."""
+    return {
+        split: hashlib.sha256((BUNDLED_DATA_DIR / f"{split}.jsonl").read_bytes()).hexdigest()[:16]
+        for split in BUNDLED_SPLITS
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.child:
@@ -103,6 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         "budget": dataclasses.asdict(budget),
         "threads": args.threads,
         "environment": environment(),
+        "data": bundled_data_digest(),
         "methods": list(METHODS),
         "commands": [command],
         "wall_s": 0.0,
@@ -112,6 +124,8 @@ def main(argv: list[str] | None = None) -> None:
         previous = json.loads(json_path.read_text())
         if previous["budget"] != payload["budget"]:
             raise SystemExit(f"{json_path} was made with another budget; drop --resume or pass --out.")
+        if previous.get("data") != payload["data"]:
+            raise SystemExit(f"{json_path} was made on other bundled data; drop --resume or pass --out.")
         payload |= {k: previous[k] for k in ("commands", "wall_s", "results", "commentary") if k in previous}
         payload["results"] = [r for r in payload["results"] if "error" not in r]
         payload["commands"].append(command)

@@ -232,3 +232,17 @@ def test_the_committed_methods_page_shows_its_results_page(quality):
     results_page = (quality.cli.RESULTS_DIR / "quality_cpu-demo.md").read_text()
     table = results_page[results_page.index("| method | recipe |") :].split("\n\n")[0]
     assert table in (root / "docs" / "results" / "methods.md").read_text()
+
+
+def test_resume_refuses_results_made_on_other_bundled_data(quality, tmp_path):
+    """--resume keeps finished runs only if the bundled data is the data they were made on (its digest is stored)."""
+    args = quality.cli.parse_args(["--budget", "cpu-demo"])
+    stored = {
+        "budget": dataclasses.asdict(quality.cli.build_budget(args)),
+        "data": {**quality.cli.bundled_data_digest(), "train": "0" * 16},
+        "results": [],
+    }
+    json_path = tmp_path / "quality.json"
+    json_path.write_text(json.dumps(stored))
+    with pytest.raises(SystemExit, match="other bundled data"):
+        quality.cli.main(["--budget", "cpu-demo", "--resume", "--out", str(json_path), "--max-runs", "0"])
