@@ -4,7 +4,8 @@ vLLM lives in its own virtualenv (``scripts/setup_vllm.sh`` makes ``.venv-vllm``
 transformers than hf_kd's), so the server runs as a subprocess of that environment's Python. The flags and
 environment are the ones that work on vLLM's CPU build (see docs/served_teacher.md); on a GPU build the CPU
 variables are ignored. The server and its engine processes share one process group, stopped with SIGTERM and,
-after ``stop_timeout`` seconds, SIGKILL.
+after ``stop_timeout`` seconds, SIGKILL; ``parent_watch.py`` leads that group and stops it if the process that
+started the server dies without stopping it (SIGKILL, an out-of-memory kill).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 HOST = "127.0.0.1"
+PARENT_WATCH = Path(__file__).with_name("parent_watch.py")
 
 
 def free_port() -> int:
@@ -111,7 +113,10 @@ class VLLMServer:
             raise RuntimeError(f"The vLLM server for {self.model} is already started (pid {self.pid}).")
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                [self.python, "-m", "vllm.entrypoints.openai.api_server", *self.args],
+                [
+                    *(self.python, str(PARENT_WATCH), str(os.getpid())),
+                    *(self.python, "-m", "vllm.entrypoints.openai.api_server", *self.args),
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
