@@ -3,10 +3,10 @@
 The student (LoRA adapters merged into a copy of the weights, the student itself unchanged) is written with
 ``save_pretrained`` as safetensors into ``folder``, which the server must be able to read (the same machine or a
 shared disk). ``POST /collective_rpc`` then calls the worker method of ``vllm_sync_extension`` on every worker, which
-reloads the folder and answers a sum over the weights it computes with (each linear layer through its kernel); the
-push fails unless every worker's sum equals that of what was written (``fingerprint``, cast to the engine's dtype)
-within ``SUM_RTOL``: stale weights are an error, never silent. The server's
-prefix cache (KV computed with the old weights) is reset after each push.
+reloads the folder and answers a sum over the weights it computes with (columns of each linear layer read through its
+kernel, exact in fp32 and bf16 alike); the push fails unless every worker's sum equals that of what was written
+(``fingerprint``, cast to the engine's dtype) within ``SUM_RTOL``: stale weights are an error, never silent. The
+server's prefix cache (KV computed with the old weights) is reset after each push.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .vllm_backend import VLLMRolloutError
+from .vllm_sync_extension import probe_columns
 
 METHOD = "hf_kd_reload_weights"
 EXTENSION = "vllm_sync_extension.WeightSyncExtension"
@@ -58,10 +59,11 @@ def clean_key(key: str) -> str:
     return key.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
 
 
-def fingerprint(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype) -> float:
+def fingerprint(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype, probe: int = 0) -> float:
     """What the engine's worker answers for these weights (``vllm_sync_extension``): the sum, in float64 of values
-    cast to ``dtype``, of every linear layer's weight and bias (a tied output layer counted as a layer of its own, as
-    the engine applies it) and of every other tensor once (a tied embedding once)."""
+    cast to ``dtype``, of every linear layer's weight at its ``probe_columns`` and of its bias (a tied output layer
+    counted as a layer of its own, as the engine applies it), and of every other tensor once (a tied embedding once).
+    The engine fuses some layers (q/k/v, gate/up): they share their input width, hence their columns and this sum."""
     linear = {
         clean_key(f"{name}.{part}")
         for name, module in model.named_modules()
@@ -74,19 +76,23 @@ def fingerprint(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.d
             if value.data_ptr() in seen:
                 continue
             seen.add(value.data_ptr())
+        elif key.endswith(".weight"):
+            value = value[:, probe_columns(value.shape[1], probe)]
         total += float(value.detach().to(dtype).double().sum())
     return total
 
 
 class WeightSync:
     """Writes the student into ``folder`` (None: a temporary folder, removed on ``close``) and makes the server
-    reload it. ``seconds``: the time of the last push (writing and reloading)."""
+    reload it. ``seconds``: the time of the last push (writing and reloading); ``pushes``: how many were made (each
+    push's fingerprint reads other weight columns)."""
 
     def __init__(self, folder: str | None = None):
         self.folder = Path(tempfile.mkdtemp(prefix="hf_kd-vllm-weights-") if folder is None else folder)
         # a temporary folder goes with this object (or the process) when nobody calls close()
         self._remove = weakref.finalize(self, shutil.rmtree, str(self.folder), True) if folder is None else None
         self.seconds = 0.0
+        self.pushes = 0
 
     def push(self, model: nn.Module, backend: Any) -> None:
         start = time.perf_counter()
@@ -94,7 +100,8 @@ class WeightSync:
         with torch.no_grad():
             plain, state = merged_state_dict(model)
             plain.save_pretrained(self.folder, state_dict=dict(state), safe_serialization=True)  # it empties the dict
-            payload = {"method": METHOD, "kwargs": {"weights_path": str(self.folder)}}
+            probe, self.pushes = self.pushes, self.pushes + 1
+            payload = {"method": METHOD, "kwargs": {"weights_path": str(self.folder), "probe": probe}}
             answer = self._call(backend, "/collective_rpc", payload)
             results = answer.get("results") if isinstance(answer, dict) else None
             if not results or not all(isinstance(r, dict) and "sum" in r for r in results):
@@ -104,7 +111,7 @@ class WeightSync:
                 )
             for result in results:
                 dtype = getattr(torch, str(result.get("dtype")), None)
-                expected = fingerprint(plain, state, dtype) if isinstance(dtype, torch.dtype) else None
+                expected = fingerprint(plain, state, dtype, probe) if isinstance(dtype, torch.dtype) else None
                 if expected is None or abs(result["sum"] - expected) > SUM_RTOL * max(abs(expected), 1.0):
                     raise VLLMRolloutError(
                         f"The vLLM server at {backend.url} holds weights summing to {result['sum']!r} "

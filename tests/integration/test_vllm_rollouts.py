@@ -2,7 +2,7 @@
 extension, started as hf_kd starts it (``start_student_server``). Greedy rollouts equal ``generate``'s token for token
 before and after an optimizer step and its weight push, the on-policy loss on them equals the loss on generate's,
 a run resumes exactly (the engine re-synced from the checkpoint), and seq_kd from the served teacher (the session's
-server) generates what the same teacher generates in this process."""
+server) generates what the same teacher generates in this process. A bf16 engine of its own checks weight pushes."""
 
 import pytest
 import torch
@@ -15,6 +15,7 @@ from hf_kd.data import load_bundled_dataset
 from hf_kd.rollout.backend import TransformersBackend
 from hf_kd.rollout.select import start_student_server
 from hf_kd.rollout.vllm_backend import VLLMServerBackend
+from hf_kd.rollout.weight_sync import METHOD, WeightSync, fingerprint, merged_state_dict
 
 pytestmark = pytest.mark.vllm
 
@@ -162,3 +163,33 @@ def test_sampled_rollouts_of_more_prompt_tokens_than_one_engine_step_takes(
     again = trainer._rollout(trainer.model, batch, "student")
     assert torch.equal(first["input_ids"], again["input_ids"])
     assert (first["labels"] != -100).sum() > 48 * 4
+
+
+def test_a_bf16_engine_takes_pushes_and_its_answer_tells_stale_weights_from_new(
+    student_path, teacher_tokenizer, vllm_python, tmp_path
+):
+    """bf16, as on a GPU: each push's check passes against the engine's own bf16 kernels, and an engine left on the
+    weights before a small update (one Adam-sized step, 1e-3 per weight) answers another sum than the new weights."""
+    student = AutoModelForCausalLM.from_pretrained(student_path, dtype=torch.bfloat16)
+    args = make_args(tmp_path, max_length=MAX_LENGTH, max_new_tokens=NEW_TOKENS, vllm_python=str(vllm_python),
+                     use_vllm=True)  # fmt: skip
+    server = start_student_server(args, student, teacher_tokenizer, tmp_path / "served")
+    try:
+        backend = VLLMServerBackend(server.url, retries=0)
+        sync = WeightSync(str(tmp_path / "pushed"))
+        sync.push(student, backend)
+        student.save_pretrained(tmp_path / "old")
+        with torch.no_grad():
+            for parameter in student.parameters():
+                parameter.add_(1e-3 * torch.randn_like(parameter).sign())
+        sync.push(student, backend)  # passes: the engine computes with the updated weights
+        probe = sync.pushes
+        stale = backend.request(
+            "/collective_rpc", {"method": METHOD, "kwargs": {"weights_path": str(tmp_path / "old"), "probe": probe}}
+        )["results"][0]
+        assert stale["dtype"] == "bfloat16"
+        plain, state = merged_state_dict(student)
+        assert abs(stale["sum"] - fingerprint(plain, state, torch.bfloat16, probe)) > 1e-3
+        sync.push(student, backend)  # and back on the new weights
+    finally:
+        server.stop()

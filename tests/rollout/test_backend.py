@@ -22,6 +22,7 @@ from hf_kd import DistillationConfig, DistillationTrainer
 from hf_kd.rollout.backend import TransformersBackend, rollout_outputs
 from hf_kd.rollout.select import student_backend
 from hf_kd.rollout.vllm_backend import VLLMRolloutError, VLLMServerBackend
+from hf_kd.rollout.vllm_sync_extension import PROBES, probe_columns
 from hf_kd.rollout.weight_sync import METHOD, WeightSync, fingerprint, merged_state_dict
 from hf_kd.vllm_server import free_port
 
@@ -41,7 +42,8 @@ class FakeEngine:
             folder = payload["kwargs"]["weights_path"]
             state = load_file(f"{folder}/model.safetensors")
             self.model.load_state_dict(state, strict=False)
-            total = fingerprint(self.model, self.model.state_dict(), torch.float32) + self.sum_offset
+            probe = payload["kwargs"]["probe"]
+            total = fingerprint(self.model, self.model.state_dict(), torch.float32, probe) + self.sum_offset
             return 200, {"results": [{"sum": total, "dtype": "float32", "embeddings_refreshed": 1}]}
         if path == "/reset_prefix_cache":
             return 200, {"success": True}
@@ -262,3 +264,38 @@ def test_processes_without_the_main_ones_server_stop_with_an_error(tmp_path, mon
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # a single process: the broadcast hands back what it is given
     with pytest.raises(RuntimeError, match="The main process could not start the vLLM rollout server"):
         student_backend(args, student, tokenizer, SimpleNamespace(is_main_process=False, num_processes=1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fingerprint_is_what_one_hot_rows_through_a_matmul_give_in_the_engines_dtype(student, dtype):
+    """The engine applies each linear layer to one-hot rows at its probe columns (vllm_sync_extension): a matmul in
+    bf16 returns those weight columns exactly, so the sum is exact in bf16 too (a row of ones would be rounded to
+    8 bits per row). Computed here with torch's own kernel, layer by layer, against ``fingerprint``."""
+    model = copy.deepcopy(student).to(dtype)
+    for probe in (0, 1, 5):
+        total, seen = 0.0, set()
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                columns = probe_columns(module.in_features, probe)
+                one_hot = torch.zeros(len(columns), module.in_features, dtype=dtype)
+                one_hot[range(len(columns)), columns] = 1
+                total += float(torch.nn.functional.linear(one_hot, module.weight).double().sum())
+                total += float(module.bias.double().sum()) if module.bias is not None else 0.0
+                continue
+            for parameter in module.parameters(recurse=False):
+                if id(parameter) not in seen:
+                    seen.add(id(parameter))
+                    total += float(parameter.double().sum())
+        expected = fingerprint(student, student.state_dict(), dtype, probe)
+        assert total == pytest.approx(expected, rel=1e-12, abs=1e-9)
+    assert fingerprint(student, student.state_dict(), dtype, 0) != fingerprint(student, student.state_dict(), dtype, 1)
+
+
+def test_probe_columns_are_distinct_in_range_and_move_with_the_push():
+    for width in (1, 7, 16, 576, 151936):
+        for probe in (0, 1, 2, 1000):
+            columns = probe_columns(width, probe)
+            assert len(columns) == len(set(columns)) == min(PROBES, width)
+            assert all(0 <= c < width for c in columns)
+        if width > PROBES:
+            assert set(probe_columns(width, 0)).isdisjoint(probe_columns(width, 1))
