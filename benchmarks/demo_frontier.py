@@ -57,9 +57,15 @@ def run_point(steps: int, seed: int, extra: list[str], threads: int, keep: Path 
             keep.mkdir(parents=True, exist_ok=True)
             for name in ("demo_results.json", "demo_results.md", "training_curves.png"):
                 shutil.copy(out / name, keep / name)
+    return point_record(steps, seed, extra, threads, record)
+
+
+def point_record(steps: int, seed: int, extra: list[str], threads: int, record: dict[str, Any]) -> dict[str, Any]:
+    """A point of the frontier from a demo run's demo_results.json: its results on every held-out set it scored,
+    its wall time and the seconds it spent building the teacher cache."""
     starts = record["stage_starts_s"]
     cache_s = starts["evaluate_before"] - starts["teacher"]
-    return {
+    point = {
         "steps": steps,
         "seed": seed,
         "extra": extra,
@@ -70,6 +76,7 @@ def run_point(steps: int, seed: int, extra: list[str], threads: int, keep: Path 
         "settings": record["settings"],
         "results": record["results"],
     }
+    return point | ({"results_general": record["results_general"]} if "results_general" in record else {})
 
 
 def _minutes(seconds: float) -> str:

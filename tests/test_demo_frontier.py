@@ -113,3 +113,18 @@ def test_the_general_held_out_set_gets_its_columns_when_every_point_scored_it(fr
     assert row.endswith(
         "| 25.00 [24.00, 26.00] | 5.0 [5.0, 5.0] | 35.0 [30.0, 40.0] (59.0 [59.0, 59.0]) | 10.0 [10.0, 10.0] |"
     )
+
+
+def test_a_point_keeps_every_held_out_set_the_demo_scored(frontier):
+    """A demo run's results on the general-assistant set reach its point (they were dropped, so the frontier could
+    never show its general columns)."""
+    record = {
+        "wall_s": 650.0,
+        "stage_starts_s": {"teacher": 10.0, "evaluate_before": 110.0},
+        "settings": {"seed": 2},
+        "results": {"student after": _scores(30.0, 10.0, 0.6, ["An answer."])},
+    }
+    point = frontier.point_record(80, 2, [], 2, record)
+    assert "results_general" not in point and point["teacher_cache_s"] == 100.0
+    general = {"student after": _scores(27.0, 8.0, 0.7, ["Another answer."])}
+    assert frontier.point_record(80, 2, [], 2, record | {"results_general": general})["results_general"] == general
