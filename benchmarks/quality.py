@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import sys
@@ -54,7 +53,7 @@ from quality_render import update_section, write_outputs  # noqa: E402
 from quality_rows import BUDGETS, METHODS, Budget, RunSpec  # noqa: E402
 from quality_runs import run_child, run_in_subprocess  # noqa: E402
 
-from hf_kd.data import BUNDLED_DATA_DIR, BUNDLED_SPLITS  # noqa: E402
+from hf_kd.data import BUNDLED_SPLITS, bundled_split_digest  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -85,10 +84,7 @@ def build_budget(args: argparse.Namespace) -> Budget:
 
 def bundled_data_digest() -> dict[str, str]:
     """A short SHA-256 of each bundled split, stored with the results so that --resume never mixes data versions."""
-    return {
-        split: hashlib.sha256((BUNDLED_DATA_DIR / f"{split}.jsonl").read_bytes()).hexdigest()[:16]
-        for split in BUNDLED_SPLITS
-    }
+    return {split: bundled_split_digest(split)[:16] for split in BUNDLED_SPLITS}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,6 +8,7 @@ returns the small teacher-generated corpus shipped in ``hf_kd/data/`` (built by 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Callable, Mapping
@@ -108,6 +109,22 @@ def map_to_messages(dataset: datasets.Dataset) -> datasets.Dataset:
     return dataset.map(lambda ex: {"messages": layout.convert(ex)}, remove_columns=consumed)
 
 
+def _bundled_path(split: str) -> Path:
+    """The file of bundled split ``split``; an unknown split or a missing file is an error that says what to do."""
+    if split not in BUNDLED_SPLITS:
+        raise ValueError(f"Unknown split {split!r}; the bundled data has splits {BUNDLED_SPLITS}")
+    path = BUNDLED_DATA_DIR / f"{split}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; rebuild it with `python scripts/make_data.py`")
+    return path
+
+
+def bundled_split_digest(split: str) -> str:
+    """The SHA-256 (hex) of a bundled split's file: what caches and results made from it record, so that rebuilt data
+    is never mixed with what was made from the old."""
+    return hashlib.sha256(_bundled_path(split).read_bytes()).hexdigest()
+
+
 def load_bundled_dataset(split: str = "train") -> datasets.Dataset:
     """The bundled conversations (``messages`` + ``source`` columns) of split ``"train"``, ``"heldout"`` or
     ``"heldout_general"``.
@@ -117,12 +134,7 @@ def load_bundled_dataset(split: str = "train") -> datasets.Dataset:
     questions from sources training never uses (FreshQA, OpenAI evals, prompts written for it). Answers were generated
     greedily by SmolLM2-135M-Instruct (sequence-level distillation data). No prompt is in two splits.
     """
-    if split not in BUNDLED_SPLITS:
-        raise ValueError(f"Unknown split {split!r}; the bundled data has splits {BUNDLED_SPLITS}")
-    path = BUNDLED_DATA_DIR / f"{split}.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; rebuild it with `python scripts/make_data.py`")
-    with path.open(encoding="utf-8") as handle:
+    with _bundled_path(split).open(encoding="utf-8") as handle:
         rows = [json.loads(line) for line in handle if line.strip()]
     return datasets.Dataset.from_list(rows)
 

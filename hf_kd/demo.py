@@ -10,7 +10,6 @@ model card, a results table and a plot of the training curves.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -186,9 +185,9 @@ def bundled_cache_folder(teacher_name: str, data_name: str, top_k: int) -> Path:
     digest of the bundled training file, so rebuilt data gets a cache of its own instead of meeting the old cache's
     refusal of other rows."""
     from .assets import cache_root
-    from .data import BUNDLED_DATA_DIR
+    from .data import bundled_split_digest
 
-    digest = hashlib.sha256((BUNDLED_DATA_DIR / "train.jsonl").read_bytes()).hexdigest()[:8]
+    digest = bundled_split_digest("train")[:8]
     return cache_root().parent / "teacher-cache" / f"{teacher_name}-{data_name}-{digest}-top{top_k}"
 
 
